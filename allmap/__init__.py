@@ -1,0 +1,31 @@
+"""allmap: meta-learning on PyTorch, where every meta-learner is a differentiable map
+from a task's support set to a model for that task."""
+
+from allmap import hypergrad, inner, nets, tasks
+from allmap.learners import ANIL, MAML, HyperNetwork, Learner, MetaSGD, TaskModel
+from allmap.tasks import TaskBatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Learner",
+    "TaskModel",
+    "MAML",
+    "ANIL",
+    "MetaSGD",
+    "HyperNetwork",
+    "TaskBatch",
+    "tasks",
+    "nets",
+    "inner",
+    "hypergrad",
+    "load",
+    "__version__",
+]
+
+
+def load(run_dir, device=None):
+    """A trained learner back from a run folder (see ``allmap.train.load``), ready to ``adapt``."""
+    from allmap.train.runs import load as _load
+
+    return _load(run_dir, device=device)

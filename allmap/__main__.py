@@ -1,0 +1,7 @@
+"""``python -m allmap`` is the ``allmap`` command."""
+
+import sys
+
+from allmap.cli import main
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""The ``allmap`` command: train | eval | presets | plot.
+
+    allmap train PRESET_OR_CONFIG_FILE [--set key=value ...] [--out DIR]
+    allmap train --resume RUN_DIR [--set iterations=N]
+    allmap eval RUN_DIR [--tasks N] [--shots K] [--steps 0,1,5,10] [--set key=value ...] [--json]
+    allmap presets
+    allmap plot RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from allmap.train.checkpoint import CheckpointError
+from allmap.train.config import ConfigError, apply_overrides, list_presets, load_config, preset_path, validate
+from allmap.train.loop import NonFiniteLossError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="allmap", description="Meta-learning on PyTorch: every meta-learner is a map "
+                                "from a task's support set to a model for that task.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="meta-train from a preset or a YAML config file")
+    t.add_argument("config", nargs="?", help="preset name (see `allmap presets`) or path of a YAML config")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set iterations=200 --set learner.inner_lr=0.1")
+    t.add_argument("--out", help="run folder (default: runs/NAME)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a trained run: mean ± 95%% CI over fixed test tasks")
+    e.add_argument("run_dir")
+    e.add_argument("--tasks", type=int, help="number of test tasks (default: the run's eval.tasks, 600)")
+    e.add_argument("--shots", type=int, help="support examples per test task (default: the run's)")
+    e.add_argument("--steps", help="comma-separated inner step counts, e.g. 0,1,5,10")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluate on another protocol, e.g. --set task.ways=20 --set eval.seed=7")
+    e.add_argument("--json", action="store_true", help="print JSON: each metric with mean and ci95")
+
+    sub.add_parser("presets", help="list the shipped presets")
+    pl = sub.add_parser("plot", help="redraw a run's plots")
+    pl.add_argument("run_dir")
+    sp = sub.add_parser("show", help="print a preset's YAML (copy it to make your own config)")
+    sp.add_argument("preset")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from allmap.train.loop import format_run_results, resume, train
+    from allmap.train.runs import RunDir
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume takes the run folder; do not pass a config as well.")
+        overrides = apply_overrides({"eval": {}}, args.overrides)
+        resume(args.resume, overrides, progress=not args.no_progress)
+        out = args.resume
+    else:
+        if not args.config:
+            raise ConfigError("allmap train needs a preset name or config file (see `allmap presets`), or --resume RUN_DIR.")
+        config = load_config(args.config, args.overrides)
+        out = args.out or str(Path("runs") / Path(args.config).stem)
+        train(config, out, progress=not args.no_progress)
+    res = json.loads(RunDir(out).results.read_text())
+    print(format_run_results(res))
+    print(f"run folder: {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from allmap.train.build import build_family
+    from allmap.train.evaluate import evaluate, format_results, test_tasks
+    from allmap.train.loop import protocol
+    from allmap.train.runs import load, read_config
+
+    config = read_config(args.run_dir)
+    extra = list(args.overrides)
+    if args.tasks is not None:
+        extra.append(f"eval.tasks={args.tasks}")
+    if args.shots is not None:
+        extra.append(f"eval.shots={args.shots}")
+    if args.steps:
+        extra.append(f"eval.steps=[{args.steps}]")
+    config = apply_overrides(config, extra)
+    validate(config)
+    learner = load(args.run_dir)
+    family = build_family(config, "test")
+    ev = config["eval"]
+    tasks = test_tasks(family, ev["tasks"], ev["seed"])
+    results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"])
+    text = protocol(config, family, len(tasks))
+    if args.json:
+        print(json.dumps({"run": str(args.run_dir), "protocol": text, "metrics": results}, indent=2))
+    else:
+        print(format_results(results, text))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from allmap.train.loop import finish
+    from allmap.train.runs import RunDir, load, read_config
+
+    finish(args.run_dir, load(args.run_dir), read_config(args.run_dir))
+    run = RunDir(args.run_dir)
+    print("\n".join(str(p) for p in (run.curve, run.adaptation) if p.exists()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "plot":
+            return _plot(args)
+        if args.command == "show":
+            print(preset_path(args.preset).read_text(), end="")
+            return 0
+        for name, desc in list_presets().items():
+            print(f"{name:<28} {desc}")
+        return 0
+    except (ConfigError, CheckpointError, NonFiniteLossError) as err:
+        print(f"allmap {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("allmap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The differentiable inner loop shared by every gradient-based learner.
+
+How the meta-gradient crosses this loop (unrolled, first order, truncated, checkpointed, implicit, ...) is
+chosen in :mod:`allmap.hypergrad`; :func:`gradient_descent` is the plain reverse-mode loop those strategies
+build on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from allmap.inner.optim import InnerOptimizer, Params, apply_updates
+
+__all__ = ["gradient_descent", "inner_step", "stop_gradient"]
+
+
+def stop_gradient(tree: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detach every tensor: the value is kept, the derivative through it is zero."""
+    return {k: v.detach() for k, v in tree.items()}
+
+
+def inner_step(
+    grad_fn: Callable[[Params], Params],
+    params: Params,
+    state: Any,
+    optimizer: InnerOptimizer,
+    *,
+    first_order: bool = False,
+) -> tuple[Params, Any]:
+    """One optimizer step ``theta_{t+1} = theta_t + update(grad L(theta_t))``; returns ``(params, state)``.
+
+    With ``first_order`` the gradient is computed without recording the outer graph (``torch.func.grad``
+    ignores an outer ``no_grad`` for its own level) and enters the update as a constant, so the step costs
+    no meta-gradient memory while ``d theta_{t+1} / d theta_t = I`` and the step size still gets its gradient.
+    """
+    if first_order:
+        with torch.no_grad():
+            grads = grad_fn(params)
+        grads = stop_gradient(grads)
+    else:
+        grads = grad_fn(params)
+    updates, state = optimizer.update(grads, state, params)
+    return apply_updates(params, updates), state
+
+
+def gradient_descent(
+    loss: Callable[[Params], Tensor],
+    params: Params,
+    optimizer: InnerOptimizer,
+    steps: int,
+    *,
+    first_order: bool = False,
+    record: Sequence[int] = (),
+) -> Params | list[Params]:
+    """Run ``steps`` optimizer steps on ``loss`` from ``params``, differentiably.
+
+    Update rule (SGD): ``theta_{t+1} = theta_t - lr * grad L_support(theta_t)``. The inner gradients come
+    from ``torch.func.grad``, so the result stays differentiable w.r.t. ``params`` (and anything ``loss``
+    or the optimizer closes over) under ordinary autograd, and the loop runs unchanged inside ``vmap``.
+    With ``first_order`` the inner gradients are constants (first-order MAML).
+
+    Returns the final parameters, or, if ``record`` names step counts, the parameters after each of them
+    (``0`` is ``params`` itself), computed in one pass of ``max(record)`` steps.
+    """
+    grad_fn = torch.func.grad(loss)
+    total = max(record) if record else steps
+    wanted = set(record)
+    path: dict[int, Params] = {0: params} if 0 in wanted else {}
+    state = optimizer.init(params)
+    for step in range(1, total + 1):
+        params, state = inner_step(grad_fn, params, state, optimizer, first_order=first_order)
+        if step in wanted:
+            path[step] = params
+    if record:
+        return [path[k] for k in record]
+    return params

@@ -1,0 +1,130 @@
+"""Shared machinery of the metric-based learners (ProtoNets, Matching Networks, Siamese networks).
+
+A metric learner embeds the support set once with an encoder ``f_phi`` and classifies a query by comparing
+its embedding to the support embeddings; no gradient step is taken at adaptation, so the map
+``support set -> classifier`` is a forward pass and the meta-gradient is ordinary backpropagation.
+
+Batched by construction: with ``vectorize=True``, :meth:`MetricLearner.meta_loss` embeds the support and
+query images of every task in a meta-batch with ONE encoder call (the fast path for convolutions), then
+compares them per task with batched tensor operations. With ``vectorize=False`` it loops over tasks. Both
+give the same value whenever the encoder does not mix examples (no BatchNorm in training mode); with
+BatchNorm in training mode the batched path normalises over the whole meta-batch, the loop over one task's
+support and query together (the ProtoNets reference implementation does the latter with one task per batch,
+where the two agree). At test time call ``learner.eval()`` so BatchNorm uses its running statistics.
+
+Labels of a task are ``0 .. N-1`` and every class must appear in the support set.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from allmap.learners.base import Learner, TaskModel
+from allmap.tasks.batch import TaskBatch, _shape
+
+__all__ = ["MetricLearner"]
+
+
+class MetricLearner(Learner):
+    """Base of learners that classify queries by comparing embeddings with the support set.
+
+    Subclasses implement :meth:`logits` (batched over any leading task dimensions) and may override
+    :meth:`objective` (the per-task training loss; default cross-entropy of the logits).
+    """
+
+    def __init__(self, encoder: nn.Module, vectorize: bool = True) -> None:
+        super().__init__(loss="cross_entropy", vectorize=vectorize)
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__}: expected encoder to be a torch.nn.Module, got {type(encoder).__name__}."
+            )
+        self.encoder = encoder
+
+    # -- what subclasses define ----------------------------------------------------------------------
+    def logits(self, z_support: Tensor, onehot: Tensor, z_query: Tensor) -> Tensor:
+        """Class scores ``[..., Nq, N]`` from support embeddings ``[..., Ns, D]``, their one-hot labels
+        ``[..., Ns, N]`` and query embeddings ``[..., Nq, D]``."""
+        raise NotImplementedError
+
+    def objective(self, z_support: Tensor, onehot: Tensor, z_query: Tensor, query_y: Tensor) -> Tensor:
+        """Per-task training loss ``[...]``: mean cross-entropy of :meth:`logits` over the queries."""
+        logits = self.logits(z_support, onehot, z_query)
+        nll = F.cross_entropy(logits.flatten(0, -2), query_y.flatten(), reduction="none")
+        return nll.view(query_y.shape).mean(-1)
+
+    # -- the mapping ---------------------------------------------------------------------------------
+    def embed(self, x: Tensor, example_dims: int) -> Tensor:
+        """Encoder output ``[..., D]`` for inputs ``[..., *x]`` where ``*x`` has ``example_dims`` dims."""
+        lead = x.shape[: x.dim() - example_dims]
+        z = self.encoder(x.reshape(-1, *x.shape[x.dim() - example_dims :]))
+        return z.reshape(*lead, -1)
+
+    @staticmethod
+    def _ways(support_y: Tensor) -> int:
+        return int(support_y.max()) + 1
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskModel:
+        """Embed the support set; the task model scores queries against it (``[Nq, N]`` class scores)."""
+        dims = support_x.dim() - 1
+        self._check_support(support_y.unsqueeze(0))
+        onehot = F.one_hot(support_y, self._ways(support_y))
+        z_support = self.embed(support_x, dims)
+        onehot = onehot.to(z_support.dtype)
+        return TaskModel(lambda x: self.logits(z_support, onehot, self.embed(x, dims)))
+
+    def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+        """Training loss of one task; support and query are embedded in one encoder call."""
+        dims = support_x.dim() - 1
+        z = self.embed(torch.cat([support_x, query_x]), dims)
+        ns = support_x.shape[0]
+        onehot = F.one_hot(support_y, self._ways(support_y)).to(z.dtype)
+        return self.objective(z[:ns], onehot, z[ns:], query_y)
+
+    def meta_loss(self, tasks: TaskBatch) -> Tensor:
+        """Mean training loss over the tasks (one encoder call for the whole batch if ``vectorize``)."""
+        self.check_tasks(tasks)
+        if not self.vectorize:
+            args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
+            return torch.stack([self.task_loss(*(a[i] for a in args)) for i in range(len(tasks))]).mean()
+        dims = tasks.support_x.dim() - 2
+        z = self.embed(torch.cat([tasks.support_x, tasks.query_x], dim=1), dims)
+        ns = tasks.shots
+        onehot = F.one_hot(tasks.support_y, self._ways(tasks.support_y)).to(z.dtype)
+        return self.objective(z[:, :ns], onehot, z[:, ns:], tasks.query_y).mean()
+
+    def probe(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    # -- validation ----------------------------------------------------------------------------------
+    def _check_support(self, support_y: Tensor) -> None:
+        name = type(self).__name__
+        if support_y.is_floating_point() or support_y.dtype == torch.bool or support_y.dim() != 2:
+            raise ValueError(
+                f"{name}: expected integer class labels support_y of shape [tasks, examples], got "
+                f"{_shape(support_y)} of dtype {support_y.dtype}. Convert with .long()."
+            )
+        ways = int(support_y.max()) + 1
+        if int(support_y.min()) < 0:
+            raise ValueError(f"{name}: labels must be >= 0, got {int(support_y.min())}.")
+        present = F.one_hot(support_y, ways).sum(1) > 0  # [tasks, N]
+        if not bool(present.all()):
+            task, cls = (int(v) for v in torch.nonzero(~present)[0])
+            raise ValueError(
+                f"{name}: every class 0..{ways - 1} needs a support example, but task {task} has none of class "
+                f"{cls}. Relabel each task's classes 0..N-1."
+            )
+
+    def check_tasks(self, tasks: TaskBatch) -> None:
+        """Labels are integer classes ``0..N-1``, each present in the support set; queries within range."""
+        if not isinstance(tasks, TaskBatch):
+            raise TypeError(f"meta_loss: expected an allmap.TaskBatch, got {type(tasks).__name__}.")
+        self._check_support(tasks.support_y)
+        qy = tasks.query_y
+        ways = int(tasks.support_y.max()) + 1
+        if qy.is_floating_point() or qy.dim() != 2 or int(qy.min()) < 0 or int(qy.max()) >= ways:
+            raise ValueError(
+                f"{type(self).__name__}: expected integer query labels in [0, {ways - 1}] of shape [tasks, "
+                f"examples], got {_shape(qy)} ({qy.dtype}) with labels in [{int(qy.min())}, {int(qy.max())}]."
+            )

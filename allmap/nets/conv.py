@@ -1,0 +1,97 @@
+"""The four-block convolutional backbones of the few-shot literature, runnable by ``functional_call``.
+
+* :class:`Conv4` (Vinyals et al. 2016; Snell et al. 2017): four blocks of 3x3 convolution (``hidden``
+  filters, padding 1) + BatchNorm + ReLU + 2x2 max-pool. On 28x28 Omniglot images the output is
+  ``hidden x 1 x 1``, a 64-d embedding for ``hidden=64``; on 84x84 mini-ImageNet it is ``hidden x 5 x 5``.
+* :class:`MAMLConv` (Finn et al. 2017, the Omniglot network of the MAML code): the same blocks with
+  stride-2 convolutions instead of max-pooling, followed by a mean over the remaining spatial positions.
+
+Both split into ``body`` (the embedding) and ``head`` (a linear classifier, absent when ``out_features`` is
+``None``), so ANIL can adapt the head by name and metric learners can use the body alone. Every layer is a
+plain ``nn.Module`` with no in-place parameter use, so ``torch.func.functional_call`` and ``vmap`` run them;
+MAML-family learners switch BatchNorm to batch statistics (see ``allmap.learners.base.use_batch_statistics``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["Conv4", "MAMLConv"]
+
+
+def _check(owner: str, in_channels: int, hidden: int, out_features: int | None) -> None:
+    for name, value in (("in_channels", in_channels), ("hidden", hidden)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}: expected {name} to be a positive integer, got {value!r}.")
+    if out_features is not None and (not isinstance(out_features, int) or out_features < 1):
+        raise ValueError(f"{owner}: expected out_features to be None (embedding only) or a positive integer, got {out_features!r}.")
+
+
+class _Blocks(nn.Module):
+    def __init__(self, in_channels: int, hidden: int, pool: bool, blocks: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(blocks):
+            cin = in_channels if i == 0 else hidden
+            layers += [
+                nn.Conv2d(cin, hidden, 3, stride=1 if pool else 2, padding=1),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU(),
+            ]
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+        self.layers = nn.Sequential(*layers)
+        self.pool = pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layers(x)
+        # Conv4 flattens what is left (1x1 on Omniglot); the MAML network averages over space.
+        return h.flatten(1) if self.pool else h.mean(dim=(-2, -1))
+
+
+class Conv4(nn.Module):
+    """Conv4: 4 x [conv3x3(hidden) -> BatchNorm -> ReLU -> maxpool 2x2], flattened; optional linear head.
+
+    Args:
+        in_channels: 1 for Omniglot, 3 for colour images.
+        hidden: filters per block (64 in the papers).
+        out_features: classes of the linear head, or ``None`` for the embedding alone.
+        flat_features: size of the flattened body output, needed for the head when images are not 28x28
+            (``hidden * 25`` for 84x84); default ``hidden`` (28x28 inputs).
+
+    Example:
+        >>> Conv4(out_features=5)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, out_features: int | None = None,
+                 flat_features: int | None = None) -> None:
+        super().__init__()
+        _check("Conv4", in_channels, hidden, out_features)
+        self.body = _Blocks(in_channels, hidden, pool=True)
+        self.head = nn.Linear(flat_features or hidden, out_features) if out_features else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"Conv4: expected images [batch, channels, height, width], got shape {list(x.shape)}.")
+        return self.head(self.body(x))
+
+
+class MAMLConv(nn.Module):
+    """The MAML Omniglot network: 4 x [conv3x3(hidden, stride 2) -> BatchNorm -> ReLU], spatial mean, linear.
+
+    Example:
+        >>> MAMLConv(out_features=20)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 20])
+    """
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, out_features: int | None = 5) -> None:
+        super().__init__()
+        _check("MAMLConv", in_channels, hidden, out_features)
+        self.body = _Blocks(in_channels, hidden, pool=False)
+        self.head = nn.Linear(hidden, out_features) if out_features else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"MAMLConv: expected images [batch, channels, height, width], got shape {list(x.shape)}.")
+        return self.head(self.body(x))

@@ -1,0 +1,383 @@
+"""Omniglot (Lake, Salakhutdinov & Tenenbaum, Science 2015): loading, preprocessing, caching and splits.
+
+Two source layouts are read, and give the same tensors:
+
+* the NumPy archives ``images_background.npz`` / ``images_evaluation.npz`` (``images``: bool
+  ``[characters, 20, 105, 105]``, True = white paper; see the README next to them), with ``alphabets.json``;
+* the official release: folders ``images_background/`` and ``images_evaluation/`` (or their zip files)
+  laid out as ``Alphabet/characterNN/NNNN_DD.png``, where ``NNNN`` is the character's global number
+  (1-964 background, 965-1623 evaluation) and ``DD`` the drawing (01-20).
+
+Preprocessing follows the few-shot literature (Vinyals et al. 2016, Finn et al. 2017, Snell et al. 2017):
+invert so ink is 1.0 and paper 0.0, then resize 105x105 -> 28x28 with an antialiased bilinear filter.
+Rotations by 90/180/270 degrees are applied at sampling time (see :mod:`allmap.tasks.episodes`), so they
+cost no memory. The preprocessed tensor is cached on disk (``cache_dir``), keyed by the source files'
+size and modification time, so a second start takes well under a second.
+
+Splits of the 1,623 characters, numbered as in the official release (1-based):
+
+* ``standard`` (Vinyals et al. 2016, used by MAML and ProtoNets): characters 1-1200 are the training side
+  (every background alphabet plus Angelic ... Gurmukhi character 41 of the evaluation set), 1201-1623 the
+  423 test characters (Gurmukhi 42-45, Kannada ... ULOG). ``train`` = 1-1028 and ``val`` = 1029-1200 (the
+  1,028/172 sizes of Snell et al.; the membership of our validation subset is ours: the last 172
+  characters of the training side), ``trainval`` = 1-1200, ``test`` = 1201-1623.
+* ``background`` / ``evaluation`` (Lake et al. 2015): the 30 background alphabets (964 characters) and the
+  20 evaluation alphabets (659 characters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from allmap.tasks.episodes import ClassImages, Episodes
+
+__all__ = ["Omniglot", "OmniglotData", "load_omniglot", "SPLITS", "default_cache_dir", "preprocess"]
+
+SETS = ("background", "evaluation")
+# Number of characters and the first global character number of each half of the official release.
+RELEASE = {"background": (964, 1), "evaluation": (659, 965)}
+DRAWINGS = 20
+RAW_SIZE = 105
+PREPROCESS_VERSION = 1
+
+# Character ranges [first, last] (1-based, inclusive) of each named split.
+SPLITS: dict[str, tuple[int, int]] = {
+    "train": (1, 1028),
+    "val": (1029, 1200),
+    "trainval": (1, 1200),
+    "test": (1201, 1623),
+    "background": (1, 964),
+    "evaluation": (965, 1623),
+    "all": (1, 1623),
+}
+
+_PNG = re.compile(r"^(\d{4})_(\d{2})\.png$")
+
+
+def default_cache_dir() -> Path:
+    """``$ALLMAP_CACHE`` if set, else ``~/.cache/allmap``."""
+    return Path(os.environ.get("ALLMAP_CACHE", Path.home() / ".cache" / "allmap"))
+
+
+def preprocess(raw: Tensor, size: int = 28) -> Tensor:
+    """Bool images ``[..., 105, 105]`` (True = paper) -> float32 ``[..., size, size]`` with ink 1.0.
+
+    Antialiased bilinear resize (``torch.nn.functional.interpolate(antialias=True)``), done in chunks so
+    memory stays small.
+    """
+    lead = raw.shape[:-2]
+    flat = raw.reshape(-1, 1, *raw.shape[-2:])
+    out = torch.empty(flat.shape[0], 1, size, size)
+    for i in range(0, flat.shape[0], 4096):
+        ink = 1.0 - flat[i : i + 4096].float()
+        out[i : i + 4096] = F.interpolate(ink, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.clamp_(0.0, 1.0).reshape(*lead, size, size)
+
+
+@dataclass(frozen=True)
+class OmniglotData:
+    """Preprocessed Omniglot: ``images [C, 20, S, S]`` float32 (ink 1.0), ``numbers [C]`` global character
+    numbers (1-based, official numbering), ``alphabet [C]`` alphabet index, ``alphabets`` their names."""
+
+    images: Tensor
+    numbers: Tensor
+    alphabet: Tensor
+    alphabets: tuple[str, ...]
+
+    def split(self, name: str) -> OmniglotData:
+        """The characters of a named split (see :data:`SPLITS`)."""
+        if name not in SPLITS:
+            raise ValueError(f"Omniglot: unknown split {name!r}; expected one of {', '.join(SPLITS)}.")
+        lo, hi = SPLITS[name]
+        keep = (self.numbers >= lo) & (self.numbers <= hi)
+        if not bool(keep.any()):
+            raise ValueError(
+                f"Omniglot: split {name!r} (characters {lo}-{hi}) has no characters in the loaded data "
+                f"(characters {int(self.numbers.min())}-{int(self.numbers.max())})."
+            )
+        return self.select(keep)
+
+    def select(self, keep: Tensor) -> OmniglotData:
+        return OmniglotData(self.images[keep], self.numbers[keep], self.alphabet[keep], self.alphabets)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def classes(self) -> ClassImages:
+        """The characters as a :class:`~allmap.tasks.ClassImages` (one class per character, group = alphabet)."""
+        names = tuple(f"{self.alphabets[int(a)]}/{int(n):04d}" for a, n in zip(self.alphabet, self.numbers))
+        return ClassImages.from_grid(self.images, group=self.alphabet.clone(), names=names)
+
+
+# -- reading the sources -------------------------------------------------------------------------------
+def _alphabet_table(root: Path) -> list[tuple[str, int, int]]:
+    path = root / "alphabets.json"
+    if not path.is_file():
+        raise ValueError(
+            f"Omniglot: {path} is missing; the NumPy archives need alphabets.json next to them (it maps each "
+            "alphabet to its character numbers)."
+        )
+    table = json.loads(path.read_text())
+    return [(a["alphabet"], int(a["first_character"]), int(a["last_character"])) for s in SETS for a in table[s]]
+
+
+def _read_npz(path: Path, which: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path) as archive:
+            images, labels = archive["images"], archive["labels"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(
+            f"Omniglot: cannot read {path} ({type(err).__name__}: {err}). The archive is corrupt or not an "
+            "Omniglot archive; replace it with a fresh copy (see the README for its sha256)."
+        ) from err
+    count, first = RELEASE[which]
+    if images.dtype != np.bool_ or images.shape != (count, DRAWINGS, RAW_SIZE, RAW_SIZE):
+        raise ValueError(
+            f"Omniglot: {path} holds images of shape {list(images.shape)} ({images.dtype}); expected bool "
+            f"[{count}, {DRAWINGS}, {RAW_SIZE}, {RAW_SIZE}]. Is it a partial or different file?"
+        )
+    if labels.shape != (count, DRAWINGS) or not np.array_equal(labels, np.repeat(np.arange(count)[:, None], DRAWINGS, 1)):
+        raise ValueError(f"Omniglot: {path}: labels must be the row index repeated, [{count}, {DRAWINGS}].")
+    return images, np.arange(first, first + count)
+
+
+class _Folder:
+    """A directory or a zip file with the official layout, read through one interface."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.zip = zipfile.ZipFile(path) if path.is_file() else None
+        if self.zip is not None:
+            names = [n for n in self.zip.namelist() if n.lower().endswith(".png")]
+            self.files = {n: n for n in names}
+        else:
+            self.files = {str(p.relative_to(path)).replace(os.sep, "/"): p for p in path.rglob("*.png")}
+
+    def read(self, key: str) -> bytes:
+        if self.zip is not None:
+            return self.zip.read(self.files[key])
+        return Path(self.files[key]).read_bytes()
+
+
+def _decode_png(data: bytes, where: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.size != (RAW_SIZE, RAW_SIZE):
+                raise ValueError(
+                    f"Omniglot: {where} is {img.size[0]}x{img.size[1]}; every official Omniglot image is "
+                    f"{RAW_SIZE}x{RAW_SIZE}. This is not the official release."
+                )
+            return np.asarray(img.convert("L")) >= 128
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"Omniglot: cannot decode {where} ({err}); the file is corrupt.") from err
+
+
+def _read_release(path: Path, which: str, complete: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images [C, 20, 105, 105] bool, global numbers [C], alphabet name per character, from one half."""
+    try:
+        folder = _Folder(path)
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"Omniglot: {path} is not a valid zip file ({err}); download it again.") from err
+    chars: dict[str, dict[int, str]] = {}
+    numbers: dict[str, int] = {}
+    for key in folder.files:
+        parts = key.split("/")
+        match = _PNG.match(parts[-1])
+        if len(parts) < 3 or not match or not parts[-2].startswith("character"):
+            raise ValueError(
+                f"Omniglot: unexpected file {path}/{key}; the official layout is "
+                "Alphabet/characterNN/NNNN_DD.png."
+            )
+        char_dir = "/".join(parts[-3:-1])
+        number, drawing = int(match.group(1)), int(match.group(2))
+        if numbers.setdefault(char_dir, number) != number:
+            raise ValueError(f"Omniglot: {path}/{char_dir} mixes character numbers {numbers[char_dir]} and {number}.")
+        chars.setdefault(char_dir, {})[drawing] = key
+    count, first = RELEASE[which]
+    if not chars:
+        raise ValueError(f"Omniglot: {path} holds no Alphabet/characterNN/NNNN_DD.png images.")
+    if complete and len(chars) != count:
+        raise ValueError(
+            f"Omniglot: {path} has {len(chars)} characters; the official {which} set has {count}. The folder "
+            "is partial; unpack the whole images_{which}.zip (or pass complete=False to load a subset)."
+        )
+    order = sorted(chars, key=lambda c: numbers[c])
+    images = np.zeros((len(order), DRAWINGS, RAW_SIZE, RAW_SIZE), dtype=bool)
+    for i, char_dir in enumerate(order):
+        drawings = chars[char_dir]
+        if sorted(drawings) != list(range(1, DRAWINGS + 1)):
+            raise ValueError(
+                f"Omniglot: {path}/{char_dir} has drawings {sorted(drawings)}; expected 01-{DRAWINGS:02d}. "
+                "The folder is partial or damaged."
+            )
+        if not first <= numbers[char_dir] < first + count:
+            raise ValueError(
+                f"Omniglot: {path}/{char_dir} is character {numbers[char_dir]}, outside the {which} set "
+                f"({first}-{first + count - 1})."
+            )
+        for d in range(DRAWINGS):
+            images[i, d] = _decode_png(folder.read(drawings[d + 1]), f"{path}/{drawings[d + 1]}")
+    return images, np.array([numbers[c] for c in order]), [c.split("/")[0] for c in order]
+
+
+def _sources(root: Path) -> tuple[str, dict[str, Path]]:
+    npz = {s: root / f"images_{s}.npz" for s in SETS}
+    if all(p.is_file() for p in npz.values()):
+        return "npz", npz
+    for suffix in ("", ".zip"):
+        release = {s: root / f"images_{s}{suffix}" for s in SETS}
+        if all(p.exists() for p in release.values()):
+            return "release", release
+    present = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    raise ValueError(
+        f"Omniglot: no Omniglot data in {root} (it holds {present or 'nothing'}). Expected either "
+        "images_background.npz + images_evaluation.npz (+ alphabets.json), or the official release "
+        "images_background/ + images_evaluation/ (folders or .zip files)."
+    )
+
+
+def _fingerprint(files: dict[str, Path], size: int, complete: bool) -> str:
+    h = hashlib.sha256(f"v{PREPROCESS_VERSION}|{size}|{complete}".encode())
+    for name in sorted(files):
+        path = files[name]
+        paths = [path] if path.is_file() else sorted(path.rglob("*"))
+        for p in paths:
+            st = p.stat()
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_omniglot(
+    root: str | os.PathLike,
+    size: int = 28,
+    cache_dir: str | os.PathLike | None = None,
+    complete: bool = True,
+) -> OmniglotData:
+    """All of Omniglot from ``root`` (NumPy archives or the official release), preprocessed and cached.
+
+    Args:
+        root: folder with ``images_background.npz`` and ``images_evaluation.npz`` (+ ``alphabets.json``), or
+            with the official ``images_background`` / ``images_evaluation`` folders or zip files.
+        size: side of the resized images (28 in the literature).
+        cache_dir: where to keep the preprocessed tensor (default :func:`default_cache_dir`); ``False``-y
+            string ``""`` is not allowed, pass ``None`` for the default.
+        complete: require the whole release (964 + 659 characters). ``False`` accepts a subset of an
+            official-layout folder (still verified character by character).
+
+    Returns:
+        :class:`OmniglotData` with characters in official order.
+
+    Example:
+        >>> data = load_omniglot("../shared/data/omniglot")
+        >>> data.split("test").images.shape
+        torch.Size([423, 20, 28, 28])
+    """
+    root = Path(root).expanduser()
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"load_omniglot: expected size to be a positive integer, got {size!r}.")
+    kind, files = _sources(root)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache / f"omniglot-{kind}-{_fingerprint(files, size, complete)}.pt"
+    if cache_file.is_file():
+        try:
+            saved = torch.load(cache_file, weights_only=True)
+            return OmniglotData(saved["images"], saved["numbers"], saved["alphabet"], tuple(saved["alphabets"]))
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            cache_file.unlink(missing_ok=True)
+    raws, numbers, names = [], [], []
+    if kind == "npz":
+        table = _alphabet_table(root)
+        for s in SETS:
+            raw, nums = _read_npz(files[s], s)
+            raws.append(raw)
+            numbers.append(nums)
+        all_numbers = np.concatenate(numbers)
+        for n in all_numbers:
+            names.append(next(a for a, lo, hi in table if lo <= n <= hi))
+    else:
+        for s in SETS:
+            raw, nums, alph = _read_release(files[s], s, complete)
+            raws.append(raw)
+            numbers.append(nums)
+            names += alph
+    alphabets = tuple(dict.fromkeys(names))
+    data = OmniglotData(
+        preprocess(torch.from_numpy(np.concatenate(raws)), size),
+        torch.from_numpy(np.concatenate(numbers)).long(),
+        torch.tensor([alphabets.index(n) for n in names], dtype=torch.long),
+        alphabets,
+    )
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        torch.save(
+            {"images": data.images, "numbers": data.numbers, "alphabet": data.alphabet, "alphabets": list(alphabets)},
+            tmp,
+        )
+        tmp.replace(cache_file)
+    except OSError:  # a read-only cache location only costs speed
+        pass
+    return data
+
+
+_MEMORY: dict[tuple, OmniglotData] = {}
+
+
+class Omniglot(Episodes):
+    """N-way K-shot episodes over an Omniglot split: the task family the presets use.
+
+    Args:
+        root: the data folder (see :func:`load_omniglot`).
+        split: ``train``, ``val``, ``trainval``, ``test`` (the standard Vinyals split), ``background`` or
+            ``evaluation`` (Lake et al.'s alphabet split), or ``all``.
+        ways, shots, queries: N, K and Q of each episode.
+        rotations: angles whose rotated copies are new classes; ``(0, 90, 180, 270)`` in the standard
+            protocol (Santoro et al. 2016; Vinyals et al. 2016), ``(0,)`` in Lake et al.'s.
+        within_alphabet: all N classes of an episode from one alphabet (Lake et al. 2015).
+        size: image side after resizing (28).
+        cache_dir: where the preprocessed tensor is cached (see :func:`load_omniglot`).
+
+    Loaded data are also kept in memory per process, so a training and a test family share them.
+
+    Example:
+        >>> family = Omniglot("../shared/data/omniglot", split="test", ways=5, shots=1, queries=15)
+        >>> family.sample(2, torch.Generator().manual_seed(0)).support_x.shape
+        torch.Size([2, 5, 1, 28, 28])
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "trainval",
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        rotations: tuple[int, ...] | list[int] = (0, 90, 180, 270),
+        within_alphabet: bool = False,
+        size: int = 28,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        key = (str(Path(root).expanduser().resolve()), size, str(cache_dir))
+        if key not in _MEMORY:
+            _MEMORY[key] = load_omniglot(root, size=size, cache_dir=cache_dir)
+        data = _MEMORY[key].split(split)
+        self.split = split
+        super().__init__(data.classes(), ways, shots, queries, rotations, within_group=within_alphabet)
+
+    def __repr__(self) -> str:
+        return f"Omniglot(split={self.split!r}, " + super().__repr__()[len("Episodes(") :]

@@ -1,0 +1,102 @@
+"""Registries of task families, models, learners and optimizers, and building them from a config.
+
+A new component joins the CLI with one line in the matching registry. Section keys are checked against
+the constructor's signature, so a misspelt key is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from allmap.learners import ANIL, MAML, HyperNetwork, Learner, MetaSGD
+from allmap.nets import MLP
+from allmap.tasks.families import FAMILIES
+from allmap.train.config import ConfigError
+
+__all__ = ["FAMILIES", "MODELS", "LEARNERS", "OPTIMIZERS", "build_family", "build_learner", "build_optimizer",
+           "resolve_device"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP}
+LEARNERS: dict[str, type[Learner]] = {
+    "maml": MAML,
+    "anil": ANIL,
+    "metasgd": MetaSGD,
+    "hypernet": HyperNetwork,
+}
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
+def _call(kind: str, registry: dict[str, Callable[..., Any]], section: dict[str, Any], name_key: str,
+          **extra: Any) -> Any:
+    name = section[name_key]
+    if name not in registry:
+        raise ConfigError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}.")
+    factory = registry[name]
+    kwargs = {k: v for k, v in section.items() if k != name_key}
+    params = inspect.signature(factory).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    valid = [p for p in params if p not in ("self", "model", "params", "args", "kwargs")]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown and not accepts_any:
+        raise ConfigError(f"{kind} {name!r} has no option(s) {unknown}; valid options: {', '.join(valid)}.")
+    try:
+        return factory(**extra, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{kind} {name!r}: {err}") from err
+
+
+def build_family(config: dict[str, Any], split: str = "train"):
+    """The task family of ``config['task']`` for ``split`` (train, val or test).
+
+    Evaluation splits take ``eval.shots``/``eval.queries`` where set; families with a ``split`` argument
+    (class datasets) receive it, so test tasks come from held-out classes.
+    """
+    section = dict(config["task"])
+    if split != "train":
+        for key in ("shots", "queries"):
+            if config["eval"].get(key) is not None:
+                section[key] = config["eval"][key]
+    if _takes(FAMILIES.get(section["family"]), "split"):
+        section.setdefault("split", split)
+    return _call("task family", FAMILIES, section, "family")
+
+
+def _takes(factory: Callable[..., Any] | None, arg: str) -> bool:
+    return factory is not None and arg in inspect.signature(factory).parameters
+
+
+def build_learner(config: dict[str, Any], family) -> Learner:
+    """The learner of ``config['learner']`` around the model of ``config['model']``."""
+    model = _call("model", MODELS, config["model"], "name")
+    section = dict(config["learner"])
+    factory = LEARNERS.get(section["name"])
+    if _takes(factory, "loss"):
+        section.setdefault("loss", "cross_entropy" if family.classification else "mse")
+    for key, value in (("x_dim", family.x_dim), ("y_dim", family.y_dim)):
+        if _takes(factory, key):
+            section.setdefault(key, value)
+    return _call("learner", LEARNERS, section, "name", model=model)
+
+
+def build_optimizer(config: dict[str, Any], learner: Learner) -> torch.optim.Optimizer:
+    """The meta-optimizer over ``learner.parameters()``."""
+    return _call("optimizer", OPTIMIZERS, config["optimizer"], "name", params=learner.parameters())
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"config key 'device': {err}. Use 'auto', 'cpu' or 'cuda'.") from None

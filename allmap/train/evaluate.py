@@ -1,0 +1,92 @@
+"""Honest evaluation: fixed seeded test tasks, mean ± 1.96·std/sqrt(n), the protocol written beside it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from allmap.learners.base import Learner
+from allmap.tasks.batch import TaskBatch
+
+__all__ = ["evaluate", "summarize", "test_tasks", "format_results", "step_names"]
+
+
+def test_tasks(family, n: int, seed: int) -> TaskBatch:
+    """The ``n`` test tasks fixed by ``seed`` (the same on every call and machine)."""
+    return family.sample(n, torch.Generator().manual_seed(seed))
+
+
+def summarize(values: Tensor) -> dict[str, float]:
+    """``mean``, ``ci95 = 1.96 * std / sqrt(n)`` (sample std), ``std`` and ``n`` of a 1-D tensor."""
+    values = values.double().flatten()
+    n = values.numel()
+    std = float(values.std(unbiased=True)) if n > 1 else 0.0
+    return {"mean": float(values.mean()), "ci95": 1.96 * std / math.sqrt(n), "std": std, "n": n}
+
+
+def step_names(learner: Learner, steps: Sequence[int]) -> list[str]:
+    """Metric suffixes: ``@k`` (after k inner steps) for learners that adapt in steps, else nothing."""
+    return [f"@{k}" for k in steps] if getattr(learner, "adapts_in_steps", False) else [""]
+
+
+def _per_task(learner: Learner, steps: Sequence[int]):
+    def metrics(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+        rows = []
+        for model in learner.adapt_path(sx, sy, steps):
+            pred = model(qx)
+            loss = learner.loss_fn(pred, qy)
+            acc = (pred.argmax(-1) == qy).to(loss.dtype).mean() if learner.classification else torch.zeros_like(loss)
+            rows.append(torch.stack([loss.detach(), acc.detach()]))
+        return torch.stack(rows)
+
+    return metrics
+
+
+def evaluate(
+    learner: Learner,
+    tasks: TaskBatch,
+    steps: Sequence[int] = (0, 1, 5, 10),
+    chunk: int = 100,
+) -> dict[str, dict[str, float]]:
+    """Loss (and accuracy for classification) of ``learner`` on ``tasks``, as mean ± 95% CI over tasks.
+
+    Gradient-based learners are scored after each number of inner steps in ``steps`` (0 = before
+    adaptation); one-shot learners (metric, amortised) once. Adaptation computes inner gradients, but no
+    meta-gradient is kept. Returns ``{"loss@1": {"mean", "ci95", "std", "n"}, ...}``.
+    """
+    names = step_names(learner, steps)
+    steps = list(steps) if names != [""] else [0]
+    fn = _per_task(learner, steps)
+    device = next(learner.parameters()).device
+    was_training = learner.training
+    learner.eval()
+    parts = []
+    with torch.no_grad():  # torch.func.grad in the inner loop ignores this; no meta-graph is built
+        for part in tasks.chunks(chunk):
+            part = part.to(device)
+            args = (part.support_x, part.support_y, part.query_x, part.query_y)
+            if learner.vectorize:
+                parts.append(torch.func.vmap(fn, randomness="different")(*args))
+            else:
+                parts.append(torch.stack([fn(*(a[i] for a in args)) for i in range(len(part))]))
+    learner.train(was_training)
+    values = torch.cat(parts).cpu()  # [tasks, steps, 2]
+    results = {}
+    for j, suffix in enumerate(names):
+        results[f"loss{suffix}"] = summarize(values[:, j, 0])
+        if learner.classification:
+            results[f"accuracy{suffix}"] = summarize(values[:, j, 1])
+    return results
+
+
+def format_results(results: dict[str, dict[str, float]], protocol: str) -> str:
+    """A readable table: one line per metric, ``mean ± ci95``, under a line naming the protocol."""
+    lines = [protocol]
+    width = max(len(k) for k in results)
+    for key, r in results.items():
+        scale, unit = (100.0, "%") if key.startswith("accuracy") else (1.0, "")
+        lines.append(f"  {key:<{width}}  {r['mean'] * scale:.4f}{unit} ± {r['ci95'] * scale:.4f}{unit}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""The run folder: what a training run leaves behind, and loading a trained learner back from it.
+
+    RUN_DIR/config.yaml        the resolved config (copy it to start a new run)
+    RUN_DIR/metrics.jsonl      one JSON object per log step (training loss, validation metrics, seconds)
+    RUN_DIR/checkpoint.pt      weights, optimizer and RNG state (+ checkpoint.pt.sha256)
+    RUN_DIR/results.json       the final test evaluation (mean ± 95% CI) with its protocol
+    RUN_DIR/learning_curve.png, RUN_DIR/adaptation.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from allmap.learners.base import Learner
+from allmap.train.build import build_family, build_learner, resolve_device
+from allmap.train.checkpoint import CheckpointError, load_checkpoint
+from allmap.train.config import ConfigError, validate
+
+__all__ = ["RunDir", "load", "read_config"]
+
+
+class RunDir:
+    """Paths inside a run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoint = self.path / "checkpoint.pt"
+        self.results = self.path / "results.json"
+        self.curve = self.path / "learning_curve.png"
+        self.adaptation = self.path / "adaptation.png"
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config of a run folder, validated."""
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise ConfigError(f"{str(run.path)!r} is not a run folder: it has no config.yaml. Train one with "
+                          "`allmap train PRESET --out DIR`.")
+    config = yaml.safe_load(run.config.read_text())
+    validate(config)
+    return config
+
+
+def load(run_dir: str | Path, device: str | torch.device | None = None) -> Learner:
+    """The trained learner of a run folder (weights of its latest checkpoint), in eval mode.
+
+    Example:
+        >>> learner = allmap.load("runs/sine")            # doctest: +SKIP
+        >>> task_model = learner.adapt(support_x, support_y)  # doctest: +SKIP
+    """
+    config = read_config(run_dir)
+    device = resolve_device(config["device"]) if device is None else torch.device(device)
+    torch.manual_seed(config["seed"])
+    learner = build_learner(config, build_family(config, "test"))
+    state = load_checkpoint(RunDir(run_dir).checkpoint, map_location="cpu")
+    if "learner" not in state:
+        raise CheckpointError(f"checkpoint of {str(run_dir)!r} has no learner weights.")
+    learner.load_state_dict(state["learner"])
+    return learner.to(device).eval()
