@@ -3,6 +3,8 @@ from a task's support set to a model for that task."""
 
 from allmap import hypergrad, inner, nets, tasks
 from allmap.learners import ANIL, MAML, HyperNetwork, Learner, MetaSGD, TaskModel
+from allmap.learners import IMAML, LSTMMetaLearner, Reptile
+from allmap.learners import MatchingNet, ProtoNet, Siamese
 from allmap.tasks import TaskBatch
 
 __version__ = "0.1.0"
@@ -14,6 +16,12 @@ __all__ = [
     "ANIL",
     "MetaSGD",
     "HyperNetwork",
+    "Reptile",
+    "IMAML",
+    "LSTMMetaLearner",
+    "ProtoNet",
+    "MatchingNet",
+    "Siamese",
     "TaskBatch",
     "tasks",
     "nets",

@@ -59,8 +59,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run folder; do not pass a config as well.")
-        overrides = apply_overrides({"eval": {}}, args.overrides)
-        resume(args.resume, overrides, progress=not args.no_progress)
+        resume(args.resume, args.overrides, progress=not args.no_progress)
         out = args.resume
     else:
         if not args.config:
@@ -76,7 +75,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from allmap.train.build import build_family
-    from allmap.train.evaluate import evaluate, format_results, test_tasks
+    from allmap.train.evaluate import evaluate, format_results, fixed_tasks
     from allmap.train.loop import protocol
     from allmap.train.runs import load, read_config
 
@@ -93,7 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
     learner = load(args.run_dir)
     family = build_family(config, "test")
     ev = config["eval"]
-    tasks = test_tasks(family, ev["tasks"], ev["seed"])
+    tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
     results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"])
     text = protocol(config, family, len(tasks))
     if args.json:

@@ -1,10 +1,47 @@
-"""How the meta-gradient crosses adaptation.
+"""How the meta-gradient crosses adaptation, one small module per strategy, selectable by name.
 
-``unrolled``: reverse mode through every inner step (second order, exact).
-``first_order``: the inner gradients are treated as constants (a stop-gradient), as in first-order MAML
-(Finn et al. 2017, section 5.2); the meta-gradient is then the query gradient at the adapted parameters.
+====================  ==========================================================================
+``unrolled``          reverse mode through every inner step (exact; memory grows with the steps)
+``first_order``       inner gradients are constants (FOMAML)
+``truncated(k)``      reverse mode through the last ``k`` steps only
+``checkpointed``      exact reverse mode, each step recomputed in the backward pass (flat memory)
+``implicit``          iMAML: implicit function theorem on a proximal inner problem, CG or Neumann
+``forward``           forward mode (``jvp``) of the whole meta-loss, one pass per meta-parameter
+``finite_difference`` central differences or an antithetic zeroth-order estimate with its variance
+====================  ==========================================================================
+
+Learners take ``hypergrad="truncated(5)"`` (a name, a call with literal arguments, a mapping with a
+``name`` key as in config files, or a :class:`Strategy` object); :func:`resolve` does the parsing.
 """
 
-from allmap.hypergrad.basic import STRATEGIES, check_strategy, stop_gradient
+from allmap.hypergrad.base import STRATEGIES, Strategy, check_strategy, meta_loss_surrogate, register, resolve
+from allmap.hypergrad.basic import FirstOrder, Unrolled, stop_gradient
+from allmap.hypergrad.truncated import Truncated
+from allmap.hypergrad.checkpointed import Checkpointed
+from allmap.hypergrad.implicit import Implicit, ImplicitSolveError, ImplicitSolveWarning, conjugate_gradient, neumann
+from allmap.hypergrad.forward import Forward, hypergradient
+from allmap.hypergrad.finite_difference import FiniteDifference, central_differences, zeroth_order
 
-__all__ = ["STRATEGIES", "check_strategy", "stop_gradient"]
+__all__ = [
+    "STRATEGIES",
+    "Strategy",
+    "check_strategy",
+    "register",
+    "resolve",
+    "meta_loss_surrogate",
+    "stop_gradient",
+    "Unrolled",
+    "FirstOrder",
+    "Truncated",
+    "Checkpointed",
+    "Implicit",
+    "ImplicitSolveError",
+    "ImplicitSolveWarning",
+    "conjugate_gradient",
+    "neumann",
+    "Forward",
+    "hypergradient",
+    "FiniteDifference",
+    "central_differences",
+    "zeroth_order",
+]

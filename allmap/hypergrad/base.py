@@ -36,7 +36,7 @@ class Strategy:
         name: the name used in the API and in config files.
         scope: ``"inner"`` (replaces the inner loop) or ``"meta_loss"`` (differentiates the whole loss).
         vmappable: whether :meth:`run` may be called inside ``torch.func.vmap`` (custom backward passes that
-            call ``torch.autograd`` cannot).
+            call ``torch.autograd`` cannot); learners run the tasks one at a time for those that are not.
     """
 
     name: ClassVar[str] = ""
@@ -63,12 +63,6 @@ class Strategy:
 
     def check(self, learner: nn.Module) -> None:
         """Raise ``ValueError`` saying why if this strategy cannot apply to ``learner``."""
-        if not self.vmappable and getattr(learner, "vectorize", False):
-            raise ValueError(
-                f"{type(learner).__name__}: the {self.name!r} meta-gradient strategy runs a custom backward pass "
-                "per task that torch.func.vmap cannot batch; construct the learner with vectorize=False "
-                "(tasks then run one at a time, with the same result)."
-            )
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

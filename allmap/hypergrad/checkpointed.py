@@ -10,7 +10,7 @@ Why a custom ``autograd.Function`` rather than ``torch.utils.checkpoint``: the i
 ``torch.func.grad``, which rejects the saved-tensor hooks of the non-reentrant checkpoint, and the reentrant
 one supports ``.backward()`` but not ``torch.autograd.grad`` (hence not ``gradcheck``). This one takes the
 tensors the step closes over as explicit inputs and supports both. It computes first derivatives of the
-meta-loss only (no ``gradgrad``), and cannot run inside ``vmap`` (learners must use ``vectorize=False``).
+meta-loss only (no ``gradgrad``), and cannot run inside ``vmap`` (learners then run tasks one at a time).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Checkpointed(Strategy):
 
     Example:
         >>> import torch, allmap
-        >>> learner = allmap.MAML(torch.nn.Linear(1, 1), inner_steps=5, hypergrad="checkpointed", vectorize=False)
+        >>> learner = allmap.MAML(torch.nn.Linear(1, 1), inner_steps=5, hypergrad="checkpointed")
     """
 
     name = "checkpointed"
@@ -106,7 +106,7 @@ class Checkpointed(Strategy):
             if _in_transform([carry[i] for i in tensor_pos]):
                 raise ValueError(
                     "checkpointed: cannot run inside torch.func transforms (vmap/grad/jvp), because the "
-                    "recomputation calls torch.autograd; use vectorize=False or the 'unrolled' strategy there."
+                    "recomputation calls torch.autograd; run the tasks one at a time, or use 'unrolled' there."
                 )
 
             def segment(*tensors: Tensor, carry=carry, spec=spec, tensor_pos=tensor_pos, n=stop - step) -> Any:

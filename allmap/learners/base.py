@@ -67,15 +67,17 @@ class Learner(nn.Module):
 
     Subclasses implement :meth:`adapt` (and :meth:`adapt_path` if they adapt in steps). ``meta_loss`` is
     the mean query loss over a :class:`~allmap.TaskBatch`; its gradient w.r.t. ``self.parameters()`` is the
-    meta-gradient. Tasks run vectorised with ``torch.func.vmap`` (``vectorize=True``) or one at a time; both
-    give the same value and gradient.
+    meta-gradient. Tasks run vectorised with ``torch.func.vmap`` (``vectorize=True``) or one at a time
+    (``False``); both give the same value and gradient. ``None`` (the default) vectorises unless the model
+    has BatchNorm layers: in torch 2.13 the second derivative of ``batch_norm`` under ``vmap`` is wrong
+    (our float64 gradcheck fails on it while the per-task loop passes), so those run one task at a time.
     """
 
     #: True for learners whose task model comes from inner gradient steps; evaluation then scores it after
     #: each number of steps (``loss@0``, ``loss@1``, ...) instead of once.
     adapts_in_steps: bool = False
 
-    def __init__(self, loss: str | LossFn = "mse", vectorize: bool = True) -> None:
+    def __init__(self, loss: str | LossFn = "mse", vectorize: bool | None = None) -> None:
         super().__init__()
         self.loss_fn, self.classification = resolve_loss(loss)
         self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
@@ -100,22 +102,41 @@ class Learner(nn.Module):
         """Mean query loss over the tasks; ``meta_loss(tasks).backward()`` gives the meta-gradient."""
         self.check_tasks(tasks)
         args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
-        if self.vectorize:
+        if self.vmap_meta_loss():
             losses = torch.func.vmap(self.task_loss, randomness="different")(*args)
         else:
             losses = torch.stack([self.task_loss(*(a[i] for a in args)) for i in range(len(tasks))])
         return losses.mean()
 
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+
+    def vmap_meta_loss(self) -> bool:
+        """Whether ``meta_loss`` runs the tasks under ``vmap`` (see ``vectorize`` in the class docstring)."""
+        if self.vectorize is None:
+            return not self.has_batchnorm()
+        if self.vectorize and self.has_batchnorm() and not getattr(self, "first_order", False):
+            raise ValueError(
+                f"{type(self).__name__}: vectorize=True with BatchNorm layers would give a wrong meta-gradient "
+                "(torch's vmap rule for the second derivative of batch_norm is incorrect). Use vectorize=None "
+                "(automatic) or False to run tasks one at a time."
+            )
+        return bool(self.vectorize)
+
+    def forward(self, tasks: TaskBatch) -> Tensor:
+        """``learner(tasks)`` is ``learner.meta_loss(tasks)`` (so ``functional_call`` and DDP work on it)."""
+        return self.meta_loss(tasks)
+
     # -- validation ----------------------------------------------------------------------------------
     def output_shape(self, x: Tensor) -> tuple[int, ...]:
         """Shape of one prediction (without the example dimension) for inputs like ``x [N, *x]``.
 
-        Found by running the model once on a single example, cached per input shape and dtype.
+        Found by running the model once on two examples, cached per input shape, dtype and device.
         """
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         if key not in self._probe_cache:
-            with torch.no_grad():
-                out = self.probe(x[:1])
+            with torch.no_grad():  # two examples: BatchNorm in batch-statistics mode needs more than one
+                out = self.probe(x[:2])
             self._probe_cache[key] = tuple(out.shape[1:])
         return self._probe_cache[key]
 

@@ -65,7 +65,7 @@ class HyperNetwork(MAML):
         inner_lr: float = 0.01,
         loss: str | LossFn = "mse",
         embedding: nn.Module | None = None,
-        vectorize: bool = True,
+        vectorize: bool | None = None,
         first_order: bool = False,
     ) -> None:
         super().__init__(

@@ -10,13 +10,16 @@ shared across tasks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from allmap.inner.loop import gradient_descent
+from allmap.hypergrad import Strategy, meta_loss_surrogate, resolve
 from allmap.inner.optim import InnerOptimizer, Params, adam, sgd
 from allmap.learners.base import Learner, LossFn, TaskModel, functional_forward, use_batch_statistics
+from allmap.tasks.batch import TaskBatch
 
 __all__ = ["MAML", "ANIL"]
 
@@ -36,6 +39,11 @@ class MAML(Learner):
         inner_optimizer: ``"sgd"`` (the paper) or ``"adam"``.
         adapt_only: parameter-name prefixes to adapt; ``None`` adapts all (see :class:`ANIL`).
         vectorize: run the tasks of a meta-batch with ``vmap`` (else one at a time).
+        hypergrad: how the meta-gradient crosses the inner loop (see :mod:`allmap.hypergrad`): ``"unrolled"``
+            (default), ``"first_order"`` (same as ``first_order=True``), ``"truncated(k)"``,
+            ``"checkpointed"``, ``"implicit(lam=...)"`` (see :class:`IMAML`; these two run the tasks one at
+            a time whatever ``vectorize`` says),
+            ``"forward"``, ``"finite_difference"``, or a :class:`~allmap.hypergrad.Strategy`.
 
     Example:
         >>> import torch, allmap
@@ -56,7 +64,8 @@ class MAML(Learner):
         loss: str | LossFn = "mse",
         inner_optimizer: str = "sgd",
         adapt_only: Sequence[str] | None = None,
-        vectorize: bool = True,
+        vectorize: bool | None = None,
+        hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
         super().__init__(loss=loss, vectorize=vectorize)
         if not isinstance(model, nn.Module):
@@ -71,7 +80,13 @@ class MAML(Learner):
         self.model = use_batch_statistics(model)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
-        self.first_order = bool(first_order)
+        strategy = resolve(hypergrad, default="first_order" if first_order else "unrolled")
+        if first_order and strategy.name != "first_order":
+            raise ValueError(
+                f"{type(self).__name__}: first_order=True contradicts hypergrad={strategy!r}; pass only one of them."
+            )
+        self.hypergrad = strategy
+        self.first_order = strategy.name == "first_order"
         self.inner_optimizer = inner_optimizer
         names = [n for n, _ in model.named_parameters()]
         if adapt_only is None:
@@ -85,6 +100,7 @@ class MAML(Learner):
                     f"{type(self).__name__}: no parameter of the model matches {prefixes}; the model's top-level "
                     f"parameter groups are {top}."
                 )
+        strategy.check(self)
 
     # -- pieces subclasses change --------------------------------------------------------------------
     def optimizer(self) -> InnerOptimizer:
@@ -110,15 +126,24 @@ class MAML(Learner):
         def support_loss(params: Params) -> Tensor:
             return self.loss_fn(functional_forward(self.model, {**frozen, **params}, support_x), support_y)
 
-        path = gradient_descent(
+        path = self.hypergrad.run(
             support_loss,
             self.initial_params(support_x, support_y),
             self.optimizer(),
             max(steps),
-            first_order=self.first_order,
             record=list(steps),
+            closure=list(self.parameters()),
         )
         return [self._task_model(p) for p in path]
+
+    def meta_loss(self, tasks: TaskBatch) -> Tensor:
+        if self.hypergrad.scope == "meta_loss":  # forward mode, finite differences: the whole loss at once
+            return meta_loss_surrogate(self.hypergrad, self, tasks, super().meta_loss)
+        if self.vectorize and not self.hypergrad.vmappable:  # custom backward passes: one task at a time
+            self.check_tasks(tasks)
+            args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
+            return torch.stack([self.task_loss(*(a[i] for a in args)) for i in range(len(tasks))]).mean()
+        return super().meta_loss(tasks)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> TaskModel:
         """Task model after ``steps`` inner steps (default ``inner_steps``) on the support set."""
@@ -129,7 +154,7 @@ class MAML(Learner):
 
     def extra_repr(self) -> str:
         return (
-            f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
+            f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, hypergrad={self.hypergrad!r}, "
             f"inner_optimizer={self.inner_optimizer}, adapted={len(self.adapted_names)} tensors, "
             + super().extra_repr()
         )
@@ -142,8 +167,17 @@ class ANIL(MAML):
     grad_w L_support(body, w)`` for the head ``w``; the body is meta-learned through the query loss only.
     """
 
-    def __init__(self, model: nn.Module, head: str | Sequence[str] = "head", **kwargs) -> None:
-        if "adapt_only" in kwargs:
-            raise TypeError("ANIL: pass the adapted part as head=..., not adapt_only=....")
-        super().__init__(model, adapt_only=head, **kwargs)
+    def __init__(
+        self,
+        model: nn.Module,
+        head: str | Sequence[str] = "head",
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        loss: str | LossFn = "mse",
+        inner_optimizer: str = "sgd",
+        vectorize: bool | None = None,
+    ) -> None:
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
+                         inner_optimizer=inner_optimizer, adapt_only=head, vectorize=vectorize)
         self.head = head

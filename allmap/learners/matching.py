@@ -22,10 +22,10 @@ class MatchingNet(MetricLearner):
     """Matching Networks: cosine-similarity attention over the support set.
 
     Args:
-        encoder: the shared embedding network (``f = g``).
+        model: the shared embedding network (``f = g``).
         scale: multiplies the cosine similarities before the softmax (1 in the paper; larger values sharpen
             the attention, which helps a ReLU encoder whose cosines lie in [0, 1]).
-        vectorize: embed a whole meta-batch with one encoder call.
+        vectorize: ``False`` loops over tasks; otherwise one encoder call embeds the whole meta-batch.
 
     Example:
         >>> import torch, allmap
@@ -35,8 +35,8 @@ class MatchingNet(MetricLearner):
         >>> learner.meta_loss(tasks).backward()
     """
 
-    def __init__(self, encoder: nn.Module, scale: float = 1.0, vectorize: bool = True) -> None:
-        super().__init__(encoder, vectorize=vectorize)
+    def __init__(self, model: nn.Module, scale: float = 1.0, vectorize: bool | None = None) -> None:
+        super().__init__(model, vectorize=vectorize)
         if not scale > 0:
             raise ValueError(f"MatchingNet: expected scale > 0, got {scale!r}.")
         self.scale = float(scale)
@@ -48,7 +48,9 @@ class MatchingNet(MetricLearner):
 
     def logits(self, z_support: Tensor, onehot: Tensor, z_query: Tensor) -> Tensor:
         probs = self.attention(z_support, z_query) @ onehot  # [..., Nq, N], rows sum to 1
-        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+        logp = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+        empty = onehot.sum(-2).unsqueeze(-2) == 0  # classes without support examples (inside vmap only)
+        return logp.masked_fill(empty, float("-inf"))
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, " + super().extra_repr()

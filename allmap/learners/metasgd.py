@@ -7,10 +7,13 @@ has theta's shape and is meta-trained together with theta on the query loss ``L_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from allmap.inner.optim import InnerOptimizer, sgd
+from allmap.learners.base import LossFn
 from allmap.learners.maml import MAML
 
 __all__ = ["MetaSGD"]
@@ -34,10 +37,18 @@ class MetaSGD(MAML):
         ['inner_lrs.bias', 'inner_lrs.weight', 'model.bias', 'model.weight']
     """
 
-    def __init__(self, model: nn.Module, inner_lr: float = 0.01, **kwargs) -> None:
-        if kwargs.get("inner_optimizer", "sgd") != "sgd":
-            raise ValueError("MetaSGD: the learned rates scale plain gradient steps; inner_optimizer must be 'sgd'.")
-        super().__init__(model, inner_lr=inner_lr, **kwargs)
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        loss: str | LossFn = "mse",
+        adapt_only: Sequence[str] | None = None,
+        vectorize: bool | None = None,
+    ) -> None:
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
+                         adapt_only=adapt_only, vectorize=vectorize)
         params = dict(model.named_parameters())
         self.inner_lrs = nn.ParameterDict(
             {_key(n): nn.Parameter(torch.full_like(params[n].detach(), float(inner_lr))) for n in self.adapted_names}

@@ -4,7 +4,7 @@ A metric learner embeds the support set once with an encoder ``f_phi`` and class
 its embedding to the support embeddings; no gradient step is taken at adaptation, so the map
 ``support set -> classifier`` is a forward pass and the meta-gradient is ordinary backpropagation.
 
-Batched by construction: with ``vectorize=True``, :meth:`MetricLearner.meta_loss` embeds the support and
+Batched by construction: unless ``vectorize=False``, :meth:`MetricLearner.meta_loss` embeds the support and
 query images of every task in a meta-batch with ONE encoder call (the fast path for convolutions), then
 compares them per task with batched tensor operations. With ``vectorize=False`` it loops over tasks. Both
 give the same value whenever the encoder does not mix examples (no BatchNorm in training mode); with
@@ -30,17 +30,20 @@ __all__ = ["MetricLearner"]
 class MetricLearner(Learner):
     """Base of learners that classify queries by comparing embeddings with the support set.
 
-    Subclasses implement :meth:`logits` (batched over any leading task dimensions) and may override
-    :meth:`objective` (the per-task training loss; default cross-entropy of the logits).
+    ``model`` is the encoder (named ``model`` like every learner's network, so configs build it the same
+    way). Subclasses implement :meth:`logits` (batched over any leading task dimensions; a class without
+    support examples must score ``-inf``) and may override :meth:`objective` (the per-task training loss;
+    default cross-entropy of the logits).
     """
 
-    def __init__(self, encoder: nn.Module, vectorize: bool = True) -> None:
+    def __init__(self, model: nn.Module, vectorize: bool | None = None) -> None:
         super().__init__(loss="cross_entropy", vectorize=vectorize)
-        if not isinstance(encoder, nn.Module):
+        if not isinstance(model, nn.Module):
             raise TypeError(
-                f"{type(self).__name__}: expected encoder to be a torch.nn.Module, got {type(encoder).__name__}."
+                f"{type(self).__name__}: expected model (the encoder) to be a torch.nn.Module, got "
+                f"{type(model).__name__}."
             )
-        self.encoder = encoder
+        self.model = model
 
     # -- what subclasses define ----------------------------------------------------------------------
     def logits(self, z_support: Tensor, onehot: Tensor, z_query: Tensor) -> Tensor:
@@ -58,18 +61,34 @@ class MetricLearner(Learner):
     def embed(self, x: Tensor, example_dims: int) -> Tensor:
         """Encoder output ``[..., D]`` for inputs ``[..., *x]`` where ``*x`` has ``example_dims`` dims."""
         lead = x.shape[: x.dim() - example_dims]
-        z = self.encoder(x.reshape(-1, *x.shape[x.dim() - example_dims :]))
+        z = self.model(x.reshape(-1, *x.shape[x.dim() - example_dims :]))
         return z.reshape(*lead, -1)
 
     @staticmethod
     def _ways(support_y: Tensor) -> int:
         return int(support_y.max()) + 1
 
+    @staticmethod
+    def _ways_in_adapt(support_y: Tensor) -> tuple[int, bool]:
+        """``(N, known)``: N = largest label + 1; inside ``vmap`` (where a tensor cannot become a Python
+        number) the number of support examples, an upper bound whose extra classes have no support example
+        and score ``-inf``."""
+        try:
+            return int(support_y.max()) + 1, True
+        except RuntimeError:
+            return support_y.shape[-1], False
+
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskModel:
-        """Embed the support set; the task model scores queries against it (``[Nq, N]`` class scores)."""
+        """Embed the support set; the task model scores queries against it (``[Nq, N]`` class scores).
+
+        Runs under ``torch.func.vmap`` too; there the scores have one column per support example (classes
+        beyond N score ``-inf``), since N cannot be read from the labels inside ``vmap``.
+        """
         dims = support_x.dim() - 1
-        self._check_support(support_y.unsqueeze(0))
-        onehot = F.one_hot(support_y, self._ways(support_y))
+        ways, known = self._ways_in_adapt(support_y)
+        if known:
+            self._check_support(support_y.unsqueeze(0))
+        onehot = F.one_hot(support_y, ways)
         z_support = self.embed(support_x, dims)
         onehot = onehot.to(z_support.dtype)
         return TaskModel(lambda x: self.logits(z_support, onehot, self.embed(x, dims)))
@@ -83,9 +102,10 @@ class MetricLearner(Learner):
         return self.objective(z[:ns], onehot, z[ns:], query_y)
 
     def meta_loss(self, tasks: TaskBatch) -> Tensor:
-        """Mean training loss over the tasks (one encoder call for the whole batch if ``vectorize``)."""
+        """Mean training loss over the tasks: one encoder call for the whole batch unless ``vectorize`` is
+        ``False`` (no ``vmap`` is involved, so BatchNorm is no obstacle: ``None`` and ``True`` both batch)."""
         self.check_tasks(tasks)
-        if not self.vectorize:
+        if self.vectorize is False:
             args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
             return torch.stack([self.task_loss(*(a[i] for a in args)) for i in range(len(tasks))]).mean()
         dims = tasks.support_x.dim() - 2
@@ -95,7 +115,7 @@ class MetricLearner(Learner):
         return self.objective(z[:, :ns], onehot, z[:, ns:], tasks.query_y).mean()
 
     def probe(self, x: Tensor) -> Tensor:
-        return self.encoder(x)
+        return self.model(x)
 
     # -- validation ----------------------------------------------------------------------------------
     def _check_support(self, support_y: Tensor) -> None:

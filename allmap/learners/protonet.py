@@ -19,8 +19,9 @@ class ProtoNet(MetricLearner):
     """Prototypical Networks: squared Euclidean distance to the class means of the support embeddings.
 
     Args:
-        encoder: the embedding network ``f_phi`` (e.g. ``allmap.nets.Conv4()``).
-        vectorize: embed a whole meta-batch with one encoder call (see :mod:`allmap.learners.metric`).
+        model: the embedding network ``f_phi`` (e.g. ``allmap.nets.Conv4()``).
+        vectorize: ``False`` loops over tasks; otherwise one encoder call embeds the whole meta-batch
+            (see :mod:`allmap.learners.metric`).
 
     Example:
         >>> import torch, allmap
@@ -30,14 +31,16 @@ class ProtoNet(MetricLearner):
         >>> learner.meta_loss(tasks).backward()
     """
 
-    def __init__(self, encoder: nn.Module, vectorize: bool = True) -> None:
-        super().__init__(encoder, vectorize=vectorize)
+    def __init__(self, model: nn.Module, vectorize: bool | None = None) -> None:
+        super().__init__(model, vectorize=vectorize)
 
     def prototypes(self, z_support: Tensor, onehot: Tensor) -> Tensor:
         """Class means ``[..., N, D]``."""
         counts = onehot.sum(-2).unsqueeze(-1)  # [..., N, 1]
-        return (onehot.transpose(-1, -2) @ z_support) / counts
+        return (onehot.transpose(-1, -2) @ z_support) / counts.clamp_min(1)
 
     def logits(self, z_support: Tensor, onehot: Tensor, z_query: Tensor) -> Tensor:
         protos = self.prototypes(z_support, onehot)
-        return -((z_query.unsqueeze(-2) - protos.unsqueeze(-3)) ** 2).sum(-1)
+        dist = ((z_query.unsqueeze(-2) - protos.unsqueeze(-3)) ** 2).sum(-1)  # [..., Nq, N]
+        empty = onehot.sum(-2).unsqueeze(-2) == 0  # classes without support examples (inside vmap only)
+        return (-dist).masked_fill(empty, float("-inf"))

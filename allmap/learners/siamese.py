@@ -29,9 +29,9 @@ class Siamese(MetricLearner):
     examples (the "most similar support example" rule), so ``argmax`` is the predicted class.
 
     Args:
-        encoder: the twin embedding network ``h``.
-        features: embedding size (the length of ``alpha``); found by a probe if ``None``.
-        vectorize: embed a whole meta-batch with one encoder call.
+        model: the twin embedding network ``h``.
+        features: embedding size (the length of ``alpha``); 64 for conv4-64.
+        vectorize: ``False`` loops over tasks; otherwise one encoder call embeds the whole meta-batch.
 
     Example:
         >>> import torch, allmap
@@ -41,8 +41,8 @@ class Siamese(MetricLearner):
         >>> learner.meta_loss(tasks).backward()
     """
 
-    def __init__(self, encoder: nn.Module, features: int, vectorize: bool = True) -> None:
-        super().__init__(encoder, vectorize=vectorize)
+    def __init__(self, model: nn.Module, features: int = 64, vectorize: bool | None = None) -> None:
+        super().__init__(model, vectorize=vectorize)
         if not isinstance(features, int) or features < 1:
             raise ValueError(f"Siamese: expected features (the embedding size) to be a positive integer, got {features!r}.")
         self.similarity = nn.Linear(features, 1)

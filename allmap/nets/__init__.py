@@ -1,5 +1,6 @@
 """Backbones written so ``torch.func.functional_call`` can run them with any parameter dict."""
 
+from allmap.nets.conv import Conv4, MAMLConv
 from allmap.nets.mlp import MLP
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "Conv4", "MAMLConv"]

@@ -33,13 +33,10 @@ class _Blocks(nn.Module):
         layers: list[nn.Module] = []
         for i in range(blocks):
             cin = in_channels if i == 0 else hidden
-            layers += [
-                nn.Conv2d(cin, hidden, 3, stride=1 if pool else 2, padding=1),
-                nn.BatchNorm2d(hidden),
-                nn.ReLU(),
-            ]
-            if pool:
-                layers.append(nn.MaxPool2d(2))
+            layers += [nn.Conv2d(cin, hidden, 3, stride=1 if pool else 2, padding=1), nn.BatchNorm2d(hidden)]
+            # max-pool before ReLU: the same function (ReLU is monotone, so they commute) with a 4x smaller
+            # ReLU, about 10% of a conv4 training step on CPU.
+            layers += [nn.MaxPool2d(2), nn.ReLU()] if pool else [nn.ReLU()]
         self.layers = nn.Sequential(*layers)
         self.pool = pool
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from allmap.tasks.batch import TaskBatch
 
-__all__ = ["ClassImages", "Episodes", "EpisodeStream"]
+__all__ = ["ClassImages", "Episodes", "EpisodeStream", "gaussian_classes"]
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
@@ -38,8 +38,9 @@ def _positive_int(owner: str, name: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class ClassImages:
-    """Images grouped by class: ``images [M, C, H, W]`` sorted by class, ``counts [classes]`` images per
-    class, optional ``group [classes]`` (e.g. alphabet) and ``names`` of the classes."""
+    """Images grouped by class: ``images [M, C, H, W]`` sorted by class (float, or uint8 bytes that become
+    float in [0, 1] when sampled), ``counts [classes]`` images per class, optional ``group [classes]`` (e.g.
+    alphabet) and ``names`` of the classes."""
 
     images: Tensor
     counts: Tensor
@@ -162,6 +163,10 @@ class Episodes:
         self.x_dim = int(torch.tensor(self.x_shape).prod())
         self.y_dim = self.ways
         self._starts = data.starts
+        self._pixel_perms = None
+        if any(r % 360 for r in rotations):
+            grid = torch.arange(h * w).view(h, w)
+            self._pixel_perms = torch.stack([torch.rot90(grid, (r // 90) % 4).flatten() for r in rotations])
         self._max_count = int(data.counts.max())
 
     # -- sampling ------------------------------------------------------------------------------------
@@ -187,12 +192,13 @@ class Episodes:
         pick = keys.argsort(dim=2)[..., :need]  # distinct images of each class
         rows = self._starts[base][..., None] + pick  # [n, N, K+Q]
         x = self.data.images[rows.flatten()].reshape(n, self.ways, need, *self.x_shape)
-        for r, angle in enumerate(self.rotations):
-            k = (angle // 90) % 4
-            if k:
-                mask = rot == r
-                if bool(mask.any()):
-                    x[mask] = torch.rot90(x[mask], k, dims=(-2, -1))
+        if x.dtype == torch.uint8:  # image folders are stored as bytes
+            x = x.float().div_(255.0)
+        if self._pixel_perms is not None:
+            # A rotation is a permutation of pixels: one gather rotates every class by its own angle.
+            flat = x.flatten(-2)  # [n, N, K+Q, C, H*W]
+            index = self._pixel_perms[rot][:, :, None, None, :].expand(flat.shape)
+            x = torch.gather(flat, -1, index).view(x.shape)
         y = torch.arange(self.ways).view(1, self.ways, 1).expand(n, self.ways, need)
         k = self.shots
         info = {"classes": classes}
@@ -240,3 +246,19 @@ class EpisodeStream(torch.utils.data.IterableDataset):
         generator = torch.Generator().manual_seed(self.seed + 1000003 * worker)
         while True:
             yield self.family.sample(self.meta_batch, generator)
+
+
+def gaussian_classes(
+    classes: int = 40, per_class: int = 10, shape: Sequence[int] = (1, 4, 4), noise: float = 0.5, seed: int = 0
+) -> ClassImages:
+    """A synthetic collection for fast tests: class ``c`` is ``N(mu_c, noise^2 I)`` with ``mu_c ~ N(0, I)``.
+
+    Example:
+        >>> Episodes(gaussian_classes(), ways=5, shots=1, queries=2).sample(3, torch.Generator()).support_x.shape
+        torch.Size([3, 5, 1, 4, 4])
+    """
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(classes, 1, *shape, generator=g)
+    x = mu + noise * torch.randn(classes, per_class, *shape, generator=g)
+    return ClassImages(x.reshape(classes * per_class, *shape), torch.full((classes,), per_class, dtype=torch.long),
+                       group=torch.arange(classes) % 4)

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from allmap.tasks.batch import TaskBatch
+from allmap.tasks.imagefolder import ImageFolder
+from allmap.tasks.omniglot import Omniglot
 
 __all__ = ["TaskFamily", "Sinusoid", "LinearRegression", "Logistic2D", "FAMILIES"]
 
@@ -144,4 +146,6 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "sinusoid": Sinusoid,
     "linreg": LinearRegression,
     "logistic2d": Logistic2D,
+    "omniglot": Omniglot,
+    "imagefolder": ImageFolder,
 }

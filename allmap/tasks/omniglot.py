@@ -16,13 +16,17 @@ size and modification time, so a second start takes well under a second.
 
 Splits of the 1,623 characters, numbered as in the official release (1-based):
 
-* ``standard`` (Vinyals et al. 2016, used by MAML and ProtoNets): characters 1-1200 are the training side
-  (every background alphabet plus Angelic ... Gurmukhi character 41 of the evaluation set), 1201-1623 the
-  423 test characters (Gurmukhi 42-45, Kannada ... ULOG). ``train`` = 1-1028 and ``val`` = 1029-1200 (the
-  1,028/172 sizes of Snell et al.; the membership of our validation subset is ours: the last 172
-  characters of the training side), ``trainval`` = 1-1200, ``test`` = 1201-1623.
+* the standard meta-learning split (Vinyals et al. 2016, used by MAML and ProtoNets): characters 1-1200
+  are the training side (every background alphabet plus Angelic ... Gurmukhi character 41 of the
+  evaluation set), 1201-1623 the 423 test characters (Gurmukhi 42-45, Kannada ... ULOG); this is the
+  published split (its test alphabets are those of the ProtoNets split files). ``vinyals-train`` = 1-1028
+  and ``vinyals-val`` = 1029-1200 have the 1,028/172 sizes of Snell et al.; the membership of our
+  validation subset is ours (the last 172 characters of the training side). ``vinyals-trainval`` = 1-1200,
+  ``vinyals-test`` = 1201-1623.
 * ``background`` / ``evaluation`` (Lake et al. 2015): the 30 background alphabets (964 characters) and the
-  20 evaluation alphabets (659 characters).
+  20 evaluation alphabets (659 characters); ``background-val`` = its last three alphabets (851-964).
+
+:data:`PROTOCOLS` names which split each phase of training (``train``, ``val``, ``test``) uses.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from torch import Tensor
 
 from allmap.tasks.episodes import ClassImages, Episodes
 
-__all__ = ["Omniglot", "OmniglotData", "load_omniglot", "SPLITS", "default_cache_dir", "preprocess"]
+__all__ = ["Omniglot", "OmniglotData", "load_omniglot", "SPLITS", "PROTOCOLS", "default_cache_dir", "preprocess"]
 
 SETS = ("background", "evaluation")
 # Number of characters and the first global character number of each half of the official release.
@@ -54,13 +58,29 @@ PREPROCESS_VERSION = 1
 
 # Character ranges [first, last] (1-based, inclusive) of each named split.
 SPLITS: dict[str, tuple[int, int]] = {
-    "train": (1, 1028),
-    "val": (1029, 1200),
-    "trainval": (1, 1200),
-    "test": (1201, 1623),
+    "vinyals-train": (1, 1028),
+    "vinyals-val": (1029, 1200),
+    "vinyals-trainval": (1, 1200),
+    "vinyals-test": (1201, 1623),
     "background": (1, 964),
+    "background-train": (1, 850),
+    "background-val": (851, 964),
     "evaluation": (965, 1623),
     "all": (1, 1623),
+}
+
+# The training phases ("train", "val", "test", as the training loop asks for them) of each protocol.
+PROTOCOLS: dict[str, dict[str, str]] = {
+    # Vinyals et al. 2016 / MAML / ProtoNets: train on all 1,200 training-side characters (4,800 classes with
+    # rotations); "val" is a subset of them, so it tracks fitting, not generalisation.
+    "standard": {"train": "vinyals-trainval", "val": "vinyals-val", "test": "vinyals-test"},
+    # The same with the 172 validation characters held out of training (for model selection).
+    "standard-holdout": {"train": "vinyals-train", "val": "vinyals-val", "test": "vinyals-test"},
+    # Lake et al. 2015: the 30 background alphabets for training, the 20 evaluation alphabets for test;
+    # "val" (Sanskrit, Tagalog, Tifinagh) is part of the training side.
+    "lake": {"train": "background", "val": "background-val", "test": "evaluation"},
+    # The same with the three validation alphabets held out of training.
+    "lake-holdout": {"train": "background-train", "val": "background-val", "test": "evaluation"},
 }
 
 _PNG = re.compile(r"^(\d{4})_(\d{2})\.png$")
@@ -284,7 +304,7 @@ def load_omniglot(
 
     Example:
         >>> data = load_omniglot("../shared/data/omniglot")
-        >>> data.split("test").images.shape
+        >>> data.split("vinyals-test").images.shape
         torch.Size([423, 20, 28, 28])
     """
     root = Path(root).expanduser()
@@ -336,15 +356,30 @@ def load_omniglot(
 
 
 _MEMORY: dict[tuple, OmniglotData] = {}
+DEFAULT_ROOT = "../shared/data/omniglot"
+
+
+def _resolve_root(root: str | os.PathLike | None) -> Path:
+    """``root``, else ``$ALLMAP_OMNIGLOT``, else ``../shared/data/omniglot``; a relative path that does not
+    exist from the working directory is also tried from the folder holding the ``allmap`` package."""
+    path = Path(root if root is not None else os.environ.get("ALLMAP_OMNIGLOT", DEFAULT_ROOT)).expanduser()
+    if not path.is_absolute() and not path.exists():
+        alt = Path(__file__).resolve().parents[2] / path
+        if alt.exists():
+            return alt
+    return path
 
 
 class Omniglot(Episodes):
     """N-way K-shot episodes over an Omniglot split: the task family the presets use.
 
     Args:
-        root: the data folder (see :func:`load_omniglot`).
-        split: ``train``, ``val``, ``trainval``, ``test`` (the standard Vinyals split), ``background`` or
-            ``evaluation`` (Lake et al.'s alphabet split), or ``all``.
+        root: the data folder (see :func:`load_omniglot`); default ``$ALLMAP_OMNIGLOT`` or
+            ``../shared/data/omniglot``.
+        split: a phase, ``train``, ``val`` or ``test``, resolved through ``protocol``; or a split name of
+            :data:`SPLITS` (``vinyals-trainval``, ``evaluation``, ...).
+        protocol: one of :data:`PROTOCOLS`: ``standard`` (Vinyals split, train on 1,200 characters),
+            ``standard-holdout``, ``lake`` (background / evaluation alphabets) or ``lake-holdout``.
         ways, shots, queries: N, K and Q of each episode.
         rotations: angles whose rotated copies are new classes; ``(0, 90, 180, 270)`` in the standard
             protocol (Santoro et al. 2016; Vinyals et al. 2016), ``(0,)`` in Lake et al.'s.
@@ -362,8 +397,9 @@ class Omniglot(Episodes):
 
     def __init__(
         self,
-        root: str | os.PathLike,
-        split: str = "trainval",
+        root: str | os.PathLike | None = None,
+        split: str = "train",
+        protocol: str = "standard",
         ways: int = 5,
         shots: int = 1,
         queries: int = 15,
@@ -372,11 +408,19 @@ class Omniglot(Episodes):
         size: int = 28,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
-        key = (str(Path(root).expanduser().resolve()), size, str(cache_dir))
+        root = _resolve_root(root)
+        key = (str(root.resolve()), size, str(cache_dir))
         if key not in _MEMORY:
             _MEMORY[key] = load_omniglot(root, size=size, cache_dir=cache_dir)
-        data = _MEMORY[key].split(split)
-        self.split = split
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"Omniglot: unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}.")
+        name = PROTOCOLS[protocol].get(split, split)
+        if name not in SPLITS:
+            raise ValueError(
+                f"Omniglot: unknown split {split!r}; expected a phase (train, val, test) or one of {', '.join(SPLITS)}."
+            )
+        data = _MEMORY[key].split(name)
+        self.split, self.protocol = name, protocol
         super().__init__(data.classes(), ways, shots, queries, rotations, within_group=within_alphabet)
 
     def __repr__(self) -> str:

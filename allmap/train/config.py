@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "iterations": 1000,
     "meta_batch": 25,
     "device": "auto",
+    "threads": None,
     "log_every": 100,
     "checkpoint_every": 1000,
     "task": {"family": "sinusoid"},
@@ -35,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
         "steps": [0, 1, 5, 10],
         "shots": None,
         "queries": None,
+        "ways": None,
         "every": 1000,
         "val_tasks": 100,
         "chunk": 100,
@@ -148,12 +150,15 @@ def validate(config: dict[str, Any]) -> None:
     for key in _EVAL_POSITIVE_INTS:
         if not _is_int(ev[key]) or ev[key] < 1:
             raise ConfigError(f"config key 'eval.{key}' must be a positive integer, got {ev[key]!r}.")
-    for key in ("shots", "queries"):
+    for key in ("shots", "queries", "ways"):
         if ev[key] is not None and (not _is_int(ev[key]) or ev[key] < 1):
             raise ConfigError(f"config key 'eval.{key}' must be a positive integer or null, got {ev[key]!r}.")
     steps = ev["steps"]
     if not isinstance(steps, list) or not steps or not all(_is_int(s) and s >= 0 for s in steps):
         raise ConfigError(f"config key 'eval.steps' must be a non-empty list of integers >= 0, got {steps!r}.")
+    threads = config["threads"]
+    if threads is not None and (not _is_int(threads) or threads < 1):
+        raise ConfigError(f"config key 'threads' must be a positive integer or null (torch's default), got {threads!r}.")
     if not isinstance(config["device"], str):
         raise ConfigError(f"config key 'device' must be a string such as 'auto', 'cpu' or 'cuda', got {config['device']!r}.")
 

@@ -11,10 +11,10 @@ from torch import Tensor
 from allmap.learners.base import Learner
 from allmap.tasks.batch import TaskBatch
 
-__all__ = ["evaluate", "summarize", "test_tasks", "format_results", "step_names"]
+__all__ = ["evaluate", "summarize", "fixed_tasks", "format_results", "step_names"]
 
 
-def test_tasks(family, n: int, seed: int) -> TaskBatch:
+def fixed_tasks(family, n: int, seed: int) -> TaskBatch:
     """The ``n`` test tasks fixed by ``seed`` (the same on every call and machine)."""
     return family.sample(n, torch.Generator().manual_seed(seed))
 
@@ -68,7 +68,7 @@ def evaluate(
         for part in tasks.chunks(chunk):
             part = part.to(device)
             args = (part.support_x, part.support_y, part.query_x, part.query_y)
-            if learner.vectorize:
+            if learner.vectorize is not False:  # first order only here, so vmap is exact even with BatchNorm
                 parts.append(torch.func.vmap(fn, randomness="different")(*args))
             else:
                 parts.append(torch.stack([fn(*(a[i] for a in args)) for i in range(len(part))]))

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from allmap.learners.base import Learner
-from allmap.train.build import build_family, build_learner, build_optimizer, resolve_device
+from allmap.train.build import apply_threads, build_family, build_learner, build_optimizer, resolve_device
 from allmap.train.checkpoint import load_checkpoint, save_checkpoint
-from allmap.train.config import ConfigError, dump_config
-from allmap.train.evaluate import evaluate, format_results, test_tasks
+from allmap.train.config import ConfigError, apply_overrides, dump_config, validate
+from allmap.train.evaluate import evaluate, format_results, fixed_tasks
 from allmap.train.plots import plot_adaptation, plot_learning_curve
 from allmap.train.runs import RunDir, read_config
 
@@ -38,13 +38,14 @@ class _Trainer:
     def __init__(self, config: dict[str, Any], run: RunDir, progress: bool) -> None:
         self.config, self.run, self.progress = config, run, progress
         self.device = resolve_device(config["device"])
+        apply_threads(config)
         torch.manual_seed(config["seed"])
         self.family = build_family(config, "train")
         self.learner = build_learner(config, self.family).to(self.device)
         self.optimizer = build_optimizer(config, self.learner)
         self.generator = torch.Generator().manual_seed(config["seed"])
         ev = config["eval"]
-        self.val_tasks = test_tasks(build_family(config, "val"), ev["val_tasks"], ev["seed"] + 1)
+        self.val_tasks = fixed_tasks(build_family(config, "val"), ev["val_tasks"], ev["seed"] + 1)
         self.val_steps = [getattr(self.learner, "inner_steps", 0)]
         self.iteration, self.elapsed = 0, 0.0
         self.pending: list[torch.Tensor] = []
@@ -158,15 +159,20 @@ def train(config: dict[str, Any], out_dir: str | Path, progress: bool = True,
     return trainer.learner
 
 
-def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, progress: bool = True,
+def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True,
            callback: Callable[[int, Learner], None] | None = None) -> Learner:
-    """Continue the run in ``run_dir`` from its checkpoint; ``overrides`` may change :data:`RESUMABLE_KEYS`."""
-    config = read_config(run_dir)
-    for key, value in (overrides or {}).items():
-        if key not in RESUMABLE_KEYS:
-            raise ConfigError(f"--resume can change only {', '.join(RESUMABLE_KEYS)}; {key!r} would make it a "
-                              "different run. Start a new run with --out instead.")
-        config[key] = value
+    """Continue the run in ``run_dir`` from its checkpoint.
+
+    ``overrides`` are ``key=value`` strings that may change only :data:`RESUMABLE_KEYS` (for example
+    ``iterations=100000`` to train longer); anything else would make it a different run.
+    """
+    before = read_config(run_dir)
+    config = apply_overrides(before, overrides or [])
+    validate(config)
+    changed = sorted(k for k in config if config[k] != before[k] and k not in RESUMABLE_KEYS)
+    if changed:
+        raise ConfigError(f"--resume can change only {', '.join(RESUMABLE_KEYS)}; changing {changed} would make it a "
+                          "different run. Start a new run with --out instead.")
     run = RunDir(run_dir)
     run.config.write_text(dump_config(config))
     trainer = _Trainer(config, run, progress)
@@ -179,7 +185,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, progres
 def protocol(config: dict[str, Any], family, n: int) -> str:
     """One line naming what the numbers are: family, shots, queries, number of tasks and seed."""
     task = config["task"]
-    ways = f"{task['ways']}-way " if "ways" in task else ""
+    ways = f"{family.ways}-way " if hasattr(family, "ways") else ""
     return (f"{task['family']} {ways}{family.shots}-shot, {family.queries} queries per task, {n} fixed test "
             f"tasks (seed {config['eval']['seed']}); mean ± 95% CI (1.96·std/sqrt(n))")
 
@@ -189,12 +195,12 @@ def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any]) -> dic
     run = RunDir(run_dir)
     ev = config["eval"]
     family = build_family(config, "test")
-    tasks = test_tasks(family, ev["tasks"], ev["seed"])
+    tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
     results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"])
     text = protocol(config, family, len(tasks))
     run.results.write_text(json.dumps({"protocol": text, "metrics": results}, indent=2) + "\n")
     plot_learning_curve(run.read_metrics(), run.curve, title=config.get("description", "").split("\n")[0][:70])
-    shown = test_tasks(family, 4, ev["seed"]).to(next(learner.parameters()).device)
+    shown = fixed_tasks(family, 4, ev["seed"]).to(next(learner.parameters()).device)
     plot_adaptation(learner, family, shown, run.adaptation, steps=sorted({0, 1, max(ev["steps"])}))
     return {"protocol": text, "metrics": results}
 

@@ -14,7 +14,9 @@ import torch  # noqa: E402
 
 from allmap.learners.base import Learner  # noqa: E402
 from allmap.tasks.batch import TaskBatch  # noqa: E402
+from allmap.tasks.episodes import Episodes  # noqa: E402
 from allmap.tasks.families import LinearRegression, Logistic2D, Sinusoid  # noqa: E402
+from allmap.train.episode_plot import plot_episode  # noqa: E402
 
 __all__ = ["plot_learning_curve", "plot_adaptation", "ADAPTATION_PLOTS"]
 
@@ -80,11 +82,12 @@ def _plot_logistic(learner: Learner, family: Logistic2D, tasks: TaskBatch, steps
     p = torch.softmax(model(grid).detach(), -1)[:, 1].view(120, 120).cpu()
     ax.contourf(gx.cpu(), gy.cpu(), p, levels=[0, 0.5, 1], colors=["#c6dbef", "#fdd0a2"], alpha=0.6)
     sx, sy = tasks.support_x[i].cpu(), tasks.support_y[i].cpu()
-    ax.scatter(sx[:, 0], sx[:, 1], c=sy, cmap="coolwarm", edgecolors="k", s=30)
+    ax.scatter(sx[:, 0], sx[:, 1], c=sy, cmap="coolwarm", edgecolors="k", s=30, label=f"support (K={tasks.shots})")
     ax.set_title(f"task {i}: true boundary (line), adapted after {steps[-1]} steps (shade)", fontsize=7)
 
 
-ADAPTATION_PLOTS = {Sinusoid: _plot_sinusoid, LinearRegression: _plot_linreg, Logistic2D: _plot_logistic}
+ADAPTATION_PLOTS = {Sinusoid: _plot_sinusoid, LinearRegression: _plot_linreg, Logistic2D: _plot_logistic,
+                    Episodes: plot_episode}
 
 
 def plot_adaptation(learner: Learner, family, tasks: TaskBatch, path: str | Path, steps: Sequence[int] = (0, 1, 10),

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from allmap.learners.base import Learner
-from allmap.train.build import build_family, build_learner, resolve_device
+from allmap.train.build import apply_threads, build_family, build_learner, resolve_device
 from allmap.train.checkpoint import CheckpointError, load_checkpoint
 from allmap.train.config import ConfigError, validate
 
@@ -62,6 +62,7 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> Learn
     """
     config = read_config(run_dir)
     device = resolve_device(config["device"]) if device is None else torch.device(device)
+    apply_threads(config)
     torch.manual_seed(config["seed"])
     learner = build_learner(config, build_family(config, "test"))
     state = load_checkpoint(RunDir(run_dir).checkpoint, map_location="cpu")

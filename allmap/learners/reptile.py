@@ -1,0 +1,69 @@
+"""Reptile: move the initialisation toward the parameters adapted on each task.
+
+Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms", 2018. After ``k`` inner steps on a
+task's support set, ``theta' = U^k(theta)``, the meta-update is ``theta <- theta + eps (mean_i theta'_i - theta)``.
+
+Here that direction is the gradient of a surrogate, so any torch optimizer applies it: each task contributes
+
+    meta_loss_i = L_query(theta'_i) + 1/2 ||theta - stop_gradient(theta'_i)||^2 - (the same, detached)
+
+whose value is the query loss after adaptation (for logging and evaluation) and whose gradient w.r.t. theta
+is ``theta - theta'_i``. With ``torch.optim.SGD(lr=eps)`` on the mean over tasks this is exactly the batched
+Reptile update; ``Adam`` on it is the variant the paper also reports. The inner steps never build a graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from allmap.inner.loop import gradient_descent, stop_gradient
+from allmap.inner.optim import InnerOptimizer, Params, adam
+from allmap.learners.base import functional_forward
+from allmap.learners.maml import MAML
+
+__all__ = ["Reptile"]
+
+
+class Reptile(MAML):
+    """Reptile: the meta-gradient is ``theta - theta'`` after ``inner_steps`` steps on the support set.
+
+    Args are those of :class:`MAML` except ``first_order`` and ``hypergrad`` (Reptile's meta-gradient is its
+    own, first order by construction). The meta-optimizer's learning rate plays Reptile's ``epsilon``.
+    With ``inner_optimizer="adam"`` the inner Adam uses ``beta1 = 0`` as in the paper.
+
+    Example:
+        >>> import torch, allmap
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1))
+        >>> reptile = allmap.Reptile(net, inner_lr=0.02, inner_steps=5)
+        >>> tasks = allmap.tasks.Sinusoid(shots=10).sample(5, torch.Generator().manual_seed(0))
+        >>> reptile.meta_loss(tasks).backward()   # p.grad == p - mean adapted p
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, **kwargs) -> None:
+        kwargs.pop("first_order", None)  # Reptile is first order by construction; either value means it
+        if kwargs.get("hypergrad") not in (None, "first_order"):
+            raise ValueError(
+                f"Reptile: its meta-gradient is theta - theta' (first order by construction); hypergrad="
+                f"{kwargs['hypergrad']!r} cannot apply. Use MAML(hypergrad=...) for other strategies."
+            )
+        kwargs.pop("hypergrad", None)
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, **kwargs)
+
+    def optimizer(self) -> InnerOptimizer:
+        if self.inner_optimizer == "adam":
+            return adam(self.inner_lr, betas=(0.0, 0.999))
+        return super().optimizer()
+
+    def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+        theta = self.initial_params(support_x, support_y)
+        frozen = self._frozen()
+
+        def support_loss(params: Params) -> Tensor:
+            return self.loss_fn(functional_forward(self.model, {**frozen, **params}, support_x), support_y)
+
+        with torch.no_grad():
+            adapted = gradient_descent(support_loss, stop_gradient(theta), self.optimizer(), self.inner_steps)
+            value = self.loss_fn(functional_forward(self.model, {**frozen, **adapted}, query_x), query_y)
+        distance = 0.5 * sum(((theta[k] - adapted[k]) ** 2).sum() for k in theta)
+        return value + distance - distance.detach()

@@ -1,0 +1,25 @@
+"""The benchmark scripts run end to end in --smoke mode and print their table."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_regression_protocols_smoke(tmp_path, capsys):
+    assert _load("regression_protocols").main(["--runs", str(tmp_path), "--smoke"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| sinusoid-maml |")]
+    assert len(rows) == 2 and all(line.count("±") == 4 for line in rows)
+    assert "mapping learner, one forward pass:" in out
+    gap = float(out.split("least squares vs the true (w, b):")[1].split(")")[0])
+    assert 0 < gap < 0.05  # 100 points, noise 0.1: least squares is close to the truth

@@ -1,0 +1,238 @@
+"""ProtoNets, Matching Networks, Siamese networks and conv backbones: references, float64 gradient checks,
+learning on a small Omniglot subset, MAML on image episodes, and errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import allmap
+from allmap.nets import MLP, Conv4, MAMLConv
+from allmap.tasks import Episodes, Omniglot, gaussian_classes
+from allmap.train.evaluate import evaluate
+
+ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+needs_omniglot = pytest.mark.skipif(not ROOT.is_dir(), reason="needs ../shared/data/omniglot")
+
+
+def _encoder() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), MLP([16, 12, 6]))
+
+
+def _make(name: str, dtype=torch.float64, small: bool = False):
+    torch.manual_seed(0)
+    enc = (lambda: nn.Sequential(nn.Flatten(), MLP([16, 3]))) if small else _encoder
+    width = 3 if small else 6
+    learner = {
+        "protonet": lambda: allmap.ProtoNet(enc()),
+        "matching": lambda: allmap.MatchingNet(enc(), scale=3.0),
+        "siamese": lambda: allmap.Siamese(enc(), features=width),
+    }[name]()
+    return learner.to(dtype)
+
+
+def _tasks(n=3, ways=4, shots=2, queries=3, dtype=torch.float64):
+    family = Episodes(gaussian_classes(), ways=ways, shots=shots, queries=queries)
+    return family.sample(n, torch.Generator().manual_seed(7)).to(dtype=dtype)
+
+
+# -- independent references: plain loops over classes, examples and pairs --------------------------------
+def _reference_loss(name: str, learner, tasks) -> torch.Tensor:
+    losses = []
+    for t in range(len(tasks)):
+        zs = learner.model(torch.cat([tasks.support_x[t], tasks.query_x[t]]))
+        ns = tasks.shots
+        zq, zs = zs[ns:], zs[:ns]
+        sy, qy = tasks.support_y[t].tolist(), tasks.query_y[t].tolist()
+        ways = max(sy) + 1
+        total = 0.0
+        for i, y in enumerate(qy):
+            if name == "protonet":
+                protos = [torch.stack([zs[j] for j in range(ns) if sy[j] == k]).mean(0) for k in range(ways)]
+                logits = torch.stack([-((zq[i] - p) ** 2).sum() for p in protos])
+                total = total - torch.log_softmax(logits, 0)[y]
+            elif name == "matching":
+                cos = torch.stack([F.cosine_similarity(zq[i], zs[j], dim=0) for j in range(ns)])
+                a = torch.softmax(learner.scale * cos, 0)
+                total = total - torch.log(sum(a[j] for j in range(ns) if sy[j] == y))
+        if name == "siamese":
+            # balanced BCE: mean over all positive pairs and mean over all negative pairs of the task
+            pos_terms, neg_terms = [], []
+            for i, y in enumerate(qy):
+                for j in range(ns):
+                    logit = learner.similarity((zq[i] - zs[j]).abs()).squeeze()
+                    (pos_terms if sy[j] == y else neg_terms).append(logit)
+            pos = torch.stack([-F.logsigmoid(v) for v in pos_terms]).mean()
+            neg = torch.stack([-F.logsigmoid(-v) for v in neg_terms]).mean()
+            losses.append(0.5 * (pos + neg))
+        else:
+            losses.append(total / len(qy))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("name", ["protonet", "matching", "siamese"])
+def test_loss_matches_a_plain_loop_reference(name):
+    learner, tasks = _make(name), _tasks()
+    torch.testing.assert_close(learner.meta_loss(tasks), _reference_loss(name, learner, tasks), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["protonet", "matching", "siamese"])
+def test_float64_gradcheck_of_the_loss(name):
+    learner, tasks = _make(name, small=True), _tasks(n=2, ways=3, shots=2, queries=2)
+    names = [n for n, _ in learner.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in learner.parameters())
+
+    def loss(*ps):
+        return _functional_meta_loss(learner, dict(zip(names, ps)), tasks)
+
+    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradgradcheck(loss, params, eps=1e-6, atol=1e-5)
+
+
+def _functional_meta_loss(learner, params, tasks):
+    class Call(nn.Module):  # functional_call needs a forward
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, t):
+            return self.inner.meta_loss(t)
+
+    return torch.func.functional_call(Call(learner), {f"inner.{k}": v for k, v in params.items()}, (tasks,))
+
+
+def test_protonet_adapt_predicts_nearest_prototype_and_works_under_vmap():
+    learner = _make("protonet")
+    tasks = _tasks(n=4, ways=3, shots=3, queries=2)
+    model = learner.adapt(tasks.support_x[0], tasks.support_y[0])
+    out = model(tasks.query_x[0])
+    assert out.shape == (6, 3)
+    # under vmap the scores have one column per support example; extra classes are -inf, argmax agrees
+    wide = torch.func.vmap(lambda sx, sy, qx: learner.adapt(sx, sy)(qx))(tasks.support_x, tasks.support_y, tasks.query_x)
+    assert wide.shape == (4, 6, 9)
+    torch.testing.assert_close(wide[0, :, :3], out)
+    assert torch.isinf(wide[..., 3:]).all()
+    # evaluate() (vmap path) equals the per-task loop
+    res_v = evaluate(learner, tasks, steps=[0])
+    learner.vectorize = False
+    res_l = evaluate(learner, tasks, steps=[0])
+    assert math.isclose(res_v["accuracy"]["mean"], res_l["accuracy"]["mean"])
+    assert math.isclose(res_v["loss"]["mean"], res_l["loss"]["mean"], rel_tol=1e-9)
+
+
+def test_siamese_classifies_by_most_similar_support_example():
+    learner = _make("siamese")
+    tasks = _tasks(n=1, ways=3, shots=2, queries=2)
+    scores = learner.adapt(tasks.support_x[0], tasks.support_y[0])(tasks.query_x[0])
+    zs, zq = learner.model(tasks.support_x[0]), learner.model(tasks.query_x[0])
+    pairs = learner.pair_logits(zs, zq)  # [Nq, Ns]
+    best = tasks.support_y[0][pairs.argmax(1)]
+    assert torch.equal(scores.argmax(1), best)
+
+
+def test_errors_are_clear():
+    learner = _make("protonet")
+    tasks = _tasks()
+    bad = allmap.TaskBatch(tasks.support_x, tasks.support_y.double(), tasks.query_x, tasks.query_y.double())
+    with pytest.raises(ValueError, match="integer class labels"):
+        learner.meta_loss(bad)
+    missing = allmap.TaskBatch(tasks.support_x, tasks.support_y.clamp_min(1), tasks.query_x, tasks.query_y)
+    with pytest.raises(ValueError, match="needs a support example"):
+        learner.meta_loss(missing)
+    high = allmap.TaskBatch(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y + 5)
+    with pytest.raises(ValueError, match="query labels"):
+        learner.meta_loss(high)
+    with pytest.raises(TypeError, match="encoder"):
+        allmap.ProtoNet("conv4")
+    with pytest.raises(ValueError, match="scale > 0"):
+        allmap.MatchingNet(_encoder(), scale=0.0)
+    with pytest.raises(ValueError, match="features=5"):
+        allmap.Siamese(_encoder(), features=5).to(torch.float64).meta_loss(tasks)
+
+
+# -- backbones ------------------------------------------------------------------------------------------
+def test_conv_backbones_shapes_and_functional_call():
+    x = torch.randn(7, 1, 28, 28)
+    assert Conv4()(x).shape == (7, 64)
+    assert Conv4(out_features=5)(x).shape == (7, 5)
+    assert Conv4(in_channels=3, hidden=32, out_features=5, flat_features=32 * 25)(torch.randn(2, 3, 84, 84)).shape == (2, 5)
+    net = MAMLConv(out_features=20)
+    assert net(x).shape == (7, 20)
+    params = {n: p * 1.0 for n, p in net.named_parameters()}
+    torch.testing.assert_close(torch.func.functional_call(net, params, (x,)), net(x))
+    with pytest.raises(ValueError, match="images \\[batch, channels, height, width\\]"):
+        Conv4()(torch.randn(3, 28, 28))
+    with pytest.raises(ValueError, match="hidden"):
+        Conv4(hidden=0)
+
+
+def test_conv4_pool_then_relu_equals_relu_then_pool():
+    torch.manual_seed(0)
+    net = Conv4(hidden=8).eval()
+    x = torch.randn(4, 1, 28, 28)
+    h = x
+    for layer in net.body.layers:  # reorder to the papers' conv -> BN -> ReLU -> pool
+        if isinstance(layer, nn.MaxPool2d):
+            continue
+        h = layer(h)
+        if isinstance(layer, nn.ReLU):
+            h = F.max_pool2d(h, 2)
+    torch.testing.assert_close(net(x), h.flatten(1))
+
+
+# -- on Omniglot -----------------------------------------------------------------------------------------
+@needs_omniglot
+@pytest.mark.parametrize("name", ["protonet", "matching", "siamese"])
+def test_learns_a_small_omniglot_subset_above_chance(name):
+    torch.manual_seed(0)
+    encoder = Conv4(hidden=8)
+    learner = {"protonet": lambda: allmap.ProtoNet(encoder), "matching": lambda: allmap.MatchingNet(encoder, scale=10.0),
+               "siamese": lambda: allmap.Siamese(encoder, features=8)}[name]()
+    train = Omniglot(ROOT, split="vinyals-train", ways=5, shots=1, queries=3, rotations=(0,))
+    test = Omniglot(ROOT, split="test", ways=5, shots=1, queries=3, rotations=(0,))
+    tasks = test.sample(50, torch.Generator().manual_seed(1))
+    before = evaluate(learner, tasks, steps=[0])["accuracy"]["mean"]
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        opt.zero_grad()
+        learner.meta_loss(train.sample(4, gen)).backward()
+        opt.step()
+    after = evaluate(learner, tasks, steps=[0])["accuracy"]["mean"]
+    assert after > 0.3 and after > before + 0.05, (before, after)  # chance is 0.2
+
+
+@needs_omniglot
+def test_maml_runs_unchanged_on_omniglot_episodes():
+    torch.manual_seed(0)
+    family = Omniglot(ROOT, split="train", ways=5, shots=1, queries=2)
+    tasks = family.sample(3, torch.Generator().manual_seed(0)).to(dtype=torch.float64)
+    net = MAMLConv(hidden=4, out_features=5)
+    # second order (BatchNorm -> tasks one at a time) equals an explicit per-task loop of task_loss
+    maml = allmap.MAML(net, inner_lr=0.4, inner_steps=1, loss="cross_entropy").to(torch.float64)
+    loss = maml.meta_loss(tasks)
+    ref = torch.stack([maml.task_loss(tasks.support_x[i], tasks.support_y[i], tasks.query_x[i], tasks.query_y[i])
+                       for i in range(3)]).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in maml.parameters())
+    # first order: vmap over the tasks equals the loop
+    fo = allmap.MAML(MAMLConv(hidden=4, out_features=5), inner_lr=0.4, first_order=True, loss="cross_entropy")
+    fo = fo.to(torch.float64)
+    results = []
+    for vectorize in (True, False):
+        fo.vectorize = vectorize
+        fo.zero_grad()
+        value = fo.meta_loss(tasks)
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in fo.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    res = evaluate(maml, tasks, steps=[0, 1, 3])
+    assert set(res) == {"loss@0", "accuracy@0", "loss@1", "accuracy@1", "loss@3", "accuracy@3"}

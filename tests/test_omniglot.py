@@ -1,0 +1,189 @@
+"""Omniglot loading (both layouts), splits, rotations, within-alphabet and seeded episodes, bad input."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from allmap.tasks import ClassImages, Episodes, Omniglot, load_omniglot
+from allmap.tasks.omniglot import PROTOCOLS, SPLITS
+
+ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason="needs ../shared/data/omniglot")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_omniglot(ROOT)  # cached in ~/.cache/allmap after the first run
+
+
+def _write_release(dest: Path, picks: dict[str, list[int]]) -> None:
+    """An official-layout folder with the characters ``picks[set]`` (global numbers) from the archives."""
+    import json
+
+    table = json.loads((ROOT / "alphabets.json").read_text())
+    for which, numbers in picks.items():
+        first = 1 if which == "background" else 965
+        raw = np.load(ROOT / f"images_{which}.npz")["images"]
+        for number in numbers:
+            entry = next(a for a in table[which] if a["first_character"] <= number <= a["last_character"])
+            folder = dest / f"images_{which}" / entry["alphabet"] / f"character{number - entry['first_character'] + 1:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for d in range(20):
+                Image.fromarray(raw[number - first, d]).convert("1").save(folder / f"{number:04d}_{d + 1:02d}.png")
+
+
+PICKS = {"background": [1, 2, 27], "evaluation": [965, 1201]}
+
+
+def test_archives_load_shapes_and_ink(data):
+    assert data.images.shape == (1623, 20, 28, 28) and data.images.dtype == torch.float32
+    assert torch.equal(data.numbers, torch.arange(1, 1624))
+    assert len(data.alphabets) == 50 and data.alphabets[0] == "Arcadian"
+    assert 0.0 <= float(data.images.min()) and float(data.images.max()) <= 1.0
+    # ink is 1.0 and strokes are thin: a small mean, corners blank
+    assert 0.02 < float(data.images.mean()) < 0.25
+    assert float(data.images[:, :, 0, 0].max()) < 0.5
+
+
+def test_official_layout_folder_and_zip_give_the_same_tensors(data, tmp_path):
+    _write_release(tmp_path / "release", PICKS)
+    folder = load_omniglot(tmp_path / "release", cache_dir=tmp_path / "cache", complete=False)
+    numbers = sum(PICKS.values(), [])
+    assert folder.numbers.tolist() == numbers
+    assert torch.equal(folder.images, data.images[torch.tensor(numbers) - 1])
+    assert [folder.alphabets[int(a)] for a in folder.alphabet] == [data.alphabets[int(data.alphabet[n - 1])] for n in numbers]
+    # zip files of the same folders
+    zipped = tmp_path / "zipped"
+    zipped.mkdir()
+    for which in PICKS:
+        with zipfile.ZipFile(zipped / f"images_{which}.zip", "w") as zf:
+            for p in sorted((tmp_path / "release" / f"images_{which}").rglob("*.png")):
+                zf.write(p, p.relative_to(tmp_path / "release"))
+    from_zip = load_omniglot(zipped, cache_dir=tmp_path / "cache", complete=False)
+    assert torch.equal(from_zip.images, folder.images)
+    # the second start reads the cache
+    assert len(list((tmp_path / "cache").glob("omniglot-*.pt"))) == 2
+    again = load_omniglot(zipped, cache_dir=tmp_path / "cache", complete=False)
+    assert torch.equal(again.images, folder.images)
+
+
+def test_partial_or_wrong_folders_fail_clearly(tmp_path):
+    _write_release(tmp_path / "r", {"background": [1], "evaluation": [965]})
+    with pytest.raises(ValueError, match="partial"):
+        load_omniglot(tmp_path / "r", cache_dir=tmp_path / "c")
+    (tmp_path / "r" / "images_background" / "Arcadian" / "character01" / "0001_07.png").unlink()
+    with pytest.raises(ValueError, match="drawings"):
+        load_omniglot(tmp_path / "r", cache_dir=tmp_path / "c", complete=False)
+    Image.new("1", (50, 50)).save(tmp_path / "r" / "images_background" / "Arcadian" / "character01" / "0001_07.png")
+    with pytest.raises(ValueError, match="105x105"):
+        load_omniglot(tmp_path / "r", cache_dir=tmp_path / "c", complete=False)
+    (tmp_path / "r" / "images_background" / "Arcadian" / "character01" / "0001_07.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_omniglot(tmp_path / "r", cache_dir=tmp_path / "c", complete=False)
+    with pytest.raises(ValueError, match="no Omniglot data"):
+        load_omniglot(tmp_path / "empty", cache_dir=tmp_path / "c")
+
+
+def test_corrupt_archive_fails_clearly(tmp_path):
+    for which in ("background", "evaluation"):
+        (tmp_path / f"images_{which}.npz").write_bytes(b"PK\x03\x04 this is not a real archive")
+    (tmp_path / "alphabets.json").write_text((ROOT / "alphabets.json").read_text())
+    with pytest.raises(ValueError, match="corrupt"):
+        load_omniglot(tmp_path, cache_dir=tmp_path / "c")
+    np.savez(tmp_path / "images_background.npz", images=np.zeros((3, 20, 105, 105), bool), labels=np.zeros((3, 20)))
+    with pytest.raises(ValueError, match="partial or different"):
+        load_omniglot(tmp_path, cache_dir=tmp_path / "c")
+    (tmp_path / "zipped").mkdir()
+    (tmp_path / "zipped" / "images_background.zip").write_bytes(b"garbage")
+    (tmp_path / "zipped" / "images_evaluation.zip").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a valid zip"):
+        load_omniglot(tmp_path / "zipped", cache_dir=tmp_path / "c")
+
+
+def test_split_sizes_disjointness_and_alphabets(data):
+    sizes = {name: len(data.split(name)) for name in SPLITS}
+    assert sizes["vinyals-train"] == 1028 and sizes["vinyals-val"] == 172 and sizes["vinyals-trainval"] == 1200
+    assert sizes["vinyals-test"] == 423 and sizes["background"] == 964 and sizes["evaluation"] == 659
+    for protocol in PROTOCOLS.values():
+        train, test = (set(data.split(protocol[p]).numbers.tolist()) for p in ("train", "test"))
+        assert not train & test
+    held = PROTOCOLS["standard-holdout"]
+    assert not set(data.split(held["train"]).numbers.tolist()) & set(data.split(held["val"]).numbers.tolist())
+    test = data.split("vinyals-test")
+    names = [data.alphabets[int(a)] for a in test.alphabet]
+    assert names[0] == "Gurmukhi" and names.count("Gurmukhi") == 4 and names[-1] == "ULOG"
+    bg = {data.alphabets[int(a)] for a in data.split("background").alphabet}
+    ev = {data.alphabets[int(a)] for a in data.split("evaluation").alphabet}
+    assert len(bg) == 30 and len(ev) == 20 and not bg & ev
+
+
+def test_rotations_are_new_classes(data):
+    family = Omniglot(ROOT, split="test", ways=20, shots=2, queries=1)
+    base = 423
+    assert family.classes == 4 * base
+    tasks = family.sample(4, torch.Generator().manual_seed(0))
+    test = data.split("vinyals-test").images
+    rotated_seen = 0
+    for t in range(4):
+        for j, c in enumerate(tasks.info["classes"][t].tolist()):
+            char, r = c % base, c // base
+            rotated_seen += r > 0
+            for img in tasks.support_x[t, 2 * j : 2 * j + 2, 0]:
+                assert any(torch.equal(torch.rot90(test[char, d], r), img) for d in range(20))
+            assert (tasks.support_y[t, 2 * j : 2 * j + 2] == j).all()
+    assert rotated_seen > 0
+    # the same character under two rotations is two labels of one episode
+    small = ClassImages.from_grid(test[:2])
+    tasks = Episodes(small, ways=8, shots=1, queries=1, rotations=(0, 90, 180, 270)).sample(1, torch.Generator())
+    assert sorted(tasks.info["classes"][0].tolist()) == list(range(8))
+    assert len(set(tasks.support_y[0].tolist())) == 8
+
+
+def test_within_alphabet_episodes_draw_one_alphabet(data):
+    family = Omniglot(ROOT, split="test", protocol="lake", ways=5, shots=1, queries=2, rotations=(0,), within_alphabet=True)
+    tasks = family.sample(50, torch.Generator().manual_seed(3))
+    evaluation = data.split("evaluation")
+    alphabet_of = evaluation.alphabet[tasks.info["classes"] % len(evaluation)]
+    assert (alphabet_of == tasks.info["group"][:, None]).all()
+    assert len(set(tasks.info["group"].tolist())) > 5
+
+
+def test_seeded_episodes_repeat_exactly():
+    family = Omniglot(ROOT, split="train", ways=5, shots=1, queries=3)
+    a = family.sample(8, torch.Generator().manual_seed(11))
+    b = family.sample(8, torch.Generator().manual_seed(11))
+    c = family.sample(8, torch.Generator().manual_seed(12))
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert not torch.equal(a.support_x, c.support_x)
+    fixed = family.fixed(30, seed=5, batch=7)
+    again = family.fixed(30, seed=5, batch=7)
+    assert sum(len(t) for t in fixed) == 30
+    assert all(torch.equal(x.query_x, y.query_x) for x, y in zip(fixed, again))
+
+
+def test_support_and_query_images_are_distinct_drawings():
+    family = Omniglot(ROOT, split="test", ways=5, shots=5, queries=15, rotations=(0,))
+    tasks = family.sample(3, torch.Generator().manual_seed(0))
+    x = torch.cat([tasks.support_x, tasks.query_x], 1).flatten(2)  # [3, 100, 784]
+    for t in range(3):
+        assert len(torch.unique(x[t], dim=0)) == 100
+
+
+def test_bad_episode_settings_fail_clearly():
+    with pytest.raises(ValueError, match="only 423 classes"):
+        Omniglot(ROOT, split="test", ways=500, rotations=(0,))
+    with pytest.raises(ValueError, match="fewer than shots \\+ queries = 21"):
+        Omniglot(ROOT, split="test", shots=1, queries=20)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        Omniglot(ROOT, protocol="vinyals")
+    with pytest.raises(ValueError, match="no group has 60 classes"):
+        Omniglot(ROOT, split="test", ways=60, rotations=(0,), within_alphabet=True)
+    with pytest.raises(ValueError, match="multiples of 90"):
+        Omniglot(ROOT, split="test", rotations=(0, 45))

@@ -1,0 +1,209 @@
+"""Reptile, iMAML and the LSTM meta-learner: update rules against hand-written references, gradcheck."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import allmap
+from allmap.learners.lstm import preprocess
+from allmap.nets import MLP
+
+D = torch.float64
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return allmap.tasks.Sinusoid(shots=6, queries=5).sample(3, torch.Generator().manual_seed(0)).to(dtype=D)
+
+
+class _MetaLoss(nn.Module):
+    """Evaluate ``learner.meta_loss(tasks)`` at given parameter values (for gradcheck)."""
+
+    def __init__(self, learner: nn.Module) -> None:
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, tasks):
+        return self.learner.meta_loss(tasks)
+
+
+def as_function(learner, tasks):
+    names = [n for n, _ in learner.named_parameters()]
+    wrapper = _MetaLoss(learner)
+
+    def f(*values):
+        return torch.func.functional_call(wrapper, {f"learner.{n}": v for n, v in zip(names, values)}, (tasks,))
+
+    return f, tuple(p.detach().clone().requires_grad_(True) for p in learner.parameters())
+
+
+# -- Reptile ----------------------------------------------------------------------------------------------
+def reptile_reference(net, tasks, lr, steps):
+    """theta - mean_i theta'_i with theta'_i from plain SGD written with torch.autograd.grad."""
+    theta = [p.detach() for p in net.parameters()]
+    names = [n for n, _ in net.named_parameters()]
+    adapted = []
+    for i in range(len(tasks)):
+        w = [t.clone().requires_grad_(True) for t in theta]
+        for _ in range(steps):
+            pred = torch.func.functional_call(net, dict(zip(names, w)), (tasks.support_x[i],))
+            grads = torch.autograd.grad(((pred - tasks.support_y[i]) ** 2).mean(), w)
+            w = [(wi - lr * gi).detach().requires_grad_(True) for wi, gi in zip(w, grads)]
+        adapted.append([wi.detach() for wi in w])
+    return [t - torch.stack([a[j] for a in adapted]).mean(0) for j, t in enumerate(theta)]
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_reptile_gradient_is_theta_minus_adapted(tasks, vectorize):
+    torch.manual_seed(0)
+    net = MLP([1, 8, 8, 1]).double()
+    learner = allmap.Reptile(net, inner_lr=0.05, inner_steps=4, vectorize=vectorize)
+    loss = learner.meta_loss(tasks)
+    loss.backward()
+    want = reptile_reference(net, tasks, 0.05, 4)
+    for p, w in zip(learner.parameters(), want):
+        assert torch.allclose(p.grad, w, atol=1e-13)
+    # the value is the query loss after adaptation
+    with torch.no_grad():
+        ref = torch.stack([
+            nn.functional.mse_loss(learner.adapt(tasks.support_x[i], tasks.support_y[i])(tasks.query_x[i]),
+                                   tasks.query_y[i]) for i in range(len(tasks))
+        ]).mean()
+    assert torch.allclose(loss.detach(), ref, atol=1e-13)
+
+
+def test_reptile_sgd_step_is_the_batched_reptile_update(tasks):
+    torch.manual_seed(0)
+    net = MLP([1, 8, 1]).double()
+    learner = allmap.Reptile(net, inner_lr=0.05, inner_steps=3)
+    before = [p.detach().clone() for p in net.parameters()]
+    adapted_mean = [b - g for b, g in zip(before, reptile_reference(net, tasks, 0.05, 3))]
+    eps = 0.25
+    opt = torch.optim.SGD(learner.parameters(), lr=eps)
+    learner.meta_loss(tasks).backward()
+    opt.step()
+    for p, b, a in zip(net.parameters(), before, adapted_mean):
+        assert torch.allclose(p.detach(), b + eps * (a - b), atol=1e-13)  # theta + eps (mean theta' - theta)
+
+
+def test_reptile_rejects_other_strategies_and_uses_adam_beta1_zero():
+    with pytest.raises(ValueError, match="Reptile: its meta-gradient is theta - theta'"):
+        allmap.Reptile(MLP([1, 2, 1]), hypergrad="unrolled")
+    assert allmap.Reptile(MLP([1, 2, 1]), first_order=False).first_order  # first order whatever is passed
+    learner = allmap.Reptile(MLP([1, 2, 1]), inner_optimizer="adam")
+    p = {"w": torch.zeros(1)}
+    opt = learner.optimizer()
+    state = opt.init(p)
+    _, state = opt.update({"w": torch.ones(1)}, state, p)
+    assert torch.equal(state["m"]["w"], torch.ones(1))  # beta1 = 0: the first moment is the last gradient
+
+
+# -- iMAML ------------------------------------------------------------------------------------------------
+def test_imaml_gradcheck():
+    fam = allmap.tasks.LinearRegression(dim=2, shots=6, queries=4)
+    tasks = fam.sample(2, torch.Generator().manual_seed(5)).to(dtype=D)
+    torch.manual_seed(0)
+    learner = allmap.IMAML(nn.Linear(2, 1).double(), lam=1.5, inner_lr=0.1, inner_steps=200, cg_iterations=4,
+                           tol=1e-10, on_fail="raise")
+    f, args = as_function(learner, tasks)
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_imaml_forward_is_the_proximal_solution():
+    # after enough steps the adapted parameters solve grad L(phi) + lam (phi - theta) = 0
+    fam = allmap.tasks.Sinusoid(shots=8)
+    tasks = fam.sample(1, torch.Generator().manual_seed(0)).to(dtype=D)
+    torch.manual_seed(0)
+    learner = allmap.IMAML(MLP([1, 8, 1]).double(), lam=4.0, inner_lr=0.05, inner_steps=1000)
+    phi = learner.adapt(tasks.support_x[0], tasks.support_y[0]).params
+    theta = dict(learner.model.named_parameters())
+
+    def support(p):
+        return nn.functional.mse_loss(torch.func.functional_call(learner.model, p, (tasks.support_x[0],)),
+                                      tasks.support_y[0])
+
+    grads = torch.func.grad(support)({k: v.detach() for k, v in phi.items()})
+    for k in phi:
+        assert (grads[k] + 4.0 * (phi[k] - theta[k]).detach()).abs().max() < 1e-8
+
+
+def test_imaml_rejects_other_strategies():
+    with pytest.raises(ValueError, match="IMAML: the meta-gradient is the implicit one"):
+        allmap.IMAML(MLP([1, 2, 1]), hypergrad="unrolled")
+    with pytest.raises(ValueError, match="lam > 0"):
+        allmap.IMAML(MLP([1, 2, 1]), lam=0.0)
+
+
+# -- the LSTM meta-learner --------------------------------------------------------------------------------
+def test_preprocess():
+    x = torch.tensor([2.0, -1e-3, 0.0, -3.0], dtype=D)
+    out = preprocess(x, p=10.0)
+    assert torch.allclose(out[0], torch.tensor([math.log(2.0) / 10, 1.0], dtype=D))
+    assert torch.allclose(out[1], torch.tensor([math.log(1e-3) / 10, -1.0], dtype=D))  # 1e-3 > e^-10
+    assert torch.allclose(out[2], torch.tensor([-1.0, 0.0], dtype=D))
+    small = preprocess(torch.tensor([1e-10], dtype=D), p=20.0)[0]  # 1e-10 < e^-20
+    assert torch.allclose(small, torch.tensor([-1.0, math.exp(20) * 1e-10], dtype=D))
+    assert torch.autograd.gradcheck(preprocess, (torch.tensor([0.5, -2.0, 1e-7], dtype=D, requires_grad=True),))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_lstm_first_step_is_the_gated_update(tasks, first_order):
+    # with zero gate weights, theta_1 = sigmoid(b_F) theta_0 - sigmoid(b_I) grad L(theta_0)
+    torch.manual_seed(0)
+    learner = allmap.LSTMMetaLearner(MLP([1, 4, 1]).double(), inner_steps=1, hidden=3, inner_lr=0.1,
+                                     forget_bias=3.0, first_order=first_order)
+    with torch.no_grad():
+        learner.input_gate.weight.zero_()
+        learner.forget_gate.weight.zero_()
+    sx, sy = tasks.support_x[0], tasks.support_y[0]
+    theta = dict(learner.model.named_parameters())
+    grads = torch.func.grad(
+        lambda p: nn.functional.mse_loss(torch.func.functional_call(learner.model, p, (sx,)), sy)
+    )({k: v.detach() for k, v in theta.items()})
+    phi = learner.adapt(sx, sy).params
+    f, i = torch.sigmoid(torch.tensor(3.0, dtype=D)), torch.tensor(0.1, dtype=D)
+    for k in theta:
+        assert torch.allclose(phi[k], f * theta[k] - i * grads[k], atol=1e-14)
+
+
+def test_lstm_gradcheck(tasks):
+    torch.manual_seed(0)
+    learner = allmap.LSTMMetaLearner(MLP([1, 3, 1]).double(), inner_steps=2, hidden=2, inner_lr=0.1)
+    small = allmap.TaskBatch(tasks.support_x[:2, :4], tasks.support_y[:2, :4], tasks.query_x[:2, :3],
+                             tasks.query_y[:2, :3])
+    f, args = as_function(learner, small)
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_lstm_meta_gradient_reaches_every_part(tasks):
+    torch.manual_seed(0)
+    learner = allmap.LSTMMetaLearner(MLP([1, 4, 1]).double(), inner_steps=3, hidden=3)
+    learner.meta_loss(tasks).backward()
+    for name, p in learner.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    names = {n for n, _ in learner.named_parameters()}
+    assert {"lstm.weight", "input_gate.bias", "forget_gate.bias", "model.head.weight"} <= names
+
+
+def test_lstm_rejects_loop_strategies():
+    with pytest.raises(ValueError, match="LSTMMetaLearner: the 'checkpointed' strategy is defined for gradient"):
+        allmap.LSTMMetaLearner(MLP([1, 2, 1]), hypergrad="checkpointed")
+    with pytest.raises(ValueError, match="the LSTM is the inner optimizer"):
+        allmap.LSTMMetaLearner(MLP([1, 2, 1]), inner_optimizer="adam")
+    with pytest.raises(ValueError, match="0 < inner_lr < 1"):
+        allmap.LSTMMetaLearner(MLP([1, 2, 1]), inner_lr=2.0)
+
+
+def test_lstm_forward_mode_equals_reverse(tasks):
+    tasks = allmap.TaskBatch(tasks.support_x[:2], tasks.support_y[:2], tasks.query_x[:2], tasks.query_y[:2])
+    grads = []
+    for spec in ("unrolled", "forward"):
+        torch.manual_seed(0)
+        learner = allmap.LSTMMetaLearner(MLP([1, 2, 1]).double(), inner_steps=2, hidden=2, hypergrad=spec)
+        learner.meta_loss(tasks).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in learner.parameters()]))
+    assert (grads[0] - grads[1]).abs().max() < 1e-12
