@@ -2,6 +2,7 @@
 
     allmap train PRESET_OR_CONFIG_FILE [--set key=value ...] [--out DIR]
     allmap train --resume RUN_DIR [--set iterations=N]
+    torchrun --nproc_per_node=N -m allmap train ...      (data-parallel over N processes)
     allmap eval RUN_DIR [--tasks N] [--shots K] [--steps 0,1,5,10] [--set key=value ...] [--json]
     allmap presets
     allmap plot RUN_DIR
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from allmap.train.checkpoint import CheckpointError
 from allmap.train.config import ConfigError, apply_overrides, list_presets, load_config, preset_path, validate
-from allmap.train.loop import NonFiniteLossError
+from allmap.train.loop import Interrupted, NonFiniteLossError
 
 __all__ = ["main"]
 
@@ -53,23 +55,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from allmap.train import distributed
     from allmap.train.loop import format_run_results, resume, train
     from allmap.train.runs import RunDir
 
-    if args.resume:
-        if args.config:
-            raise ConfigError("--resume takes the run folder; do not pass a config as well.")
-        resume(args.resume, args.overrides, progress=not args.no_progress)
-        out = args.resume
-    else:
-        if not args.config:
-            raise ConfigError("allmap train needs a preset name or config file (see `allmap presets`), or --resume RUN_DIR.")
-        config = load_config(args.config, args.overrides)
-        out = args.out or str(Path("runs") / Path(args.config).stem)
-        train(config, out, progress=not args.no_progress)
-    res = json.loads(RunDir(out).results.read_text())
-    print(format_run_results(res))
-    print(f"run folder: {out}")
+    if args.resume and args.config:
+        raise ConfigError("--resume takes the run folder; do not pass a config as well.")
+    if not args.resume and not args.config:
+        raise ConfigError("allmap train needs a preset name or config file (see `allmap presets`), or --resume RUN_DIR.")
+    config = None if args.resume else load_config(args.config, args.overrides)  # checked before joining the group
+    owns_group = distributed.init_from_env()  # under torchrun: join the process group (gloo / NCCL)
+    try:
+        if args.resume:
+            resume(args.resume, args.overrides, progress=not args.no_progress)
+            out = args.resume
+        else:
+            out = args.out or str(Path("runs") / Path(args.config).stem)
+            train(config, out, progress=not args.no_progress)
+        if distributed.current().is_main:
+            res = json.loads(RunDir(out).results.read_text())
+            print(format_run_results(res))
+            print(f"run folder: {out}")
+    finally:
+        if owns_group:
+            distributed.shutdown()
     return 0
 
 
@@ -130,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, NonFiniteLossError) as err:
         print(f"allmap {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # SIGINT/SIGTERM: checkpoint saved, clean exit with the shell's 128 + signal
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the group
+            print(f"allmap {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print("allmap: interrupted", file=sys.stderr)
         return 130

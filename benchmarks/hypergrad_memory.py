@@ -119,6 +119,36 @@ def child(args: argparse.Namespace) -> None:
                       "time_s": min(times), "grad_norm": float(grad.norm())}))
 
 
+def interleaved(args: argparse.Namespace, batch: str) -> None:
+    """Time ratio checkpointed / unrolled with the two meta-gradients alternating in one process, so both see
+    the same machine load (memory is not measured here)."""
+    import torch
+
+    import allmap
+    from allmap.nets import Conv4
+
+    torch.set_num_threads(args.threads)
+    d = torch.load(batch)
+    tasks = allmap.TaskBatch(d["sx"], d["sy"], d["qx"], d["qy"])
+    learners = {}
+    for strategy in ("unrolled", "checkpointed"):
+        torch.manual_seed(0)
+        learners[strategy] = allmap.MAML(Conv4(out_features=5), inner_lr=0.4, inner_steps=args.interleave,
+                                         loss="cross_entropy", hypergrad=strategy, vectorize=False)
+    times: dict[str, list[float]] = {k: [] for k in learners}
+    for m in learners.values():  # warm-up (kernel selection, allocator), not timed
+        m.meta_loss(tasks).backward()
+    for _ in range(args.repeats):
+        for name, m in learners.items():
+            m.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            m.meta_loss(tasks).backward()
+            times[name].append(time.perf_counter() - start)
+    u, c = min(times["unrolled"]), min(times["checkpointed"])
+    print(f"interleaved, {args.interleave} inner steps, fastest of {args.repeats}: unrolled {u:.2f} s, "
+          f"checkpointed {c:.2f} s, ratio {c / u:.2f} (all: {json.dumps(times)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=("omniglot", "random"), default="omniglot")
@@ -129,6 +159,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads of each measurement (1: stable timings on a shared 2-core machine)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--interleave", type=int, default=0, metavar="STEPS",
+                        help="instead of the table: time unrolled and checkpointed alternately at STEPS inner steps")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -141,6 +173,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         batch = os.path.join(tmp, "batch.pt")
         make_batch(batch, args.data, args.seed)
+        if args.interleave:
+            interleaved(args, batch)
+            return
         for strategy in args.strategies:
             for steps in args.steps:
                 cmd = [sys.executable, __file__, "--child", "--strategy", strategy, "--inner-steps", str(steps),

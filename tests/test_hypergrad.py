@@ -29,10 +29,22 @@ def tasks():
     return allmap.tasks.Sinusoid(shots=6, queries=5).sample(3, torch.Generator().manual_seed(0)).to(dtype=D)
 
 
+def with_strategy(learner, spec):
+    """Set the strategy of a learner whose constructor does not take ``hypergrad`` (Meta-SGD)."""
+    learner.hypergrad = resolve(spec)
+    learner.first_order = learner.hypergrad.name == "first_order"
+    learner.hypergrad.check(learner)
+    return learner
+
+
 def meta_grad(tasks, hypergrad=None, steps=3, opt="sgd", vectorize=False, cls=allmap.MAML, sizes=(1, 8, 8, 1), **kw):
     torch.manual_seed(0)
-    learner = cls(MLP(list(sizes)).double(), inner_lr=0.05, inner_steps=steps, hypergrad=hypergrad,
-                  inner_optimizer=opt, vectorize=vectorize, **kw)
+    if cls is allmap.MetaSGD:
+        learner = with_strategy(cls(MLP(list(sizes)).double(), inner_lr=0.05, inner_steps=steps,
+                                    vectorize=vectorize, **kw), hypergrad)
+    else:
+        learner = cls(MLP(list(sizes)).double(), inner_lr=0.05, inner_steps=steps, hypergrad=hypergrad,
+                      inner_optimizer=opt, vectorize=vectorize, **kw)
     loss = learner.meta_loss(tasks)
     loss.backward()
     return loss.detach(), torch.cat([p.grad.flatten() for p in learner.parameters()])
@@ -94,7 +106,7 @@ def test_bad_specs(spec, error, match):
 def test_strategies_that_cannot_apply():
     net = MLP([1, 4, 1])
     with pytest.raises(ValueError, match="learned inner rates"):
-        allmap.MetaSGD(net, hypergrad="implicit")
+        with_strategy(allmap.MetaSGD(net), "implicit")
     with pytest.raises(ValueError, match="first_order=True contradicts"):
         allmap.MAML(net, first_order=True, hypergrad="unrolled")
     with pytest.raises(ValueError, match="this learner has 1761 > max_entries=100"):
@@ -336,3 +348,31 @@ def test_finite_difference_strategy_reports_its_cost(tasks):
     learner.meta_loss(tasks).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in learner.parameters())
     assert learner.hypergrad_info["evaluations"] == 2 * sum(p.numel() for p in learner.parameters()) + 1
+
+
+@pytest.mark.parametrize("spec", ["checkpointed", "implicit(lam=1.0)"])
+def test_custom_backward_strategies_evaluate_under_vmap_without_grad(tasks, spec):
+    # evaluation runs adapt_path under no_grad and vmap: no custom backward is needed there
+    torch.manual_seed(0)
+    learner = allmap.MAML(MLP([1, 4, 1]).double(), inner_lr=0.05, inner_steps=3, hypergrad=spec)
+    with torch.no_grad():
+        batched = torch.func.vmap(lambda sx, sy, qx: learner.adapt(sx, sy)(qx))(
+            tasks.support_x, tasks.support_y, tasks.query_x)
+        looped = torch.stack([learner.adapt(tasks.support_x[i], tasks.support_y[i])(tasks.query_x[i])
+                              for i in range(len(tasks))])
+    assert torch.allclose(batched, looped, atol=1e-12)
+
+
+def test_checkpointed_replays_random_numbers():
+    # dropout inside the inner loop: the recomputed steps must draw the same masks as the forward pass
+    net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Dropout(0.3), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    tasks = allmap.tasks.Sinusoid(shots=6, queries=5).sample(2, torch.Generator().manual_seed(0)).to(dtype=D)
+    grads = []
+    for spec in ("unrolled", "checkpointed"):
+        torch.manual_seed(0)
+        learner = allmap.MAML(net.double(), inner_lr=0.05, inner_steps=3, hypergrad=spec, vectorize=False)
+        learner.zero_grad()
+        torch.manual_seed(1)
+        learner.meta_loss(tasks).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in learner.parameters()]))
+    assert (grads[0] - grads[1]).abs().max() < 1e-12

@@ -233,3 +233,35 @@ def test_sgd_learned_rate_mapping_and_missing_rate():
     assert torch.equal(apply_updates(p, upd)["b"], torch.full((1,), -1.0))
     with pytest.raises(KeyError, match="no learning rate for parameter 'b'"):
         sgd({"a": 1.0}).update({"b": torch.ones(1)}, (), {"b": torch.ones(1)})
+
+
+def test_batch_stat_norm_equals_batchnorm_and_is_exact_under_vmap():
+    from allmap.nets import BatchStatNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=D)
+    ours, ref = BatchStatNorm(5).to(D), nn.BatchNorm1d(5, track_running_stats=False).to(D)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.normal_()
+        ref.weight.copy_(ours.weight), ref.bias.copy_(ours.bias)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    x4 = torch.randn(3, 4, 5, 5, dtype=D)
+    ref2 = nn.BatchNorm2d(4, track_running_stats=False).to(D)
+    torch.testing.assert_close(BatchStatNorm(4, dim=1).to(D)(x4), ref2(x4), rtol=1e-12, atol=1e-12)
+
+    net = MLP([1, 6, 6, 1], norm="batch").to(D)
+    learner = allmap.MAML(net, inner_lr=0.1, inner_steps=2)
+    assert learner.vmap_meta_loss()  # no torch BatchNorm inside: runs vectorised
+    tasks = _tasks(Sinusoid(shots=5, queries=4), n=3)
+    grads = []
+    for vectorize in (True, False):
+        learner.vectorize = vectorize
+        learner.zero_grad()
+        learner.meta_loss(tasks).backward()
+        grads.append([p.grad.clone() for p in learner.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    learner.vectorize = True
+    names = [n for n, _ in learner.named_parameters()]
+    values = tuple(p.detach().clone().requires_grad_(True) for p in learner.parameters())
+    assert gradcheck(lambda *v: _call(learner, names, v, tasks), values, eps=1e-6, atol=1e-6, rtol=1e-5)

@@ -119,3 +119,17 @@ def test_hypernet_output_is_permutation_invariant():
     for k in a:
         torch.testing.assert_close(a[k], b[k])
     assert not torch.allclose(a["head.weight"], learner.model.head.weight)
+
+
+def test_mlp_options_and_errors():
+    torch.manual_seed(0)
+    net = MLP([1, 40, 40, 1], init="maml", norm="batch")
+    assert abs(net.head.weight.std().item() - 0.0088) < 0.003 and net.head.bias.abs().max() == 0
+    assert net.head.weight.abs().max() <= 0.02  # truncated at two standard deviations
+    assert any(type(m).__name__ == "BatchStatNorm" for m in net.modules())
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        MLP([1, 1], init="xavier")
+    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+        MLP([1, 4, 1], norm="layer")
+    with pytest.raises(ValueError, match="list of at least two positive integers"):
+        MLP([3])

@@ -10,6 +10,12 @@
 ``finite_difference`` central differences or an antithetic zeroth-order estimate with its variance
 ====================  ==========================================================================
 
+Where they apply: MAML and ANIL take every strategy; Meta-SGD all but ``implicit`` (its learned rates would
+get no gradient); :class:`~allmap.IMAML` is ``implicit``; :class:`~allmap.Reptile` has its own first-order
+direction and takes none; :class:`~allmap.LSTMMetaLearner` takes ``unrolled``, ``first_order``, ``forward``
+and ``finite_difference``. ``checkpointed`` and ``implicit`` have custom backward passes, so meta-training
+runs their tasks one at a time (IMAML meta-trains through a vmappable surrogate instead).
+
 Learners take ``hypergrad="truncated(5)"`` (a name, a call with literal arguments, a mapping with a
 ``name`` key as in config files, or a :class:`Strategy` object); :func:`resolve` does the parsing.
 """

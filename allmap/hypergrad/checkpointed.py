@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from allmap.hypergrad.base import Strategy, register
-from allmap.inner.loop import inner_step
+from allmap.inner.loop import gradient_descent, inner_step
 from allmap.inner.optim import InnerOptimizer, Params
 
 __all__ = ["Checkpointed"]
@@ -41,6 +41,10 @@ class _Segment(torch.autograd.Function):
     def forward(ctx: Any, segment: Callable, n: int, holder: dict, *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.segment, ctx.n = segment, n
         ctx.save_for_backward(*tensors)
+        # the recomputation must draw the same random numbers (dropout), as torch.utils.checkpoint ensures
+        ctx.devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.devices]
         leaves, holder["spec"] = tree_flatten(segment(*tensors[:n]))
         holder["leaves"] = leaves  # non-tensor leaves (e.g. Adam's step count) are rebuilt from these
         return tuple(leaf.detach() for leaf in leaves if isinstance(leaf, Tensor))
@@ -50,7 +54,10 @@ class _Segment(torch.autograd.Function):
         tensors = ctx.saved_tensors
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors[: ctx.n]]
         closure = tensors[ctx.n :]
-        with torch.enable_grad():
+        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            for d, state in zip(ctx.devices, ctx.cuda_rng):
+                torch.cuda.set_rng_state(state, d)
             outputs = [leaf for leaf in tree_flatten(ctx.segment(*inputs))[0] if isinstance(leaf, Tensor)]
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
         wrt = [t for t in (*inputs, *closure) if t.requires_grad]
@@ -92,6 +99,8 @@ class Checkpointed(Strategy):
         closure: Sequence[Tensor] = (),
     ) -> list[Params]:
         record = list(record) or [steps]
+        if not torch.is_grad_enabled():  # evaluation: nothing to recompute, so plain (and vmappable)
+            return gradient_descent(loss, params, optimizer, max(record), record=record)
         total = max(record)
         grad_fn = torch.func.grad(loss)
         closure = [t for t in closure if isinstance(t, Tensor)]

@@ -27,7 +27,8 @@ from allmap.hypergrad.checkpointed import _in_transform
 from allmap.inner.loop import gradient_descent
 from allmap.inner.optim import InnerOptimizer, Params
 
-__all__ = ["Implicit", "ImplicitSolveWarning", "ImplicitSolveError", "conjugate_gradient", "neumann"]
+__all__ = ["Implicit", "ImplicitSolveWarning", "ImplicitSolveError", "conjugate_gradient", "conjugate_gradient_fixed",
+           "neumann"]
 
 Vec = list[Tensor]
 MatVec = Callable[[Vec], Vec]
@@ -86,6 +87,37 @@ def conjugate_gradient(matvec: MatVec, b: Vec, iterations: int, tol: float = 0.0
     return x, float(rr.sqrt() / bb.sqrt())
 
 
+def conjugate_gradient_fixed(matvec: MatVec, b: Vec, iterations: int) -> tuple[Vec, Tensor]:
+    """:func:`conjugate_gradient` without data-dependent control flow, so it runs inside ``vmap``.
+
+    Runs exactly ``iterations`` steps; once converged (zero residual) or at negative curvature the updates
+    are masked to zero, with the same first-iteration fallback ``x = b``. Returns ``(x, relative residual)``
+    with the residual as a tensor.
+    """
+    x = [torch.zeros_like(t) for t in b]
+    r = list(b)
+    p = list(b)
+    bb = _dot(b, b)
+    rr = bb
+    done = bb == 0
+    for it in range(iterations):
+        ap = matvec(p)
+        pap = _dot(p, ap)
+        bad = (pap <= 0) & ~done
+        if it == 0:
+            x = [torch.where(bad, bi, xi) for bi, xi in zip(b, x)]
+        done = done | bad
+        alpha = torch.where(done, torch.zeros_like(rr), rr / torch.where(done, torch.ones_like(pap), pap))
+        x = _axpy(alpha, p, x)
+        r = _axpy(-alpha, ap, r)
+        rr_new = _dot(r, r)
+        beta = torch.where(done, torch.zeros_like(rr), rr_new / torch.where(rr == 0, torch.ones_like(rr), rr))
+        p = _axpy(beta, p, r)
+        rr = torch.where(done, rr, rr_new)
+        done = done | (rr_new == 0)
+    return x, torch.sqrt(rr / torch.where(bb == 0, torch.ones_like(bb), bb))
+
+
 def neumann(matvec: MatVec, b: Vec, iterations: int, alpha: float = 1.0, tol: float = 0.0) -> tuple[Vec, float]:
     """``A^-1 b ~ alpha sum_{j=0}^{J} (I - alpha A)^j b`` (converges when ``||I - alpha A|| < 1``).
 
@@ -129,7 +161,6 @@ class _ImplicitSolution(torch.autograd.Function):
                 return [(1.0 + strategy.damping) * xi + hi / strategy.lam for xi, hi in zip(x, hx)]
 
             x, residual = strategy.solve(matvec, v)
-            strategy.last_residual = residual
             need = [t for t in closure if t.requires_grad]
             linked = need and any(gi.requires_grad for gi in g)
             from_closure = torch.autograd.grad(g, need, x, allow_unused=True) if linked else [None] * len(need)
@@ -211,6 +242,25 @@ class Implicit(Strategy):
             x, residual = conjugate_gradient(matvec, v, self.iterations, self.tol)
         else:
             x, residual = neumann(matvec, v, self.iterations, self.alpha)
+        self.check_residual(residual)
+        return x, residual
+
+    def solve_fixed(self, matvec: MatVec, v: Vec) -> tuple[Vec, Tensor]:
+        """Like :meth:`solve` but branch-free (runs inside ``vmap``); the residual is returned, not checked."""
+        if self.solver == "cg":
+            return conjugate_gradient_fixed(matvec, v, self.iterations)
+        term = [self.alpha * t for t in v]
+        x = list(term)
+        for _ in range(self.iterations):
+            term = _axpy(-self.alpha, matvec(term), term)
+            x = [xi + ti for xi, ti in zip(x, term)]
+        res = _axpy(-1.0, matvec(x), v)
+        bb = _dot(v, v)
+        return x, torch.sqrt(_dot(res, res) / torch.where(bb == 0, torch.ones_like(bb), bb))
+
+    def check_residual(self, residual: float) -> None:
+        """Warn or raise per ``on_fail`` if ``residual`` is above ``tol``; remember it in ``last_residual``."""
+        self.last_residual = residual
         if residual > self.tol and self.on_fail != "ignore":
             message = (
                 f"implicit meta-gradient: {self.solver} stopped after {self.iterations} iterations at relative "
@@ -218,8 +268,7 @@ class Implicit(Strategy):
             )
             if self.on_fail == "raise":
                 raise ImplicitSolveError(message)
-            warnings.warn(message, ImplicitSolveWarning, stacklevel=2)
-        return x, residual
+            warnings.warn(message, ImplicitSolveWarning, stacklevel=3)
 
     def regularised(self, loss: Callable[[Params], Tensor], theta: Params) -> Callable[[Params], Tensor]:
         """``phi -> loss(phi) + lam/2 ||phi - theta||^2`` with theta held constant."""
@@ -243,6 +292,8 @@ class Implicit(Strategy):
         record = list(record) or [steps]
         names = list(params)
         theta = [params[k] for k in names]
+        if not torch.is_grad_enabled():  # evaluation: no meta-gradient wanted, so plain (and vmappable)
+            return gradient_descent(self.regularised(loss, params), params, optimizer, max(record), record=record)
         if _in_transform(theta):
             raise ValueError(
                 "implicit: cannot run inside torch.func transforms (vmap/grad/jvp), because its backward "

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from allmap.inner.optim import Params
+from allmap.learners.execution import (Execution, Plan, chunk_ranges, compiled_cache, plan, resolve_execution,
+                                      task_losses)
 from allmap.tasks.batch import TaskBatch, _shape
 
 __all__ = ["Learner", "TaskModel", "LOSSES", "resolve_loss", "use_batch_statistics", "functional_forward"]
@@ -68,20 +70,34 @@ class Learner(nn.Module):
     Subclasses implement :meth:`adapt` (and :meth:`adapt_path` if they adapt in steps). ``meta_loss`` is
     the mean query loss over a :class:`~allmap.TaskBatch`; its gradient w.r.t. ``self.parameters()`` is the
     meta-gradient. Tasks run vectorised with ``torch.func.vmap`` (``vectorize=True``) or one at a time
-    (``False``); both give the same value and gradient. ``None`` (the default) vectorises unless the model
-    has BatchNorm layers: in torch 2.13 the second derivative of ``batch_norm`` under ``vmap`` is wrong
-    (our float64 gradcheck fails on it while the per-task loop passes), so those run one task at a time.
+    (``False``); both give the same value and gradient. ``None`` (the default) chooses per model and device:
+    one task at a time for models with BatchNorm (in torch 2.13 the second derivative of ``batch_norm`` under
+    ``vmap`` is wrong: our float64 gradcheck fails on it while the per-task loop passes) and for convolution
+    nets on CPU (faster and flat in memory), ``vmap`` otherwise. ``execution`` refines this (chunks,
+    ``torch.compile``); see :mod:`allmap.learners.execution`. :meth:`meta_backward` runs the backward pass
+    chunk by chunk so memory does not grow with the meta-batch.
     """
+
+    #: True when ``meta_loss`` is the mean of per-task losses run through the execution layer, so that
+    #: :meth:`meta_backward` splits a meta-batch into the plan's chunks by default; learners whose ``meta_loss``
+    #: batches the tasks itself (metric learners: one encoder call) set it False and run in one pass unless
+    #: ``meta_backward`` is given a chunk.
+    per_task_meta_loss: bool = True
 
     #: True for learners whose task model comes from inner gradient steps; evaluation then scores it after
     #: each number of steps (``loss@0``, ``loss@1``, ...) instead of once.
     adapts_in_steps: bool = False
 
-    def __init__(self, loss: str | LossFn = "mse", vectorize: bool | None = None) -> None:
+    def __init__(
+        self, loss: str | LossFn = "mse", vectorize: bool | None = None, execution: Execution | str | None = None
+    ) -> None:
         super().__init__()
         self.loss_fn, self.classification = resolve_loss(loss)
         self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
         self.vectorize = vectorize
+        self.execution = execution
+        self.execution_stats: dict[str, float | int | str] = {}  # compile time and failures (execution.py)
+        self._tasks_checked = False
         self._probe_cache: dict[tuple, tuple[int, ...]] = {}
 
     # -- the mapping ---------------------------------------------------------------------------------
@@ -99,29 +115,82 @@ class Learner(nn.Module):
         return self.loss_fn(self.adapt(support_x, support_y)(query_x), query_y)
 
     def meta_loss(self, tasks: TaskBatch) -> Tensor:
-        """Mean query loss over the tasks; ``meta_loss(tasks).backward()`` gives the meta-gradient."""
+        """Mean query loss over the tasks; ``meta_loss(tasks).backward()`` gives the meta-gradient.
+
+        How the tasks run (``vmap``, chunks, a loop, compiled) is ``self.execution``; see
+        :mod:`allmap.learners.execution`. Every way gives the same value and gradient.
+        """
+        if not self._tasks_checked:
+            self.check_tasks(tasks)
+        return task_losses(self, tasks).mean()
+
+    def meta_backward(self, tasks: TaskBatch, chunk: int | None = None, scale: float = 1.0) -> Tensor:
+        """Accumulate the meta-gradient of ``scale * meta_loss(tasks)`` into ``.grad`` chunk by chunk; return
+        that loss, detached.
+
+        Equivalent to ``loss = scale * meta_loss(tasks); loss.backward(); return loss.detach()`` (``scale`` is
+        e.g. a distributed rank's share of the meta-batch), but the backward pass
+        runs after every chunk of ``chunk`` tasks (default: ``self.execution``'s chunk, one task when tasks run
+        in a loop), each chunk's mean loss weighted by its share of the tasks, so the autograd graph (the
+        memory) of only one chunk is alive at a time. Gradients add to existing ``.grad`` like ``backward()``.
+
+        Example:
+            >>> import torch, allmap
+            >>> maml = allmap.MAML(torch.nn.Linear(1, 1))
+            >>> maml.execution = "loop"
+            >>> tasks = allmap.tasks.Sinusoid(shots=5).sample(4, torch.Generator().manual_seed(0))
+            >>> loss = maml.meta_backward(tasks)   # four backward passes, one per task
+        """
         self.check_tasks(tasks)
-        args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
-        if self.vmap_meta_loss():
-            losses = torch.func.vmap(self.task_loss, randomness="different")(*args)
+        n = len(tasks)
+        if chunk is not None:
+            size = chunk
         else:
-            losses = torch.stack([self.task_loss(*(a[i] for a in args)) for i in range(len(tasks))])
-        return losses.mean()
+            size = plan(self, n, tasks.support_x.device).chunk if self.per_task_meta_loss else n
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"meta_backward: expected chunk to be a positive integer or None, got {chunk!r}.")
+        if size >= n:
+            loss = self._checked_meta_loss(tasks) * scale
+            loss.backward()
+            return loss.detach()
+        total = None
+        for start, stop in chunk_ranges(n, size):
+            part = self._checked_meta_loss(tasks[start:stop]) * (scale * (stop - start) / n)
+            part.backward()
+            total = part.detach() if total is None else total + part.detach()
+        return total
+
+    def _checked_meta_loss(self, tasks: TaskBatch) -> Tensor:
+        """``meta_loss`` of tasks already validated (skips the label checks, which synchronise with the host)."""
+        self._tasks_checked = True
+        try:
+            return self.meta_loss(tasks)
+        finally:
+            self._tasks_checked = False
+
+    @property
+    def execution(self) -> Execution:
+        """How tasks run: an :class:`~allmap.learners.execution.Execution`; assign one or a spec string
+        (``"loop"``, ``"vmap(8)"``, ``"auto+compile"``) or a mapping of its fields."""
+        return self.__dict__["_execution"]
+
+    @execution.setter
+    def execution(self, spec: Execution | str | dict | None) -> None:
+        new = resolve_execution(spec)
+        if self.__dict__.get("_execution") != new:
+            self.__dict__["_execution"] = new
+            compiled_cache(self).clear()
+
+    def execution_plan(self, tasks: int, device: torch.device | None = None) -> Plan:
+        """The resolved plan (``vmap``, ``chunk``, ``compile``, ``reason``) for a meta-batch of ``tasks``."""
+        return plan(self, tasks, device)
 
     def has_batchnorm(self) -> bool:
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
 
     def vmap_meta_loss(self) -> bool:
-        """Whether ``meta_loss`` runs the tasks under ``vmap`` (see ``vectorize`` in the class docstring)."""
-        if self.vectorize is None:
-            return not self.has_batchnorm()
-        if self.vectorize and self.has_batchnorm() and not getattr(self, "first_order", False):
-            raise ValueError(
-                f"{type(self).__name__}: vectorize=True with BatchNorm layers would give a wrong meta-gradient "
-                "(torch's vmap rule for the second derivative of batch_norm is incorrect). Use vectorize=None "
-                "(automatic) or False to run tasks one at a time."
-            )
-        return bool(self.vectorize)
+        """Whether ``meta_loss`` runs the tasks under ``vmap`` (see :mod:`allmap.learners.execution`)."""
+        return plan(self, 1).vmap
 
     def forward(self, tasks: TaskBatch) -> Tensor:
         """``learner(tasks)`` is ``learner.meta_loss(tasks)`` (so ``functional_call`` and DDP work on it)."""
@@ -182,4 +251,5 @@ class Learner(nn.Module):
                     )
 
     def extra_repr(self) -> str:
-        return f"loss={self.loss_name}, vectorize={self.vectorize}"
+        ex = "" if self.execution == Execution() else f", execution={self.execution}"
+        return f"loss={self.loss_name}, vectorize={self.vectorize}{ex}"

@@ -1,8 +1,12 @@
 """The amortised "mapping" learner of seed 000: a set encoder outputs the base learner's parameters.
 
-``theta_task = theta + rho(mean_i phi([x_i, y_i]))`` in one forward pass (a permutation-invariant
-DeepSets encoder, Zaheer et al. 2017), optionally followed by ``inner_steps`` gradient steps from that
-output as in MAML. Everything is trained end to end on the query loss, so the encoder learns the map
+``theta_task = theta + rho(mean_i h_i)`` with ``h_i = phi(z_i) + (A z_i + a) * (B z_i + c)``, ``z_i = [x_i, y_i]``,
+in one forward pass: a permutation-invariant DeepSets encoder (Zaheer et al. 2017) whose per-example code
+has a multiplicative term (Jayakumar et al., ICLR 2020), so that the mean over the support set holds the
+first and second moments of ``(x, y)``: the sufficient statistics of a linear-Gaussian model (and, with
+one-hot labels, per-class sums of x). Without it an MLP must approximate products and the mapping stays
+far from least squares. Optionally
+followed by ``inner_steps`` gradient steps from that output as in MAML. Everything is trained end to end on the query loss, so the encoder learns the map
 support set -> parameters directly. Closely related: LEO (Rusu et al. 2019) and the amortised learners of
 Gordon et al. (VERSA, 2019).
 """
@@ -80,12 +84,14 @@ class HyperNetwork(MAML):
         self._sizes = [params[n].numel() for n in self.adapted_names]
         self._shapes = [params[n].shape for n in self.adapted_names]
         self.phi = _mlp([self.x_dim + self.y_dim] + [hidden] * depth)
+        self.phi_a = nn.Linear(self.x_dim + self.y_dim, hidden)
+        self.phi_b = nn.Linear(self.x_dim + self.y_dim, hidden)
         self.rho = _mlp([hidden] * depth + [sum(self._sizes)])
         nn.init.zeros_(self.rho[-1].weight)
         nn.init.zeros_(self.rho[-1].bias)
 
     def encode(self, support_x: Tensor, support_y: Tensor) -> Tensor:
-        """The permutation-invariant code ``rho(mean_i phi([x_i, y_i]))`` as one flat vector."""
+        """The permutation-invariant code ``rho(mean_i h_i)`` (see the module docstring) as one flat vector."""
         x = support_x if self.embedding is None else self.embedding(support_x)
         x = x.reshape(x.shape[0], -1)
         if x.shape[1] != self.x_dim:
@@ -97,7 +103,9 @@ class HyperNetwork(MAML):
             y = F.one_hot(support_y, self.y_dim).to(x.dtype)
         else:
             y = support_y.reshape(support_y.shape[0], -1).to(x.dtype)
-        return self.rho(self.phi(torch.cat([x, y], dim=1)).mean(dim=0))
+        z = torch.cat([x, y], dim=1)
+        h = self.phi(z) + self.phi_a(z) * self.phi_b(z)
+        return self.rho(h.mean(dim=0))
 
     def initial_params(self, support_x: Tensor, support_y: Tensor) -> Params:
         theta = dict(self.model.named_parameters())

@@ -18,13 +18,15 @@ Andrychowicz et al. 2016). At step ``t``, with support loss ``L_t`` and gradient
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from allmap.hypergrad import Strategy
 from allmap.inner.optim import Params
-from allmap.learners.base import TaskModel, functional_forward
+from allmap.learners.base import LossFn, TaskModel, functional_forward
 from allmap.learners.maml import MAML
 
 __all__ = ["LSTMMetaLearner", "preprocess"]
@@ -70,13 +72,16 @@ class LSTMMetaLearner(MAML):
         hidden: int = 20,
         inner_lr: float = 0.01,
         forget_bias: float = 5.0,
-        **kwargs,
+        first_order: bool = False,
+        loss: str | LossFn = "mse",
+        adapt_only: Sequence[str] | None = None,
+        vectorize: bool | None = None,
+        hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
-        if kwargs.get("inner_optimizer", "sgd") != "sgd":
-            raise ValueError("LSTMMetaLearner: the LSTM is the inner optimizer; do not pass inner_optimizer.")
         if not 0 < inner_lr < 1:
             raise ValueError(f"LSTMMetaLearner: expected 0 < inner_lr < 1 (the initial input gate), got {inner_lr}.")
-        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, **kwargs)
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
+                         adapt_only=adapt_only, vectorize=vectorize, hypergrad=hypergrad)
         if self.hypergrad.scope == "inner" and self.hypergrad.name not in ("unrolled", "first_order"):
             raise ValueError(
                 f"LSTMMetaLearner: the {self.hypergrad.name!r} strategy is defined for gradient-descent inner "

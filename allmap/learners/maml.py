@@ -139,10 +139,6 @@ class MAML(Learner):
     def meta_loss(self, tasks: TaskBatch) -> Tensor:
         if self.hypergrad.scope == "meta_loss":  # forward mode, finite differences: the whole loss at once
             return meta_loss_surrogate(self.hypergrad, self, tasks, super().meta_loss)
-        if self.vectorize and not self.hypergrad.vmappable:  # custom backward passes: one task at a time
-            self.check_tasks(tasks)
-            args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
-            return torch.stack([self.task_loss(*(a[i] for a in args)) for i in range(len(tasks))]).mean()
         return super().meta_loss(tasks)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> TaskModel:
@@ -177,7 +173,8 @@ class ANIL(MAML):
         loss: str | LossFn = "mse",
         inner_optimizer: str = "sgd",
         vectorize: bool | None = None,
+        hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
-                         inner_optimizer=inner_optimizer, adapt_only=head, vectorize=vectorize)
+                         inner_optimizer=inner_optimizer, adapt_only=head, vectorize=vectorize, hypergrad=hypergrad)
         self.head = head

@@ -36,6 +36,8 @@ class MetricLearner(Learner):
     default cross-entropy of the logits).
     """
 
+    per_task_meta_loss = False  # meta_loss batches the tasks itself (one encoder call); see Learner.meta_backward
+
     def __init__(self, model: nn.Module, vectorize: bool | None = None) -> None:
         super().__init__(loss="cross_entropy", vectorize=vectorize)
         if not isinstance(model, nn.Module):

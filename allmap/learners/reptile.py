@@ -14,12 +14,14 @@ Reptile update; ``Adam`` on it is the variant the paper also reports. The inner 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from allmap.inner.loop import gradient_descent, stop_gradient
 from allmap.inner.optim import InnerOptimizer, Params, adam
-from allmap.learners.base import functional_forward
+from allmap.learners.base import LossFn, functional_forward
 from allmap.learners.maml import MAML
 
 __all__ = ["Reptile"]
@@ -40,15 +42,26 @@ class Reptile(MAML):
         >>> reptile.meta_loss(tasks).backward()   # p.grad == p - mean adapted p
     """
 
-    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5, **kwargs) -> None:
-        kwargs.pop("first_order", None)  # Reptile is first order by construction; either value means it
-        if kwargs.get("hypergrad") not in (None, "first_order"):
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 5,
+        loss: str | LossFn = "mse",
+        inner_optimizer: str = "sgd",
+        adapt_only: Sequence[str] | None = None,
+        vectorize: bool | None = None,
+        first_order: bool = True,
+        hypergrad: str | None = None,
+    ) -> None:
+        # first_order is accepted (either value) for configs shared with MAML: Reptile is first order anyway
+        if hypergrad not in (None, "first_order"):
             raise ValueError(
                 f"Reptile: its meta-gradient is theta - theta' (first order by construction); hypergrad="
-                f"{kwargs['hypergrad']!r} cannot apply. Use MAML(hypergrad=...) for other strategies."
+                f"{hypergrad!r} cannot apply. Use MAML(hypergrad=...) for other strategies."
             )
-        kwargs.pop("hypergrad", None)
-        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, **kwargs)
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, loss=loss,
+                         inner_optimizer=inner_optimizer, adapt_only=adapt_only, vectorize=vectorize)
 
     def optimizer(self) -> InnerOptimizer:
         if self.inner_optimizer == "adam":

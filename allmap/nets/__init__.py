@@ -2,5 +2,6 @@
 
 from allmap.nets.conv import Conv4, MAMLConv
 from allmap.nets.mlp import MLP
+from allmap.nets.norm import BatchStatNorm
 
-__all__ = ["MLP", "Conv4", "MAMLConv"]
+__all__ = ["MLP", "Conv4", "MAMLConv", "BatchStatNorm"]

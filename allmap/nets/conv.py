@@ -57,6 +57,7 @@ class Conv4(nn.Module):
             (``hidden * 25`` for 84x84); default ``hidden`` (28x28 inputs).
 
     Example:
+        >>> import torch
         >>> Conv4(out_features=5)(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 5])
     """
@@ -78,6 +79,7 @@ class MAMLConv(nn.Module):
     """The MAML Omniglot network: 4 x [conv3x3(hidden, stride 2) -> BatchNorm -> ReLU], spatial mean, linear.
 
     Example:
+        >>> import torch
         >>> MAMLConv(out_features=20)(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 20])
     """

@@ -54,6 +54,11 @@ SETS = ("background", "evaluation")
 RELEASE = {"background": (964, 1), "evaluation": (659, 965)}
 DRAWINGS = 20
 RAW_SIZE = 105
+# sha256 of the NumPy archives (their README); checked whenever the archives are read (not on cache hits).
+SHA256 = {
+    "background": "8bf84167413cd00beacdce3fe582f780ab538d8dbef043a6d688f2527bbce199",
+    "evaluation": "0b84c7ffd94c4841c0040e529c86a82eaaccb986d8eadad5673f7991b7475276",
+}
 PREPROCESS_VERSION = 1
 
 # Character ranges [first, last] (1-based, inclusive) of each named split.
@@ -154,6 +159,12 @@ def _alphabet_table(root: Path) -> list[tuple[str, int, int]]:
 
 
 def _read_npz(path: Path, which: str) -> tuple[np.ndarray, np.ndarray]:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != SHA256[which]:
+        raise ValueError(
+            f"Omniglot: {path} has sha256 {digest}, expected {SHA256[which]}; the file is corrupt, partial or a "
+            "different archive. Replace it with a fresh copy."
+        )
     try:
         with np.load(path) as archive:
             images, labels = archive["images"], archive["labels"]
@@ -422,6 +433,12 @@ class Omniglot(Episodes):
         data = _MEMORY[key].split(name)
         self.split, self.protocol = name, protocol
         super().__init__(data.classes(), ways, shots, queries, rotations, within_group=within_alphabet)
+
+    def describe(self) -> str:
+        """The protocol in words, written next to every reported number."""
+        rot = "rotations " + "/".join(map(str, self.rotations)) if len(self.rotations) > 1 else "no rotations"
+        within = ", within-alphabet" if self.within_group else ""
+        return f"{self.protocol} protocol, split {self.split} ({self.data.classes} characters), {rot}{within}"
 
     def __repr__(self) -> str:
         return f"Omniglot(split={self.split!r}, " + super().__repr__()[len("Episodes(") :]

@@ -19,8 +19,9 @@ from allmap.nets import MLP, Conv4, MAMLConv
 from allmap.tasks.families import FAMILIES
 from allmap.train.config import ConfigError
 from allmap.train.schedules import CosineAdam, StepDecayAdam
+from allmap.train.typecheck import check_arguments
 
-__all__ = ["FAMILIES", "MODELS", "LEARNERS", "OPTIMIZERS", "build_family", "build_learner", "build_optimizer",
+__all__ = ["FAMILIES", "MODELS", "LEARNERS", "OPTIMIZERS", "build_family", "build_model", "build_learner", "build_optimizer",
            "resolve_device", "apply_threads"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "conv4": Conv4, "mamlconv": MAMLConv}
@@ -58,10 +59,13 @@ def _call(kind: str, registry: dict[str, Callable[..., Any]], section: dict[str,
     unknown = sorted(set(kwargs) - set(valid))
     if unknown and not accepts_any:
         raise ConfigError(f"{kind} {name!r} has no option(s) {unknown}; valid options: {', '.join(valid)}.")
+    kwargs = check_arguments(kind, name, factory, kwargs)
     try:
         return factory(**extra, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{kind} {name!r}: {err}") from err
+    except ConfigError:
+        raise
+    except Exception as err:  # anything a constructor raises on these values is a problem of the config
+        raise ConfigError(f"{kind} {name!r}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from err
 
 
 def build_family(config: dict[str, Any], split: str = "train"):
@@ -84,9 +88,14 @@ def _takes(factory: Callable[..., Any] | None, arg: str) -> bool:
     return factory is not None and arg in inspect.signature(factory).parameters
 
 
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """The model of ``config['model']`` (build it under ``torch.device("meta")`` to size it for free)."""
+    return _call("model", MODELS, config["model"], "name")
+
+
 def build_learner(config: dict[str, Any], family) -> Learner:
     """The learner of ``config['learner']`` around the model of ``config['model']``."""
-    model = _call("model", MODELS, config["model"], "name")
+    model = build_model(config)
     section = dict(config["learner"])
     factory = LEARNERS.get(section["name"])
     if _takes(factory, "loss"):
@@ -94,7 +103,14 @@ def build_learner(config: dict[str, Any], family) -> Learner:
     for key, value in (("x_dim", family.x_dim), ("y_dim", family.y_dim)):
         if _takes(factory, key):
             section.setdefault(key, value)
-    return _call("learner", LEARNERS, section, "name", model=model)
+    execution = section.pop("execution", None)  # how tasks run: see allmap.learners.execution
+    learner = _call("learner", LEARNERS, section, "name", model=model)
+    if execution is not None:
+        try:
+            learner.execution = execution
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"learner.execution: {err}") from err
+    return learner
 
 
 def build_optimizer(config: dict[str, Any], learner: Learner) -> torch.optim.Optimizer:

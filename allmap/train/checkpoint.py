@@ -2,8 +2,14 @@
 
 A checkpoint is a ``torch.save`` file of tensors and plain containers only, loaded with
 ``torch.load(weights_only=True)`` (a crafted pickle is refused), written to a temporary file, flushed to
-disk and renamed over the old one, so a crash mid-write leaves the previous checkpoint intact. A SHA-256
-of the bytes is kept beside it and checked on load.
+disk and renamed over the old one, so a crash mid-write leaves the previous checkpoint intact. The
+SHA-256 of the bytes is kept beside it (``checkpoint.pt.sha256``) and checked on load.
+
+Kill-safe ordering: the checksum file and the checkpoint cannot be replaced in one atomic step, so a save
+first writes a checksum file listing the new digest *and* the old one, then replaces the checkpoint,
+then rewrites the checksum file with the new digest alone. A process killed at any instant (SIGKILL,
+power loss after the fsyncs) leaves a checkpoint whose digest is listed, old or new; a damaged file
+matches neither and is named in the error.
 """
 
 from __future__ import annotations
@@ -16,11 +22,24 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_verified", "loads_checkpoint", "CheckpointError"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged or not a safe checkpoint file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -30,6 +49,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sums_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -39,27 +63,46 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     torch.save(state, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    # Checksum first: a crash between the two writes leaves a new checksum beside the old file, which the
-    # loader reports as damaged rather than trusting silently; the usual order would hide that case.
-    _atomic_write(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
+    sums = _sums_path(path)
+    old = None
+    if path.is_file():  # the current checkpoint's digest, if it is intact (a damaged one stays reported)
+        current = hashlib.sha256(path.read_bytes()).hexdigest()
+        listed = sums.read_text().split() if sums.is_file() else [current]
+        old = current if current in listed else None
+    if old is not None and old != digest:  # either file may be the one on disk until the rename below
+        _atomic_write(sums, f"{digest}\n{old}\n".encode())
     _atomic_write(path, data)
+    _atomic_write(sums, (digest + "\n").encode())
 
 
-def load_checkpoint(path: str | Path, map_location: Any = None) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; never runs code."""
+def read_verified(path: str | Path) -> bytes:
+    """The bytes of the checkpoint at ``path`` after checking them against its ``.sha256`` file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {str(path)!r}; a run folder holds checkpoint.pt after its first save.")
     data = path.read_bytes()
-    sums = path.with_name(path.name + ".sha256")
+    sums = _sums_path(path)
     if sums.is_file():
-        expected = sums.read_text().strip()
-        if hashlib.sha256(data).hexdigest() != expected:
+        expected = sums.read_text().split()
+        if hashlib.sha256(data).hexdigest() not in expected:
             raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its SHA-256 does not match {sums.name}.")
+    return data
+
+
+def loads_checkpoint(data: bytes, name: str = "checkpoint", map_location: Any = None) -> dict[str, Any]:
+    """Decode checkpoint bytes with ``torch.load(weights_only=True)``: tensors and plain containers only."""
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError / RuntimeError variants
         raise CheckpointError(
-            f"checkpoint {str(path)!r} could not be loaded safely (only tensors and plain containers are "
-            f"allowed): {str(err).splitlines()[0]}"
+            f"checkpoint {name!r} could not be loaded safely (only tensors and plain containers are "
+            f"allowed): {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
         ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {name!r} holds a {type(state).__name__}, not a checkpoint mapping.")
+    return state
+
+
+def load_checkpoint(path: str | Path, map_location: Any = None) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; never runs code."""
+    return loads_checkpoint(read_verified(path), str(path), map_location)

@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "log_every": 100,
     "checkpoint_every": 1000,
+    "on_nonfinite": "raise",
     "task": {"family": "sinusoid"},
     "model": {"name": "mlp"},
     "learner": {"name": "maml"},
@@ -42,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
         "chunk": 100,
     },
 }
+
+#: a sanity bound on inner-step counts (``eval.steps``, ``learner.inner_steps``): more is a typo, not a protocol.
+MAX_STEPS = 100_000
 
 _POSITIVE_INTS = ("iterations", "meta_batch", "log_every", "checkpoint_every")
 _EVAL_POSITIVE_INTS = ("tasks", "every", "val_tasks", "chunk")
@@ -137,13 +141,20 @@ def validate(config: dict[str, Any]) -> None:
     for key in _POSITIVE_INTS:
         if not _is_int(config[key]) or config[key] < 1:
             raise ConfigError(f"config key {key!r} must be a positive integer, got {config[key]!r}.")
-    if not _is_int(config["seed"]) or config["seed"] < 0:
-        raise ConfigError(f"config key 'seed' must be a non-negative integer, got {config['seed']!r}.")
+    missing = sorted(set(DEFAULTS) - set(config) - {"on_nonfinite"})
+    if missing:
+        raise ConfigError(f"config key(s) {missing} are missing; start from a preset (`allmap show NAME`).")
+    ev = config["eval"]
+    if not isinstance(ev, dict) or set(DEFAULTS["eval"]) - set(ev):
+        raise ConfigError(f"config section 'eval' must be a mapping with keys {', '.join(DEFAULTS['eval'])}, got {ev!r}; "
+                          "set single keys with --set eval.KEY=VALUE.")
+    for key, value in (("seed", config["seed"]), ("eval.seed", ev["seed"])):
+        if not _is_int(value) or not 0 <= value < 2**63 - 1:  # torch generators take 64-bit seeds
+            raise ConfigError(f"config key {key!r} must be an integer in [0, 2**63), got {value!r}.")
     for section, name_key in (("task", "family"), ("model", "name"), ("learner", "name"), ("optimizer", "name")):
         if not isinstance(config[section], dict) or not isinstance(config[section].get(name_key), str):
             raise ConfigError(f"config section {section!r} must be a mapping with a {name_key!r} string, "
                               f"got {config[section]!r}.")
-    ev = config["eval"]
     unknown = sorted(set(ev) - set(DEFAULTS["eval"]))
     if unknown:
         raise ConfigError(f"unknown eval key(s) {unknown}; valid: {', '.join(DEFAULTS['eval'])}.")
@@ -154,11 +165,14 @@ def validate(config: dict[str, Any]) -> None:
         if ev[key] is not None and (not _is_int(ev[key]) or ev[key] < 1):
             raise ConfigError(f"config key 'eval.{key}' must be a positive integer or null, got {ev[key]!r}.")
     steps = ev["steps"]
-    if not isinstance(steps, list) or not steps or not all(_is_int(s) and s >= 0 for s in steps):
-        raise ConfigError(f"config key 'eval.steps' must be a non-empty list of integers >= 0, got {steps!r}.")
+    if not isinstance(steps, list) or not steps or not all(_is_int(s) and 0 <= s <= MAX_STEPS for s in steps):
+        raise ConfigError(f"config key 'eval.steps' must be a non-empty list of integers in [0, {MAX_STEPS}], got {steps!r}.")
     threads = config["threads"]
-    if threads is not None and (not _is_int(threads) or threads < 1):
+    if threads is not None and (not _is_int(threads) or not 1 <= threads <= 4096):
         raise ConfigError(f"config key 'threads' must be a positive integer or null (torch's default), got {threads!r}.")
+    if config.get("on_nonfinite", "raise") not in ("raise", "skip"):
+        raise ConfigError(f"config key 'on_nonfinite' must be 'raise' (stop with an error naming the iteration) or "
+                          f"'skip' (skip that meta-batch and count it in the metrics log), got {config['on_nonfinite']!r}.")
     if not isinstance(config["device"], str):
         raise ConfigError(f"config key 'device' must be a string such as 'auto', 'cpu' or 'cuda', got {config['device']!r}.")
 

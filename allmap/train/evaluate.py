@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from allmap.learners.base import Learner
+from allmap.learners.execution import evaluation_vmap
 from allmap.tasks.batch import TaskBatch
 
 __all__ = ["evaluate", "summarize", "fixed_tasks", "format_results", "step_names"]
@@ -55,24 +56,39 @@ def evaluate(
 
     Gradient-based learners are scored after each number of inner steps in ``steps`` (0 = before
     adaptation); one-shot learners (metric, amortised) once. Adaptation computes inner gradients, but no
-    meta-gradient is kept. Returns ``{"loss@1": {"mean", "ci95", "std", "n"}, ...}``.
+    meta-gradient is kept, so it runs under ``torch.inference_mode`` (``no_grad`` for learners that call
+    ``torch.autograd`` while adapting). Tasks run under ``vmap`` per chunk of ``chunk`` tasks, or one at a
+    time for convolution nets on CPU (see :func:`allmap.learners.execution.evaluation_vmap`).
+    Returns ``{"loss@1": {"mean", "ci95", "std", "n"}, ...}``.
     """
     names = step_names(learner, steps)
     steps = list(steps) if names != [""] else [0]
     fn = _per_task(learner, steps)
     device = next(learner.parameters()).device
+    use_vmap = evaluation_vmap(learner, device)
+    batched = torch.func.vmap(fn, randomness="different")
     was_training = learner.training
     learner.eval()
     parts = []
-    with torch.no_grad():  # torch.func.grad in the inner loop ignores this; no meta-graph is built
+    grad_mode = torch.inference_mode  # no meta-graph; torch.func.grad in the inner loop still works under it
+    try:
         for part in tasks.chunks(chunk):
             part = part.to(device)
             args = (part.support_x, part.support_y, part.query_x, part.query_y)
-            if learner.vectorize is not False:  # first order only here, so vmap is exact even with BatchNorm
-                parts.append(torch.func.vmap(fn, randomness="different")(*args))
-            else:
-                parts.append(torch.stack([fn(*(a[i] for a in args)) for i in range(len(part))]))
-    learner.train(was_training)
+            while True:
+                try:
+                    with grad_mode():
+                        if use_vmap:  # first order only here, so vmap is exact even with BatchNorm
+                            parts.append(batched(*args))
+                        else:
+                            parts.append(torch.stack([fn(*(a[i] for a in args)) for i in range(len(part))]))
+                    break
+                except RuntimeError as err:  # a learner calling torch.autograd inside adapt: inference
+                    if grad_mode is torch.no_grad or "nference" not in str(err):  # tensors can't be saved
+                        raise
+                    grad_mode = torch.no_grad
+    finally:
+        learner.train(was_training)
     values = torch.cat(parts).cpu()  # [tasks, steps, 2]
     results = {}
     for j, suffix in enumerate(names):

@@ -3,55 +3,123 @@
 Each iteration samples ``meta_batch`` tasks from a seeded generator, computes ``learner.meta_loss`` and
 steps a torch optimizer. A checkpoint holds the weights, the optimizer and every RNG state, so a resumed
 run ends with exactly the weights of an uninterrupted one.
+
+Under ``torchrun`` each rank adapts its shard of every meta-batch and the meta-gradients are all-reduced
+(see :mod:`allmap.train.distributed`); only rank 0 writes files. SIGINT/SIGTERM finish the current
+iteration, save a checkpoint and raise :class:`Interrupted`; ``resume`` continues exactly. Under
+``torchrun --max-restarts``, a restarted worker group continues the run from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from allmap.learners.base import Learner
 from allmap.train.build import apply_threads, build_family, build_learner, build_optimizer, resolve_device
-from allmap.train.checkpoint import load_checkpoint, save_checkpoint
+from allmap.train.checkpoint import CheckpointError, loads_checkpoint, read_verified, save_checkpoint
 from allmap.train.config import ConfigError, apply_overrides, dump_config, validate
-from allmap.train.evaluate import evaluate, format_results, fixed_tasks
+from allmap.train.distributed import Dist, current, evaluate_sharded, reduce_step, restart_count
+from allmap.train.evaluate import format_results, fixed_tasks
+from allmap.train.preflight import check_device, check_model_size, check_sizes, trial_step
 from allmap.train.plots import plot_adaptation, plot_learning_curve
 from allmap.train.runs import RunDir, read_config
 
-__all__ = ["train", "resume", "finish", "NonFiniteLossError", "RESUMABLE_KEYS"]
+__all__ = ["train", "resume", "finish", "check_config", "NonFiniteLossError", "Interrupted", "RESUMABLE_KEYS", "MAX_CONSECUTIVE_SKIPS"]
 
 #: keys that ``--resume`` may change; anything else would make the resumed run a different run.
-RESUMABLE_KEYS = ("iterations", "log_every", "checkpoint_every", "device", "eval")
+RESUMABLE_KEYS = ("iterations", "log_every", "checkpoint_every", "device", "eval", "on_nonfinite")
+
+#: with ``on_nonfinite: skip``, this many non-finite meta-batches in a row stop the run (it has diverged).
+MAX_CONSECUTIVE_SKIPS = 10
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The meta-loss became NaN or infinite; the message names the iteration."""
+    """The meta-loss or a meta-gradient became NaN or infinite; the message names the iteration."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a completed iteration, whose checkpoint was saved."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path) -> None:
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped after iteration {iteration} and saved {checkpoint}; continue "
+                         f"exactly with `allmap train --resume {checkpoint.parent}`.")
+
+
+class _StopSignals:
+    """Within ``with``: the first SIGINT/SIGTERM is recorded (training stops at the end of the iteration);
+    a second one raises ``KeyboardInterrupt`` at once. Handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
 
 
 class _Trainer:
-    def __init__(self, config: dict[str, Any], run: RunDir, progress: bool) -> None:
-        self.config, self.run, self.progress = config, run, progress
-        self.device = resolve_device(config["device"])
+    def __init__(self, config: dict[str, Any], run: RunDir, progress: bool, ctx: Dist) -> None:
+        self.config, self.run, self.ctx = config, run, ctx
+        self.progress = progress and ctx.is_main
+        if config["meta_batch"] < ctx.world:
+            raise ConfigError(f"meta_batch = {config['meta_batch']} is smaller than the number of processes "
+                              f"({ctx.world}); every rank needs at least one task. Raise meta_batch or use fewer processes.")
+        self.device = ctx.device(resolve_device(config["device"]))
+        check_device(self.device)
         apply_threads(config)
         torch.manual_seed(config["seed"])
         self.family = build_family(config, "train")
+        families = {"train": self.family, "val": build_family(config, "val"), "test": build_family(config, "test")}
+        check_sizes(config, families)  # before anything big is allocated
+        check_model_size(config)
         self.learner = build_learner(config, self.family).to(self.device)
+        trial_step(self.learner, self.family, self.device)
+        ctx.broadcast_tensors(list(self.learner.state_dict().values()))  # as DDP does: rank 0's weights
+        self.params = list(self.learner.parameters())
         self.optimizer = build_optimizer(config, self.learner)
         self.generator = torch.Generator().manual_seed(config["seed"])
         ev = config["eval"]
-        self.val_tasks = fixed_tasks(build_family(config, "val"), ev["val_tasks"], ev["seed"] + 1)
+        self.val_tasks = fixed_tasks(families["val"], ev["val_tasks"], ev["seed"] + 1)
         self.val_steps = [getattr(self.learner, "inner_steps", 0)]
+        self.skip = config.get("on_nonfinite", "raise") == "skip"
         self.iteration, self.elapsed = 0, 0.0
-        self.pending: list[torch.Tensor] = []
+        self.pending: list[torch.Tensor] = []  # per step: [loss, 1 if loss and gradient are finite else 0]
+        self.skipped, self.consecutive = 0, 0
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        pending = torch.stack(self.pending).cpu() if self.pending else torch.zeros(0, 2)
         return {
             "iteration": self.iteration,
             "elapsed": self.elapsed,
@@ -59,50 +127,92 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "task_rng": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "pending": pending,
+            "skipped": self.skipped,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.learner.load_state_dict(state["learner"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["task_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
-        rows = [r for r in self.run.read_metrics() if r["iteration"] <= self.iteration]
-        self.run.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        try:
+            self.learner.load_state_dict(state["learner"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["task_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {str(self.run.checkpoint)!r} does not fit this run's config: "
+                                  f"{str(err).splitlines()[0]}") from None
+        self.pending = [row.to(self.device) for row in state.get("pending", torch.zeros(0, 2))]
+        self.skipped = int(state.get("skipped", 0))
+        if self.ctx.is_main:
+            rows = [r for r in self.run.read_metrics() if r["iteration"] <= self.iteration]
+            self.run.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     # -- the loop ------------------------------------------------------------------------------------
-    def check_pending(self) -> float | None:
-        """Verify the losses since the last check are finite (one host sync); return their mean."""
+    def verify_pending(self) -> torch.Tensor | None:
+        """Raise if a loss or gradient since the last check was non-finite (one host sync); return the rows."""
         if not self.pending:
             return None
-        losses = torch.stack(self.pending).cpu()
-        first = self.iteration - len(self.pending) + 1
-        self.pending = []
-        bad = (~torch.isfinite(losses)).nonzero()
+        rows = torch.stack(self.pending).cpu()
+        bad = (rows[:, 1] == 0).nonzero()
         if len(bad):
-            it = first + int(bad[0])
+            i = int(bad[0])
+            it = self.iteration - len(self.pending) + 1 + i
+            loss = float(rows[i, 0])
+            what = (f"the meta-loss was {loss}" if not torch.isfinite(rows[i, 0])
+                    else f"the meta-loss was finite ({loss:.6g}) but a meta-gradient entry was NaN or infinite")
             raise NonFiniteLossError(
-                f"the meta-loss was {float(losses[int(bad[0])])} at iteration {it}; training stopped. The last "
-                f"good checkpoint ({self.run.checkpoint}) is intact. Lower optimizer.lr or learner.inner_lr, "
-                "then start again or `allmap train --resume` it."
+                f"{what} at iteration {it}; training stopped. The last good checkpoint ({self.run.checkpoint}) is "
+                "intact. Lower optimizer.lr or learner.inner_lr, then start again or `allmap train --resume` it; "
+                "or set on_nonfinite: skip to skip such meta-batches."
             )
-        return float(losses.mean())
+        return rows
+
+    def check_pending(self) -> float | None:
+        """Verify the steps since the last check and return their mean loss."""
+        rows = self.verify_pending()
+        self.pending = []
+        return None if rows is None else float(rows[:, 0].mean())
 
     def log(self, row: dict[str, Any]) -> None:
-        with open(self.run.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.ctx.is_main:
+            with open(self.run.metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
-    def step(self) -> None:
-        tasks = self.family.sample(self.config["meta_batch"], self.generator).to(self.device)
+    def step(self, stop: bool) -> bool:
+        """One meta-batch; returns whether any rank was asked to stop."""
+        ctx, size = self.ctx, self.config["meta_batch"]
+        tasks = self.family.sample(size, self.generator)
+        if ctx.active:
+            tasks = tasks[ctx.shard(size)]
+        tasks = tasks.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.learner.meta_loss(tasks)
-        loss.backward()
+        # backward per chunk of tasks (allmap.learners.execution); scaled to this rank's share of the meta-batch
+        loss = self.learner.meta_backward(tasks, scale=len(tasks) / size if ctx.active else 1.0)
+        loss, finite, stop = reduce_step(self.params, loss.detach(), stop, ctx)
+        if self.skip:
+            if not bool(finite):  # one host sync per step, only in skip mode
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped += 1
+                self.consecutive += 1
+                if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
+                    raise NonFiniteLossError(
+                        f"{self.consecutive} meta-batches in a row (iterations {self.iteration - self.consecutive + 2}"
+                        f"-{self.iteration + 1}) had a non-finite loss or gradient; the run has diverged. The last "
+                        f"good checkpoint ({self.run.checkpoint}) is intact. Lower optimizer.lr or learner.inner_lr."
+                    )
+                return stop
+            self.consecutive = 0
         self.optimizer.step()
-        self.pending.append(loss.detach())
+        self.pending.append(torch.stack([loss.float(), finite.float()]))
+        return stop
 
     def validate(self) -> dict[str, float]:
-        res = evaluate(self.learner, self.val_tasks, steps=self.val_steps, chunk=self.config["eval"]["chunk"])
+        res = evaluate_sharded(self.learner, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx)
         return {f"val_{k.split('@')[0]}": v["mean"] for k, v in res.items()}
+
+    def save(self) -> None:
+        if self.ctx.is_main:
+            save_checkpoint(self.state(), self.run.checkpoint)
 
     def fit(self, callback: Callable[[int, Learner], None] | None = None) -> None:
         cfg = self.config
@@ -110,52 +220,95 @@ class _Trainer:
         bar = tqdm(total=total, initial=self.iteration, disable=not self.progress, desc="meta-train",
                    dynamic_ncols=True, unit="it")
         start = time.perf_counter() - self.elapsed
-        while self.iteration < total:
-            self.step()
-            self.iteration += 1
-            it = self.iteration
-            bar.update(1)
-            at_log = it % cfg["log_every"] == 0 or it == total
-            at_ckpt = it % cfg["checkpoint_every"] == 0 or it == total
-            at_val = it % cfg["eval"]["every"] == 0 or it == total
-            if at_log or at_ckpt or at_val:
-                mean = self.check_pending()
-                self.elapsed = time.perf_counter() - start
-                row: dict[str, Any] = {"iteration": it, "seconds": round(self.elapsed, 3)}
-                if mean is not None and at_log:
-                    row["loss"] = mean
-                if at_val:
-                    row.update(self.validate())
-                if len(row) > 2:
-                    self.log(row)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("iteration", "seconds")})
-                if at_ckpt:
-                    save_checkpoint(self.state(), self.run.checkpoint)
-            if callback is not None:
-                callback(it, self.learner)
+        with _StopSignals() as signals:
+            while self.iteration < total:
+                stop = self.step(signals.received is not None)
+                self.iteration += 1
+                it = self.iteration
+                bar.update(1)
+                at_log = it % cfg["log_every"] == 0 or it == total
+                at_ckpt = it % cfg["checkpoint_every"] == 0 or it == total
+                at_val = it % cfg["eval"]["every"] == 0 or it == total
+                if at_log or at_ckpt or at_val:
+                    mean = self.check_pending()
+                    self.elapsed = time.perf_counter() - start
+                    row: dict[str, Any] = {"iteration": it, "seconds": round(self.elapsed, 3)}
+                    if mean is not None and at_log:
+                        row["loss"] = mean
+                    if at_val:
+                        row.update(self.validate())
+                    if len(row) > 2:
+                        if self.skip:
+                            row["skipped"] = self.skipped
+                        self.log(row)
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("iteration", "seconds")})
+                    if at_ckpt:
+                        self.save()
+                if callback is not None:
+                    callback(it, self.learner)
+                if stop and self.iteration < total:
+                    self.verify_pending()  # never save weights that a non-finite step produced
+                    self.elapsed = time.perf_counter() - start
+                    self.save()
+                    bar.close()
+                    raise Interrupted(signals.received or signal.SIGTERM, it, self.run.checkpoint)
         bar.close()
 
 
-def _start(config: dict[str, Any], out_dir: str | Path, progress: bool) -> _Trainer:
-    run = RunDir(out_dir)
-    if run.checkpoint.exists():
-        raise ConfigError(f"{str(run.path)!r} already holds a run; continue it with `allmap train --resume "
-                          f"{run.path}` or choose another --out.")
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.config.write_text(dump_config(config))
-    run.metrics.write_text("")
-    return _Trainer(config, run, progress)
+def check_config(config: dict[str, Any]) -> None:
+    """Everything ``train`` checks before its first iteration, without writing anything: the config's keys
+    and types, building the task families, model, learner and optimizer, sizes against this machine's
+    memory, the device, and one trial meta-batch. Raises :class:`~allmap.train.config.ConfigError`."""
+    validate(config)
+    _Trainer(config, RunDir("."), progress=False, ctx=Dist())
+
+
+def _from_main(ctx: Dist, produce: Callable[[], bytes]) -> bytes:
+    """Run ``produce`` on rank 0 and give its bytes to every rank; its ConfigError/CheckpointError is raised
+    on every rank (so no rank waits forever for a rank that failed)."""
+    if not ctx.active:
+        return produce()
+    payload = None
+    if ctx.is_main:
+        try:
+            payload = b"\0" + produce()
+        except (ConfigError, CheckpointError) as err:
+            ctx.broadcast_bytes((b"\1" if isinstance(err, ConfigError) else b"\2") + str(err).encode())
+            raise
+    data = ctx.broadcast_bytes(payload)
+    if data[:1] != b"\0":
+        raise (ConfigError if data[:1] == b"\1" else CheckpointError)(data[1:].decode())
+    return data[1:]
 
 
 def train(config: dict[str, Any], out_dir: str | Path, progress: bool = True,
           callback: Callable[[int, Learner], None] | None = None) -> Learner:
     """Meta-train from a validated ``config`` into ``out_dir``, evaluate on the test tasks and plot.
 
+    Under torchrun every rank calls this with the same arguments. If torchrun restarted the worker group
+    (``--max-restarts``) and ``out_dir`` holds a checkpoint of this same config, the run continues from it.
     ``callback(iteration, learner)`` runs after every iteration (tests use it to interrupt a run).
     """
-    trainer = _start(config, out_dir, progress)
+    ctx = current()
+    run = RunDir(out_dir)
+    wanted = yaml.safe_load(dump_config(config))
+
+    def prepare() -> bytes:
+        if run.checkpoint.exists():
+            if restart_count() > 0 and run.config.is_file() and yaml.safe_load(run.config.read_text()) == wanted:
+                return b"resume"
+            raise ConfigError(f"{str(run.path)!r} already holds a run; continue it with `allmap train --resume "
+                              f"{run.path}` or choose another --out.")
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.config.write_text(dump_config(config))
+        run.metrics.write_text("")
+        return b"new"
+
+    trainer = _Trainer(config, run, progress, ctx)  # every check runs before the run folder is made
+    if _from_main(ctx, prepare) == b"resume":
+        return resume(out_dir, progress=progress, callback=callback)
     trainer.fit(callback)
-    finish(trainer.run.path, trainer.learner, config)
+    finish(run.path, trainer.learner, config, ctx)
     return trainer.learner
 
 
@@ -164,21 +317,32 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bo
     """Continue the run in ``run_dir`` from its checkpoint.
 
     ``overrides`` are ``key=value`` strings that may change only :data:`RESUMABLE_KEYS` (for example
-    ``iterations=100000`` to train longer); anything else would make it a different run.
+    ``iterations=100000`` to train longer); anything else would make it a different run. Under torchrun,
+    rank 0 reads the folder and sends the config and checkpoint bytes to the other ranks (no shared
+    file system is needed).
     """
-    before = read_config(run_dir)
+    ctx = current()
+    run = RunDir(run_dir)
+    before = yaml.safe_load(_from_main(ctx, lambda: dump_config(read_config(run_dir)).encode()))
+    validate(before)
     config = apply_overrides(before, overrides or [])
     validate(config)
-    changed = sorted(k for k in config if config[k] != before[k] and k not in RESUMABLE_KEYS)
+    changed = sorted(k for k in set(config) | set(before)
+                     if config.get(k) != before.get(k) and k not in RESUMABLE_KEYS)
     if changed:
         raise ConfigError(f"--resume can change only {', '.join(RESUMABLE_KEYS)}; changing {changed} would make it a "
                           "different run. Start a new run with --out instead.")
-    run = RunDir(run_dir)
-    run.config.write_text(dump_config(config))
-    trainer = _Trainer(config, run, progress)
-    trainer.restore(load_checkpoint(run.checkpoint, map_location="cpu"))
+
+    def checkpoint_bytes() -> bytes:
+        data = read_verified(run.checkpoint)
+        run.config.write_text(dump_config(config))
+        return data
+
+    state = loads_checkpoint(_from_main(ctx, checkpoint_bytes), str(run.checkpoint), map_location="cpu")
+    trainer = _Trainer(config, run, progress, ctx)
+    trainer.restore(state)
     trainer.fit(callback)
-    finish(run.path, trainer.learner, config)
+    finish(run.path, trainer.learner, config, ctx)
     return trainer.learner
 
 
@@ -186,22 +350,28 @@ def protocol(config: dict[str, Any], family, n: int) -> str:
     """One line naming what the numbers are: family, shots, queries, number of tasks and seed."""
     task = config["task"]
     ways = f"{family.ways}-way " if hasattr(family, "ways") else ""
-    return (f"{task['family']} {ways}{family.shots}-shot, {family.queries} queries per task, {n} fixed test "
+    detail = f" ({family.describe()})" if callable(getattr(family, "describe", None)) else ""
+    return (f"{task['family']} {ways}{family.shots}-shot, {family.queries} queries per task{detail}, {n} fixed test "
             f"tasks (seed {config['eval']['seed']}); mean ± 95% CI (1.96·std/sqrt(n))")
 
 
-def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any]) -> dict[str, Any]:
-    """Final test evaluation (``results.json``) and plots of a run."""
+def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: Dist | None = None) -> dict[str, Any]:
+    """Final test evaluation (``results.json``) and plots of a run; sharded across ranks under torchrun,
+    written by rank 0."""
+    ctx = current() if ctx is None else ctx
     run = RunDir(run_dir)
     ev = config["eval"]
     family = build_family(config, "test")
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
-    results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"])
+    results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx)
     text = protocol(config, family, len(tasks))
-    run.results.write_text(json.dumps({"protocol": text, "metrics": results}, indent=2) + "\n")
-    plot_learning_curve(run.read_metrics(), run.curve, title=config.get("description", "").split("\n")[0][:70])
-    shown = fixed_tasks(family, 4, ev["seed"]).to(next(learner.parameters()).device)
-    plot_adaptation(learner, family, shown, run.adaptation, steps=sorted({0, 1, max(ev["steps"])}))
+    if ctx.is_main:
+        run.results.write_text(json.dumps({"protocol": text, "metrics": results}, indent=2) + "\n")
+        plot_learning_curve(run.read_metrics(), run.curve,
+                            title=f"{type(learner).__name__} on {config['task']['family']} ({run.path.name})")
+        shown = fixed_tasks(family, 4, ev["seed"]).to(next(learner.parameters()).device)
+        plot_adaptation(learner, family, shown, run.adaptation, steps=sorted({0, 1, max(ev["steps"])}))
+    ctx.barrier()
     return {"protocol": text, "metrics": results}
 
 

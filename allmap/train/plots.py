@@ -103,7 +103,8 @@ def plot_adaptation(learner: Learner, family, tasks: TaskBatch, path: str | Path
     for i, ax in enumerate(axes[0]):
         plot(learner, family, tasks, steps, ax, i)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{type(learner).__name__} on {type(family).__name__} test tasks")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,270 @@
+"""How the tasks of a meta-batch run: vectorised, in chunks, or one at a time, eager or compiled.
+
+Every mode computes the same mean query loss and the same meta-gradient as a plain per-task loop (tests in
+``tests/test_execution.py`` check this in float64); they differ only in speed and memory:
+
+=========================  ======================================================================
+``Execution("vmap")``      all tasks in one ``torch.func.vmap`` call (small models: Python overhead
+                           is most of a per-task loop's time, so batching across tasks wins)
+``Execution("vmap", 4)``   ``vmap`` over chunks of 4 tasks (bounds the memory of one call)
+``Execution("loop")``      one task at a time; :meth:`Learner.meta_backward` runs the backward pass
+                           after every task, so memory stays flat in the meta-batch
+``Execution("loop", 8)``   one task at a time, backward after every 8 tasks
+``compile=True``           ``torch.compile`` the per-chunk loss (opt-in; compile time is reported in
+                           ``learner.execution_stats`` and the compiled function is cached; if
+                           compilation fails the learner falls back to eager with a warning)
+=========================  ======================================================================
+
+The automatic rule (``mode="auto"``, what ``vectorize=None`` means) follows measurements on a 2-core CPU
+(issue 5's, re-measured side by side with the peers by ``benchmarks/peers.py``; see ``benchmarks/README.md``):
+
+* models with BatchNorm run one task at a time: ``vmap`` of the second derivative of ``batch_norm`` is wrong
+  in torch 2.13 (float64 gradcheck fails, the loop passes);
+* convolution nets on CPU run one task at a time, with backward per task in :meth:`meta_backward`: conv
+  kernels are compute-bound and small per-task batches stay in cache (32 tasks x 80 images take 3.65 s
+  forward+backward as 32 batches but 7.75 s as one batch; ``vmap`` in chunks of 4/8/32 ran 0.70/0.66/0.39x
+  the per-task loop's tasks/s with 2-8x its memory);
+* everything else (MLPs and other small models, and convolution nets on a GPU, where per-task loops become
+  launch-bound; not measured here) runs all tasks in one ``vmap`` call: a per-task loop is bound by Python
+  and kernel-launch overhead there (sinusoid MAML, 1 step: 5-9x learn2learn's tasks/s eager, ~14x compiled).
+
+Evaluation (:func:`allmap.train.evaluate.evaluate`, first order, under ``torch.inference_mode``) uses the
+same rule without the BatchNorm exception (:func:`evaluation_vmap`).
+
+Set it per learner with ``learner.execution = Execution(...)`` (or a spec string ``"loop"``, ``"vmap(4)"``,
+``"loop(8)+compile"``), or in a config file as ``learner: {..., execution: "vmap+compile"}``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from allmap.tasks.batch import TaskBatch
+
+__all__ = ["Execution", "Plan", "resolve_execution", "plan", "task_losses", "chunk_ranges", "compiled_cache",
+           "evaluation_vmap"]
+
+MODES = ("auto", "vmap", "loop")
+#: compiled chunk functions per learner (kept outside the module so deepcopy and pickling never see them)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SPEC = re.compile(r"^\s*(auto|vmap|loop)\s*(?:\(\s*(\d+)\s*\))?\s*(\+\s*compile)?\s*$")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a learner runs the tasks of a meta-batch.
+
+    Args:
+        mode: ``"vmap"`` (vectorise the tasks of a chunk with ``torch.func.vmap``), ``"loop"`` (one task at
+            a time) or ``"auto"`` (chosen per model and device, see the module docstring).
+        chunk: tasks per chunk. A chunk is one ``vmap`` call in ``"vmap"`` mode, and one backward pass in
+            :meth:`Learner.meta_backward`. ``None``: the whole meta-batch for ``"vmap"``, one task for ``"loop"``.
+        compile: ``torch.compile`` the loss of a chunk (opt-in).
+
+    Example:
+        >>> Execution("loop", chunk=4)
+        Execution(mode='loop', chunk=4, compile=False)
+        >>> resolve_execution("vmap(8)+compile")
+        Execution(mode='vmap', chunk=8, compile=True)
+    """
+
+    mode: str = "auto"
+    chunk: int | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Execution: unknown mode {self.mode!r}; expected one of {', '.join(MODES)}.")
+        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int)
+                                       or self.chunk < 1):
+            raise ValueError(f"Execution: expected chunk to be a positive integer or None, got {self.chunk!r}.")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"Execution: expected compile to be a bool, got {type(self.compile).__name__}.")
+
+
+def resolve_execution(spec: Execution | str | dict[str, Any] | None) -> Execution:
+    """An :class:`Execution` from itself, ``None`` (auto), a spec string such as ``"loop(4)"`` or
+    ``"vmap+compile"``, or a mapping of its fields (as in config files)."""
+    if spec is None:
+        return Execution()
+    if isinstance(spec, Execution):
+        return spec
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - {"mode", "chunk", "compile"})
+        if unknown:
+            raise ValueError(f"execution: unknown key(s) {unknown}; valid keys: mode, chunk, compile.")
+        return Execution(**spec)
+    if isinstance(spec, str):
+        match = _SPEC.match(spec)
+        if not match:
+            raise ValueError(
+                f"cannot parse the execution spec {spec!r}; expected MODE[(CHUNK)][+compile] with MODE one of "
+                f"{', '.join(MODES)}, e.g. 'loop', 'vmap(8)' or 'auto+compile'."
+            )
+        mode, chunk, comp = match.groups()
+        return Execution(mode, int(chunk) if chunk else None, bool(comp))
+    raise TypeError(f"execution: expected an Execution, a spec string, a mapping or None, got {type(spec).__name__}.")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved way one meta-batch runs: ``vmap`` or not, tasks per chunk, compiled or not."""
+
+    vmap: bool
+    chunk: int
+    compile: bool
+    reason: str = field(default="", compare=False)
+
+
+def _has(model: nn.Module, kinds: tuple[type, ...]) -> bool:
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+def plan(learner: Any, tasks: int, device: torch.device | None = None) -> Plan:
+    """The :class:`Plan` of ``learner.execution`` (and ``learner.vectorize``) for a meta-batch of ``tasks``.
+
+    ``vectorize`` (the older switch) still works: ``True`` means ``mode="vmap"``, ``False`` ``mode="loop"``;
+    an explicit ``learner.execution.mode`` other than ``"auto"`` wins over it.
+    """
+    ex: Execution = learner.execution
+    if device is None:
+        device = next((p.device for p in learner.parameters()), torch.device("cpu"))
+    key = ("plan", tasks, device, learner.vectorize, getattr(learner, "first_order", False),
+           getattr(getattr(learner, "hypergrad", None), "vmappable", True), len(learner._modules))
+    cache = compiled_cache(learner)
+    if key not in cache:  # the hot loop asks every iteration; walking the modules each time is avoidable
+        cache[key] = _plan(learner, ex, tasks, device)
+    return cache[key]
+
+
+def _plan(learner: Any, ex: Execution, tasks: int, device: torch.device) -> Plan:
+    mode = ex.mode
+    if mode == "auto" and learner.vectorize is not None:
+        mode = "vmap" if learner.vectorize else "loop"
+    bn = _has(learner, (nn.modules.batchnorm._BatchNorm,))
+    if mode == "auto":
+        if bn:
+            mode, reason = "loop", "BatchNorm: vmap's second derivative of batch_norm is wrong in torch 2.13"
+        elif device.type == "cpu" and _has(learner, (nn.modules.conv._ConvNd,)):
+            mode, reason = "loop", "convolutions on CPU: per-task batches are faster and keep memory flat"
+        else:
+            mode, reason = "vmap", "small model or accelerator: batching across tasks removes per-task overhead"
+    else:
+        reason = "set by the user"
+    if mode == "vmap" and not getattr(getattr(learner, "hypergrad", None), "vmappable", True):
+        mode, reason = "loop", "the meta-gradient strategy has a custom backward pass that cannot run under vmap"
+    if mode == "vmap" and bn and not getattr(learner, "first_order", False):
+        raise ValueError(
+            f"{type(learner).__name__}: vmap with BatchNorm layers would give a wrong meta-gradient (torch's vmap "
+            "rule for the second derivative of batch_norm is incorrect). Use vectorize=None / execution='auto' "
+            "or 'loop' to run tasks one at a time."
+        )
+    chunk = ex.chunk or (tasks if mode == "vmap" else 1)
+    return Plan(vmap=mode == "vmap", chunk=min(chunk, max(tasks, 1)), compile=ex.compile, reason=reason)
+
+
+def evaluation_vmap(learner: Any, device: torch.device | None = None) -> bool:
+    """Whether evaluation (adaptation without a meta-gradient) runs the tasks of a chunk under ``vmap``.
+
+    The learner's explicit choice wins (``execution.mode`` "vmap"/"loop", else ``vectorize`` True/False);
+    automatically, convolution nets on CPU run one task at a time (faster, see the module docstring) and
+    everything else under ``vmap``. BatchNorm is no obstacle here: evaluation is first order only.
+    """
+    mode = learner.execution.mode if hasattr(learner, "execution") else "auto"
+    if mode != "auto":
+        return mode == "vmap"
+    if learner.vectorize is not None:
+        return bool(learner.vectorize)
+    if device is None:
+        device = next((p.device for p in learner.parameters()), torch.device("cpu"))
+    return not (device.type == "cpu" and _has(learner, (nn.modules.conv._ConvNd,)))
+
+
+def chunk_ranges(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive chunks of at most ``chunk`` out of ``n`` tasks."""
+    for start in range(0, n, chunk):
+        yield start, min(start + chunk, n)
+
+
+def compiled_cache(learner: Any) -> dict:
+    """Compiled functions, seen input signatures and plans of ``learner``; emptied when its execution changes."""
+    if learner not in _COMPILED:
+        _COMPILED[learner] = {}
+    return _COMPILED[learner]
+
+
+def _eager_fn(learner: Any, vmap: bool) -> Callable[..., Tensor]:
+    """Per-task losses ``[n]`` of a chunk of tasks given as four stacked tensors."""
+    if vmap:
+        return torch.func.vmap(learner.task_loss, randomness="different")
+
+    def loop(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+        return torch.stack([learner.task_loss(sx[i], sy[i], qx[i], qy[i]) for i in range(sx.shape[0])])
+
+    return loop
+
+
+def _chunk_fn(learner: Any, p: Plan) -> Callable[..., Tensor]:
+    """The (possibly compiled, cached) function computing the per-task losses of one chunk."""
+    if not p.compile or learner.execution_stats.get("compile_failed"):
+        return _eager_fn(learner, p.vmap)
+    cache = compiled_cache(learner)
+    if p.vmap not in cache:
+        cache[p.vmap] = torch.compile(_eager_fn(learner, p.vmap), dynamic=False)
+    return cache[p.vmap]
+
+
+def _signature(args: tuple[Tensor, ...]) -> tuple:
+    return tuple((tuple(a.shape), a.dtype, a.device) for a in args) + (torch.is_grad_enabled(),)
+
+
+def _run_chunk(learner: Any, p: Plan, args: tuple[Tensor, ...]) -> Tensor:
+    fn = _chunk_fn(learner, p)
+    if not p.compile or learner.execution_stats.get("compile_failed"):
+        return fn(*args)
+    stats = learner.execution_stats
+    key = _signature(args)
+    seen = compiled_cache(learner).setdefault("signatures", set())
+    if key in seen:
+        return fn(*args)
+    start = time.perf_counter()
+    try:
+        out = fn(*args)
+    except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the identical eager path
+        stats["compile_failed"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        warnings.warn(
+            f"{type(learner).__name__}: torch.compile failed ({stats['compile_failed']}); running eagerly from "
+            "now on (same results, no speed-up).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return _eager_fn(learner, p.vmap)(*args)
+    seen.add(key)
+    # the first call with new shapes compiles (its time includes one run of the chunk)
+    stats["compile_seconds"] = stats.get("compile_seconds", 0.0) + time.perf_counter() - start
+    stats["compiles"] = stats.get("compiles", 0) + 1
+    return out
+
+
+def task_losses(learner: Any, tasks: TaskBatch, p: Plan | None = None) -> Tensor:
+    """Query loss of every task ``[B]``, computed chunk by chunk as ``p`` (default: the learner's plan) says.
+
+    No host synchronisation happens here: chunks are slices of the stacked task tensors.
+    """
+    p = p or plan(learner, len(tasks), tasks.support_x.device)
+    args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
+    n = args[0].shape[0]
+    if p.chunk >= n and (p.vmap or p.compile):
+        return _run_chunk(learner, p, args)
+    if not p.vmap and not p.compile:
+        return _eager_fn(learner, False)(*args)
+    return torch.cat([_run_chunk(learner, p, tuple(a[s:e] for a in args)) for s, e in chunk_ranges(n, p.chunk)])

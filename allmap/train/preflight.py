@@ -1,0 +1,109 @@
+"""Checks run before training starts, so a bad config fails in a second with a clear message.
+
+- Sizes: a meta-batch, the validation and the test tasks, and the model (built on the ``meta`` device,
+  which allocates nothing) must fit in this machine's memory; an absurd ``meta_batch``, ``shots``,
+  ``dim`` or layer width is an error naming the key, not a crash of the allocator or of the machine.
+- A trial meta-batch of one task (its own generator; RNG states restored; gradients discarded) runs the
+  learner once, so a model that does not fit the tasks fails here with the learner's message.
+Every failure is a :class:`~allmap.train.config.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from allmap.learners.base import Learner
+from allmap.train.build import build_model
+from allmap.train.config import MAX_STEPS, ConfigError
+
+__all__ = ["check_device", "memory_limit", "task_bytes", "check_sizes", "check_model_size", "trial_step"]
+
+
+def check_device(device: torch.device) -> None:
+    """Raise if tensors cannot be made on ``device`` (e.g. ``cuda`` on a machine without a GPU)."""
+    try:
+        torch.empty(1, device=device)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"config key 'device': cannot use {str(device)!r} here ({first}). Use 'auto' (a GPU if "
+                          "there is one, else the CPU), 'cpu' or 'cuda'.") from None
+    if device.type == "meta":
+        raise ConfigError("config key 'device': 'meta' tensors hold no data; use 'auto', 'cpu' or 'cuda'.")
+
+
+def memory_limit() -> int:
+    """Half of this machine's physical memory, in bytes (what one set of tensors may take)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 8 GiB
+        return 4 << 30
+
+
+def task_bytes(family) -> int:
+    """Bytes of one task of ``family`` (support and query, inputs and targets) as float32 / int64."""
+    examples = (family.shots + family.queries) * getattr(family, "ways", 1)
+    x_numel = math.prod(getattr(family, "x_shape", None) or (family.x_dim,))
+    y_bytes = 8 if family.classification else 4 * family.y_dim
+    return examples * (4 * x_numel + y_bytes)
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.3g} GiB"
+
+
+def check_sizes(config: dict[str, Any], families: dict[str, Any]) -> None:
+    """Raise if a meta-batch or the evaluation tasks would not fit in memory."""
+    limit = memory_limit()
+    ev = config["eval"]
+    wanted = [("meta_batch", config["meta_batch"], families["train"]),
+              ("eval.val_tasks", ev["val_tasks"], families["val"]),
+              ("eval.tasks", ev["tasks"], families["test"])]
+    for key, count, family in wanted:
+        need = count * task_bytes(family)
+        if need > limit:
+            raise ConfigError(
+                f"{key} = {count} tasks of {family!r} would take {_gib(need)}, more than half of this machine's "
+                f"memory ({_gib(2 * limit)}). Lower {key} or the task's shots/queries/ways/size."
+            )
+
+
+def check_model_size(config: dict[str, Any]) -> None:
+    """Raise if the model's parameters (with gradients and optimizer state, ~4 copies) would not fit."""
+    with torch.device("meta"):
+        model = build_model(config)
+    numel = sum(p.numel() for p in model.parameters())
+    need = 16 * numel
+    if need > memory_limit():
+        raise ConfigError(f"model {config['model']['name']!r} has {numel:,} parameters; with gradients and optimizer "
+                          f"state it would take about {_gib(need)}, more than half of this machine's memory. "
+                          "Make it smaller (model section).")
+    for key, value in config["learner"].items():
+        if key.endswith(("steps", "iterations")) and isinstance(value, int) and value > MAX_STEPS:
+            raise ConfigError(f"learner.{key} = {value} is more than {MAX_STEPS:,} inner steps per task; that is a "
+                              "typo, not a protocol. Lower it.")
+    steps = config["learner"].get("inner_steps")
+    if isinstance(steps, int) and not config["learner"].get("first_order", False):
+        graph = 4 * numel * steps * config["meta_batch"]  # an unrolled step keeps at least one copy per task
+        if graph > memory_limit():
+            raise ConfigError(f"learner.inner_steps = {steps} unrolled over meta_batch = {config['meta_batch']} tasks "
+                              f"keeps at least {_gib(graph)} of adapted parameters, more than half of this machine's "
+                              "memory. Lower inner_steps or meta_batch, or use first_order: true.")
+
+
+def trial_step(learner: Learner, family, device: torch.device) -> None:
+    """Run one task through ``learner.meta_loss`` and back; raise a ConfigError naming what failed."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            tasks = family.sample(1, torch.Generator().manual_seed(0)).to(device)
+            learner.meta_loss(tasks).backward()
+        except ConfigError:
+            raise
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"a trial meta-batch (one task of {family!r}) failed before training: {first}") from err
+        finally:
+            learner.zero_grad(set_to_none=True)

@@ -1,0 +1,98 @@
+"""Few-shot presets through the real training loop and CLI, learning-rate schedules, episode streams."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from allmap.cli import main
+from allmap.tasks import Episodes, EpisodeStream, gaussian_classes
+from allmap.train.config import list_presets, load_config
+from allmap.train.loop import train
+from allmap.train.schedules import CosineAdam, StepDecayAdam
+
+ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+needs_omniglot = pytest.mark.skipif(not ROOT.is_dir(), reason="needs ../shared/data/omniglot")
+
+TINY = ["iterations=3", "task.ways=5", "model.hidden=8", "eval.tasks=10", "eval.val_tasks=5", "log_every=1", "eval.queries=2",
+        "eval.every=3", "checkpoint_every=3"]
+
+
+def test_omniglot_presets_exist_and_say_their_protocol():
+    presets = list_presets()
+    for name in ("omniglot-5w1s-maml", "omniglot-20w1s-maml", "omniglot-5w1s-protonet", "omniglot-20w1s-protonet",
+                 "omniglot-5w1s-matching", "omniglot-5w1s-siamese", "omniglot-5w1s-protonet-lake",
+                 "omniglot-5w1s-maml-lake"):
+        assert name in presets and presets[name]
+    maml = load_config("omniglot-5w1s-maml")
+    assert maml["learner"]["inner_lr"] == 0.4 and maml["learner"]["inner_steps"] == 1 and maml["meta_batch"] == 32
+    assert 3 in maml["eval"]["steps"]
+    maml20 = load_config("omniglot-20w1s-maml")
+    assert maml20["learner"]["inner_lr"] == 0.1 and maml20["learner"]["inner_steps"] == 5 and maml20["meta_batch"] == 16
+    assert load_config("omniglot-5w1s-protonet")["task"]["ways"] == 60
+
+
+@needs_omniglot
+def test_protonet_preset_trains_evaluates_plots_and_evaluates_on_another_protocol(tmp_path, capsys):
+    config = load_config("omniglot-5w1s-protonet", TINY)
+    train(config, tmp_path / "run", progress=False)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "5-way 1-shot, 2 queries" in results["protocol"] and "vinyals-test" in results["protocol"]
+    assert results["metrics"]["accuracy"]["n"] == 10
+    assert (tmp_path / "run" / "adaptation.png").stat().st_size > 10_000
+    assert main(["eval", str(tmp_path / "run"), "--tasks", "8", "--set", "eval.ways=20",
+                 "--set", "task.within_alphabet=true", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "20-way 1-shot" in out["protocol"] and "within-alphabet" in out["protocol"]
+
+
+@needs_omniglot
+def test_maml_preset_runs_a_few_iterations(tmp_path):
+    config = load_config("omniglot-5w1s-maml", TINY + ["meta_batch=2", "eval.steps=[0,1]"])
+    train(config, tmp_path / "run", progress=False)
+    metrics = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
+    assert {"accuracy@0", "accuracy@1"} <= set(metrics)
+
+
+def test_step_and_cosine_schedules_and_resume():
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = StepDecayAdam([w], lr=1.0, every=2, gamma=0.5)
+    rates = []
+    for _ in range(6):
+        w.grad = torch.ones(1)
+        opt.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert rates == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    twin = StepDecayAdam([torch.nn.Parameter(w.detach().clone())], lr=1.0, every=2, gamma=0.5)
+    twin.load_state_dict(opt.state_dict())
+    twin.param_groups[0]["params"][0].grad = torch.ones(1)
+    twin.step()
+    assert twin.param_groups[0]["lr"] == 0.125
+    cos = CosineAdam([torch.nn.Parameter(torch.zeros(1))], lr=1.0, total=4, final=0.0)
+    seen = []
+    for _ in range(6):
+        cos.param_groups[0]["params"][0].grad = torch.ones(1)
+        cos.step()
+        seen.append(round(cos.param_groups[0]["lr"], 6))
+    assert seen == [1.0, 0.853553, 0.5, 0.146447, 0.0, 0.0]
+    with pytest.raises(ValueError, match="every"):
+        StepDecayAdam([w], every=0)
+
+
+def test_episode_stream_matches_sample_and_runs_in_workers():
+    family = Episodes(gaussian_classes(), ways=3, shots=1, queries=2)
+    stream = iter(EpisodeStream(family, meta_batch=4, seed=5))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        a, b = next(stream), family.sample(4, gen)
+        assert torch.equal(a.query_x, b.query_x)
+    loader = torch.utils.data.DataLoader(EpisodeStream(family, meta_batch=4, seed=5), batch_size=None, num_workers=2)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == 4:
+            break
+    assert all(b.support_x.shape == (4, 3, 1, 4, 4) for b in batches)
