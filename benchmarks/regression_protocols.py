@@ -22,7 +22,7 @@ from allmap.train import load_config, train
 from allmap.train.build import build_family
 from allmap.train.evaluate import evaluate, fixed_tasks
 
-PRESETS = ["sinusoid-maml", "sinusoid-metasgd", "linreg-hypernet", "linreg-maml", "logistic2d-metasgd"]
+PRESETS = ["sinusoid-maml", "sinusoid-maml-5shot", "sinusoid-metasgd", "linreg-hypernet", "linreg-maml", "logistic2d-metasgd"]
 SMOKE = ["iterations=30", "log_every=10", "checkpoint_every=30", "eval.every=30", "eval.val_tasks=10"]
 
 
@@ -85,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for name in PRESETS:
         seconds = train_seconds(outs[name])
-        shot_list = [5, 10] if name.startswith("sinusoid") else [None]
+        shot_list = [5, 10] if name in ("sinusoid-maml", "sinusoid-metasgd") else [None]
         for shots in shot_list:
             res = score(outs[name], shots, n)
             key = "accuracy" if "accuracy@0" in res else "loss"
             scale = 100.0 if key == "accuracy" else 1.0
             cells = [fmt({k: v * scale for k, v in res[f"{key}@{s}"].items()}) for s in (0, 1, 5, 10)]
             label = name + (" (accuracy, %)" if key == "accuracy" else "")
-            print(f"| {label} | {shots or load_config(outs[name] / 'config.yaml')['task']['shots']} | "
+            config = load_config(outs[name] / "config.yaml")
+            print(f"| {label} | {shots or config['eval']['shots'] or config['task']['shots']} | "
                   + " | ".join(cells) + f" | {seconds:.1f} |")
     gap = least_squares_gap(outs["linreg-hypernet"], shots=100, tasks=n)
     gap_maml = least_squares_gap(outs["linreg-maml"], shots=100, tasks=n)

@@ -252,3 +252,19 @@ def test_compile_matches_eager_and_reports_time():
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
     grads_of(learner, tasks, "vmap+compile")  # cached: no second compilation for the same shapes
     assert learner.execution_stats["compiles"] == 1
+
+
+def test_meta_backward_whole_loss_strategies_run_in_one_pass(monkeypatch):
+    """Forward-mode / finite-difference meta-gradients estimate the whole loss at once: no per-task split."""
+    learner = allmap.MAML(tiny_conv(), inner_lr=0.2, inner_steps=1, loss="cross_entropy", hypergrad="forward")
+    tasks = image_tasks(3)
+    calls = []
+    original = allmap.MAML.meta_loss
+    monkeypatch.setattr(allmap.MAML, "meta_loss", lambda self, t: calls.append(len(t)) or original(self, t))
+    ref = original(learner, tasks)
+    ref_grads = torch.autograd.grad(ref, list(learner.parameters()))
+    loss = learner.meta_backward(tasks)
+    assert calls == [3]
+    assert torch.allclose(loss, ref.detach(), rtol=1e-12)
+    for p, r in zip(learner.parameters(), ref_grads):
+        assert torch.allclose(p.grad, r, rtol=1e-8, atol=1e-10)

@@ -133,3 +133,16 @@ def test_mlp_options_and_errors():
         MLP([1, 4, 1], norm="layer")
     with pytest.raises(ValueError, match="list of at least two positive integers"):
         MLP([3])
+
+
+def test_shot_range_draws_one_k_per_meta_batch_reproducibly():
+    fam = LinearRegression(dim=2, shots=[3, 9], queries=4)
+    assert fam.shots == (3, 9)
+    ks = [fam.sample(5, gen(s)).shots for s in range(40)]
+    assert min(ks) >= 3 and max(ks) <= 9 and len(set(ks)) > 3
+    assert ks == [fam.sample(5, gen(s)).shots for s in range(40)]
+    assert all(fam.sample(5, gen(s)).query_x.shape[1] == 4 for s in range(5))
+    with pytest.raises(ValueError, match=r"lo <= hi, got \[9, 3\]"):
+        LinearRegression(shots=[9, 3])
+    with pytest.raises(ValueError, match="integer or a range"):
+        Sinusoid(shots=[1, 2, 3])

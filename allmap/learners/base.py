@@ -129,10 +129,12 @@ class Learner(nn.Module):
         that loss, detached.
 
         Equivalent to ``loss = scale * meta_loss(tasks); loss.backward(); return loss.detach()`` (``scale`` is
-        e.g. a distributed rank's share of the meta-batch), but the backward pass
-        runs after every chunk of ``chunk`` tasks (default: ``self.execution``'s chunk, one task when tasks run
-        in a loop), each chunk's mean loss weighted by its share of the tasks, so the autograd graph (the
-        memory) of only one chunk is alive at a time. Gradients add to existing ``.grad`` like ``backward()``.
+        e.g. a distributed rank's share of the meta-batch), but the backward pass runs after every chunk of
+        ``chunk`` tasks (default: the execution plan's chunk, one task when tasks run in a loop; the whole
+        meta-batch for learners with ``per_task_meta_loss = False`` and for meta-gradient strategies that
+        differentiate the whole loss), each chunk's mean loss weighted by its share of the tasks, so the
+        autograd graph (the memory) of only one chunk is alive at a time. Gradients add to existing ``.grad``
+        like ``backward()``.
 
         Example:
             >>> import torch, allmap
@@ -143,10 +145,11 @@ class Learner(nn.Module):
         """
         self.check_tasks(tasks)
         n = len(tasks)
-        if chunk is not None:
+        whole = getattr(getattr(self, "hypergrad", None), "scope", "inner") == "meta_loss"  # forward mode, finite
+        if chunk is not None:  # differences: one estimate over the whole meta-batch costs what one chunk's does
             size = chunk
         else:
-            size = plan(self, n, tasks.support_x.device).chunk if self.per_task_meta_loss else n
+            size = plan(self, n, tasks.support_x.device).chunk if self.per_task_meta_loss and not whole else n
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"meta_backward: expected chunk to be a positive integer or None, got {chunk!r}.")
         if size >= n:

@@ -8,6 +8,7 @@ same tasks on every machine; fixed test tasks are ``family.sample(n, generator s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +26,18 @@ def _positive_int(owner: str, name: str, value: object) -> int:
     return value
 
 
+def _shot_range(owner: str, value: object) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{owner}: expected shots as an integer or a range [lo, hi], got {list(value)!r}.")
+        lo, hi = (_positive_int(owner, "shots", v) for v in value)
+        if lo > hi:
+            raise ValueError(f"{owner}: expected a shots range [lo, hi] with lo <= hi, got [{lo}, {hi}].")
+        return lo, hi
+    k = _positive_int(owner, "shots", value)
+    return k, k
+
+
 def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> Tensor:
     return low + (high - low) * torch.rand(shape, generator=generator)
 
@@ -37,9 +50,12 @@ class TaskFamily:
     y_dim: int = 1
     classification: bool = False
 
-    def __init__(self, shots: int = 10, queries: int = 10) -> None:
+    def __init__(self, shots: int | Sequence[int] = 10, queries: int = 10) -> None:
         name = type(self).__name__
-        self.shots = _positive_int(name, "shots", shots)
+        self._shot_range = _shot_range(name, shots)
+        lo, hi = self._shot_range
+        #: support examples per task: an int, or ``(lo, hi)`` when each meta-batch draws its own K
+        self.shots: int | tuple[int, int] = lo if lo == hi else (lo, hi)
         self.queries = _positive_int(name, "queries", queries)
 
     def sample_params(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -56,12 +72,18 @@ class TaskFamily:
         return y
 
     def sample(self, n: int, generator: torch.Generator) -> TaskBatch:
-        """``n`` tasks with ``shots`` support and ``queries`` query examples each (float32, CPU)."""
+        """``n`` tasks with ``shots`` support and ``queries`` query examples each (float32, CPU).
+
+        With a range of shots, the meta-batch draws one K uniformly from ``[lo, hi]`` (as neural processes
+        draw context sizes), so a learner trained on it works across support-set sizes.
+        """
         _positive_int(type(self).__name__, "the number of tasks", n)
+        lo, hi = self._shot_range
+        k = lo if lo == hi else int(torch.randint(lo, hi + 1, (1,), generator=generator))
         info = self.sample_params(n, generator)
-        x = self.sample_inputs(n, self.shots + self.queries, generator)
+        x = self.sample_inputs(n, k + self.queries, generator)
         y = self.noise(self.target(info, x), generator)
-        return TaskBatch(x[:, : self.shots], y[:, : self.shots], x[:, self.shots :], y[:, self.shots :], info)
+        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:], info)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shots={self.shots}, queries={self.queries})"
@@ -93,7 +115,7 @@ class LinearRegression(TaskFamily):
     The worked example of seed 000 (a hypernetwork maps the data set to ``(w, b)``).
     """
 
-    def __init__(self, dim: int = 8, shots: int = 10, queries: int = 10, noise: float = 0.1) -> None:
+    def __init__(self, dim: int = 8, shots: int | Sequence[int] = 10, queries: int = 10, noise: float = 0.1) -> None:
         super().__init__(shots, queries)
         self.x_dim = _positive_int("LinearRegression", "dim", dim)
         if noise < 0:
@@ -124,7 +146,7 @@ class Logistic2D(TaskFamily):
     y_dim = 2
     classification = True
 
-    def __init__(self, shots: int = 10, queries: int = 10, scale: float = 4.0) -> None:
+    def __init__(self, shots: int | Sequence[int] = 10, queries: int = 10, scale: float = 4.0) -> None:
         super().__init__(shots, queries)
         self.scale = float(scale)
 

@@ -45,7 +45,8 @@ def memory_limit() -> int:
 
 def task_bytes(family) -> int:
     """Bytes of one task of ``family`` (support and query, inputs and targets) as float32 / int64."""
-    examples = (family.shots + family.queries) * getattr(family, "ways", 1)
+    shots = family.shots if isinstance(family.shots, int) else max(family.shots)  # a range: its largest K
+    examples = (shots + family.queries) * getattr(family, "ways", 1)
     x_numel = math.prod(getattr(family, "x_shape", None) or (family.x_dim,))
     y_bytes = 8 if family.classification else 4 * family.y_dim
     return examples * (4 * x_numel + y_bytes)
