@@ -1,6 +1,12 @@
 """allmap: meta-learning on PyTorch, where every meta-learner is a differentiable map
 from a task's support set to a model for that task."""
 
+from __future__ import annotations
+
+import os
+
+import torch
+
 from allmap import hypergrad, inner, nets, tasks
 from allmap.learners import ANIL, MAML, HyperNetwork, Learner, MetaSGD, TaskModel
 from allmap.learners import IMAML, LSTMMetaLearner, Reptile
@@ -32,8 +38,8 @@ __all__ = [
 ]
 
 
-def load(run_dir, device=None):
-    """A trained learner back from a run folder (see ``allmap.train.load``), ready to ``adapt``."""
+def load(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> Learner:
+    """A trained learner back from a run folder (see ``allmap.train.runs.load``), ready to ``adapt``."""
     from allmap.train.runs import load as _load
 
     return _load(run_dir, device=device)

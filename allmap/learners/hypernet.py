@@ -13,12 +13,14 @@ Gordon et al. (VERSA, 2019).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from allmap.hypergrad import Strategy
 from allmap.inner.optim import Params
 from allmap.learners.base import LossFn
 from allmap.learners.maml import MAML
@@ -71,10 +73,11 @@ class HyperNetwork(MAML):
         embedding: nn.Module | None = None,
         vectorize: bool | None = None,
         first_order: bool = False,
+        hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
-            adapt_only=generate, vectorize=vectorize,
+            adapt_only=generate, vectorize=vectorize, hypergrad=hypergrad,
         )
         if x_dim < 1 or y_dim < 1:
             raise ValueError(f"HyperNetwork: expected x_dim >= 1 and y_dim >= 1, got x_dim={x_dim}, y_dim={y_dim}.")

@@ -7,11 +7,13 @@ has theta's shape and is meta-trained together with theta on the query loss ``L_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from allmap.hypergrad import Strategy
 from allmap.inner.optim import InnerOptimizer, sgd
 from allmap.learners.base import LossFn
 from allmap.learners.maml import MAML
@@ -46,9 +48,10 @@ class MetaSGD(MAML):
         loss: str | LossFn = "mse",
         adapt_only: Sequence[str] | None = None,
         vectorize: bool | None = None,
+        hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
-                         adapt_only=adapt_only, vectorize=vectorize)
+                         adapt_only=adapt_only, vectorize=vectorize, hypergrad=hypergrad)
         params = dict(model.named_parameters())
         self.inner_lrs = nn.ParameterDict(
             {_key(n): nn.Parameter(torch.full_like(params[n].detach(), float(inner_lr))) for n in self.adapted_names}

@@ -87,7 +87,11 @@ def check_model_size(config: dict[str, Any]) -> None:
             raise ConfigError(f"learner.{key} = {value} is more than {MAX_STEPS:,} inner steps per task; that is a "
                               "typo, not a protocol. Lower it.")
     steps = config["learner"].get("inner_steps")
-    if isinstance(steps, int) and not config["learner"].get("first_order", False):
+    # only plain reverse mode keeps every step's graph: first order, truncated, checkpointed, implicit
+    # (iMAML) and Reptile do not, so this estimate would wrongly refuse them
+    unrolled = config["learner"].get("hypergrad") in (None, "unrolled") and config["learner"]["name"] not in (
+        "reptile", "imaml")
+    if isinstance(steps, int) and unrolled and not config["learner"].get("first_order", False):
         graph = 4 * numel * steps * config["meta_batch"]  # an unrolled step keeps at least one copy per task
         if graph > memory_limit():
             raise ConfigError(f"learner.inner_steps = {steps} unrolled over meta_batch = {config['meta_batch']} tasks "
