@@ -183,3 +183,15 @@ def test_evaluate_in_chunks_equals_one_chunk():
     assert set(a) == {"loss@0", "loss@1", "loss@3", "accuracy@0", "accuracy@1", "accuracy@3"}
     for k in a:
         assert a[k]["mean"] == pytest.approx(b[k]["mean"], rel=1e-6)
+
+
+def test_run_folder_written_before_a_config_key_existed_still_loads(tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "old"
+    train(load_config("sinusoid-maml", TINY), out, progress=False)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    del config["threads"], config["eval"]["chunk"]  # as written by an earlier allmap
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["eval", str(out), "--tasks", "5"]) == 0
+    assert "loss@1" in capsys.readouterr().out

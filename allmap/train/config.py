@@ -87,6 +87,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` over :data:`DEFAULTS`: keys a config (or an older run folder) leaves out get their defaults."""
+    return _merge(DEFAULTS, data)
+
+
 def load_config(preset_or_file: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a preset name or a YAML file, apply ``key=value`` overrides, fill defaults, and validate."""
     path = Path(preset_or_file)
@@ -101,7 +106,7 @@ def load_config(preset_or_file: str | Path, overrides: list[str] | None = None) 
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}.")
-    config = _merge(DEFAULTS, data)
+    config = with_defaults(data)
     config = apply_overrides(config, overrides or [])
     validate(config)
     return config
