@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import allmap
+from _util import assert_vmap_equals_loop
 from allmap.nets import MLP
 from allmap.tasks import Episodes, LinearRegression, Logistic2D, Sinusoid, gaussian_classes
 
@@ -85,18 +86,7 @@ def test_float64(name):
 @pytest.mark.parametrize("name", CASES)
 def test_vectorised_equals_loop(name):
     learner, family = make(name, torch.float64)
-    tasks = tasks_of(family, dtype=torch.float64)
-    results = []
-    for vectorize in (True, False):
-        learner.vectorize = vectorize
-        learner.zero_grad()
-        loss = learner.meta_loss(tasks)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in learner.parameters()]))
-    (l1, g1), (l2, g2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_vmap_equals_loop(learner, tasks_of(family, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import allmap
+from _util import assert_vmap_equals_loop
 from allmap.nets import MLP, Conv4, MAMLConv
 from allmap.tasks import Episodes, Omniglot, gaussian_classes
 from allmap.train.evaluate import evaluate
@@ -224,15 +225,6 @@ def test_maml_runs_unchanged_on_omniglot_episodes():
     # first order: vmap over the tasks equals the loop
     fo = allmap.MAML(MAMLConv(hidden=4, out_features=5), inner_lr=0.4, first_order=True, loss="cross_entropy")
     fo = fo.to(torch.float64)
-    results = []
-    for vectorize in (True, False):
-        fo.vectorize = vectorize
-        fo.zero_grad()
-        value = fo.meta_loss(tasks)
-        value.backward()
-        results.append((value.detach(), [p.grad.clone() for p in fo.parameters()]))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert_vmap_equals_loop(fo, tasks, grad_rtol=1e-9)
     res = evaluate(maml, tasks, steps=[0, 1, 3])
     assert set(res) == {"loss@0", "accuracy@0", "loss@1", "accuracy@1", "loss@3", "accuracy@3"}

@@ -8,6 +8,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import allmap
+from _util import assert_vmap_equals_loop
 from allmap.inner import adam, apply_updates, sgd
 from allmap.nets import MLP
 from allmap.tasks import LinearRegression, Logistic2D, Sinusoid
@@ -253,14 +254,7 @@ def test_batch_stat_norm_equals_batchnorm_and_is_exact_under_vmap():
     learner = allmap.MAML(net, inner_lr=0.1, inner_steps=2)
     assert learner.vmap_meta_loss()  # no torch BatchNorm inside: runs vectorised
     tasks = _tasks(Sinusoid(shots=5, queries=4), n=3)
-    grads = []
-    for vectorize in (True, False):
-        learner.vectorize = vectorize
-        learner.zero_grad()
-        learner.meta_loss(tasks).backward()
-        grads.append([p.grad.clone() for p in learner.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_vmap_equals_loop(learner, tasks)
     learner.vectorize = True
     names = [n for n, _ in learner.named_parameters()]
     values = tuple(p.detach().clone().requires_grad_(True) for p in learner.parameters())
