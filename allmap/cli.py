@@ -83,7 +83,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from allmap.train.build import build_family
+    from allmap.train.build import apply_host_settings, build_family
     from allmap.train.evaluate import evaluate, format_results, fixed_tasks
     from allmap.train.loop import protocol
     from allmap.train.runs import load, read_config
@@ -98,6 +98,7 @@ def _eval(args: argparse.Namespace) -> int:
         extra.append(f"eval.steps=[{args.steps}]")
     config = apply_overrides(config, extra)
     validate(config)
+    apply_host_settings(config)
     learner = load(args.run_dir)
     family = build_family(config, "test")
     ev = config["eval"]

@@ -23,7 +23,6 @@ meta-batch, to show what backward-per-task saves), and the peers' documented MAM
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import importlib.util
 import json
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import allmap  # noqa: E402
+from allmap.learners.execution import examples_per_task
 from allmap.learners.protonet import ProtoNet
 from allmap.nets import MLP, Conv4
 from allmap.tasks.batch import TaskBatch
@@ -239,6 +239,14 @@ def eval_run(impl: str, w: Workload, model: nn.Module, tasks: TaskBatch) -> Call
 
 
 # -- measuring ----------------------------------------------------------------------------------------
+def _native_batch_statistics(model: nn.Module) -> None:
+    """What a peer's user writes for MAML's batch-statistics BatchNorm: ``track_running_stats=False``."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+
+
 def _rss_mb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -272,7 +280,9 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
         torch.set_num_threads(w.threads)
     tasks = w.tasks()
     torch.manual_seed(0)
-    model = copy.deepcopy(allmap.learners.base.use_batch_statistics(w.model())) if w.kind != "protonet" else w.model()
+    model = w.model()
+    if w.kind != "protonet" and not impl.startswith("allmap"):  # allmap.MAML switches BatchNorm itself
+        _native_batch_statistics(model)
     _load_code()
     out: dict = {"impl": impl, "workload": name}
     if w.kind == "eval":
@@ -314,7 +324,7 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
         if learner is not None and learner.execution_stats.get("compile_failed"):
             out["note"] = "compile failed: " + str(learner.execution_stats["compile_failed"])
         if learner is not None and learner.per_task_meta_loss:
-            p = learner.execution_plan(len(tasks))
+            p = learner.execution_plan(len(tasks), examples=examples_per_task(tasks))
             out["plan"] = f"{'vmap' if p.vmap else 'loop'}/chunk {p.chunk}" + (" +compile" if p.compile else "")
     peak = _rss_mb("VmHWM") if peak_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["peak_mb"] = None if base is None or peak is None else max(peak - base, 0.0)

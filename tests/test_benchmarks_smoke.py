@@ -23,3 +23,14 @@ def test_regression_protocols_smoke(tmp_path, capsys):
     assert "mapping learner, one forward pass:" in out
     gap = float(out.split("least squares vs the true (w, b):")[1].split(")")[0])
     assert 0 < gap < 0.05  # 100 points, noise 0.1: least squares is close to the truth
+
+
+def test_allocator_benchmark_smoke(capsys):
+    # four child processes (the allocator setting is process-wide); tiny 5-way episodes
+    assert _load("allocator").main(["--ways", "5", "--steps", "2", "--warmup", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| True") or
+            line.startswith("| False")]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[2]) > 0 and cells[3].endswith("x") and float(cells[6]) > 0

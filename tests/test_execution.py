@@ -118,16 +118,24 @@ def test_conv_with_batchnorm_runs_per_task_and_meta_backward_matches():
     torch.manual_seed(0)
     learner = allmap.MAML(tiny_conv(), inner_lr=0.2, inner_steps=2, loss="cross_entropy")
     tasks = image_tasks(4)
-    p = learner.execution_plan(4)
-    assert (p.vmap, p.chunk) == (False, 1) and "BatchNorm" in p.reason
+    p = learner.execution_plan(4, torch.device("cpu"))
+    assert (p.vmap, p.chunk) == (False, 1) and "convolutions" in p.reason
     ref_loss, ref_grads = grads_of(learner, tasks, "loop")
-    for execution, chunk in (("auto", None), ("loop", 3), ("loop(2)", None)):
+    # BatchNorm became BatchStatNorm, so second order under vmap is exact too
+    for execution, chunk in (("auto", None), ("loop", 3), ("loop(2)", None), ("vmap", None), ("vmap(3)", None)):
         loss, grads = grads_of(learner, tasks, execution, backward=True, chunk=chunk)
         assert torch.allclose(loss, ref_loss, rtol=1e-12)
         for g, r in zip(grads, ref_grads):
             assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_with_torch_batchnorm_refuses_vmap():
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(27, 3)).double()
+    learner = allmap.MAML(net, inner_lr=0.2, inner_steps=2, loss="cross_entropy")
+    assert "BatchNorm" in learner.execution_plan(4).reason
     with pytest.raises(ValueError, match="vmap with BatchNorm"):
-        grads_of(learner, tasks, "vmap")
+        grads_of(learner, image_tasks(4), "vmap")
 
 
 def test_automatic_rule():
@@ -137,6 +145,9 @@ def test_automatic_rule():
     p = plan(conv, 32, torch.device("cpu"))
     assert not p.vmap and p.chunk == 1 and "convolutions" in p.reason
     assert plan(conv, 32, torch.device("meta")).vmap  # accelerators batch across tasks
+    assert not plan(conv, 32, torch.device("cpu"), examples=80).vmap
+    small = plan(conv, 32, torch.device("cpu"), examples=10)  # MAML's Omniglot episodes: 5 + 5 images
+    assert small.vmap and small.chunk == 32 and "at most" in small.reason
     assert not evaluation_vmap(conv, torch.device("cpu")) and evaluation_vmap(mlp)
     mlp.vectorize = False  # the older switch still works
     assert not plan(mlp, 25).vmap

@@ -186,6 +186,28 @@ def test_conv4_pool_then_relu_equals_relu_then_pool():
     torch.testing.assert_close(net(x), h.flatten(1))
 
 
+@pytest.mark.parametrize("cls", [Conv4, MAMLConv])
+def test_channels_last_is_the_same_function_and_meta_gradient(cls):
+    torch.manual_seed(0)
+    nchw = cls(hidden=4, out_features=3).double()
+    nhwc = cls(hidden=4, out_features=3, channels_last=True).double()
+    nhwc.load_state_dict(nchw.state_dict())
+    assert nhwc.body.layers[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(nhwc(x), nchw(x), rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat(2, 2)
+    tasks = allmap.TaskBatch(torch.randn(2, 6, 1, 28, 28, generator=g, dtype=torch.float64), y,
+                             torch.randn(2, 6, 1, 28, 28, generator=g, dtype=torch.float64), y.clone())
+    grads = []
+    for net in (nchw, nhwc):
+        learner = allmap.MAML(net, inner_lr=0.3, inner_steps=2, loss="cross_entropy")
+        learner.meta_loss(tasks).backward()
+        grads.append([p.grad for p in learner.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 # -- on Omniglot -----------------------------------------------------------------------------------------
 @needs_omniglot
 @pytest.mark.parametrize("name", ["protonet", "matching", "siamese"])
@@ -214,7 +236,7 @@ def test_maml_runs_unchanged_on_omniglot_episodes():
     family = Omniglot(ROOT, split="train", ways=5, shots=1, queries=2)
     tasks = family.sample(3, torch.Generator().manual_seed(0)).to(dtype=torch.float64)
     net = MAMLConv(hidden=4, out_features=5)
-    # second order (BatchNorm -> tasks one at a time) equals an explicit per-task loop of task_loss
+    # second order (convolutions on CPU -> tasks one at a time) equals an explicit per-task loop of task_loss
     maml = allmap.MAML(net, inner_lr=0.4, inner_steps=1, loss="cross_entropy").to(torch.float64)
     loss = maml.meta_loss(tasks)
     ref = torch.stack([maml.task_loss(tasks.support_x[i], tasks.support_y[i], tasks.query_x[i], tasks.query_y[i])

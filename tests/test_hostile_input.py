@@ -47,7 +47,7 @@ VALUES = st.one_of(PLAUSIBLE, st.recursive(SCALARS, lambda inner: st.one_of(st.l
                       max_leaves=6))
 KEYS = st.sampled_from([
     "iterations", "meta_batch", "seed", "threads", "device", "log_every", "checkpoint_every", "on_nonfinite",
-    "description", "eval.tasks", "eval.seed", "eval.steps", "eval.shots", "eval.queries", "eval.every",
+    "retain_memory", "description", "eval.tasks", "eval.seed", "eval.steps", "eval.shots", "eval.queries", "eval.every",
     "eval.val_tasks", "eval.chunk", "task", "task.family", "task.shots", "task.queries", "task.dim", "task.noise",
     "task.scale", "model", "model.name", "model.sizes", "model.activation", "model.norm", "learner",
     "learner.name", "learner.inner_lr", "learner.inner_steps", "learner.first_order", "learner.vectorize",
@@ -134,6 +134,7 @@ def test_hostile_set_overrides_are_refused_with_a_config_error_or_run(preset, ov
     (("threads", 10**9), r"'threads' must be a positive integer"),
     (("device", "cuda:7" if not torch.cuda.is_available() else "meta"), r"config key 'device'"),
     (("on_nonfinite", "ignore"), r"'on_nonfinite' must be 'raise'"),
+    (("retain_memory", "yes"), r"'retain_memory' must be true .* or false"),
 ])
 def test_each_hostile_value_has_a_clear_message(edit, message):
     config = _set(load_config("linreg-hypernet" if edit[0] == "task.dim" else "sinusoid-maml", BASE), *edit)

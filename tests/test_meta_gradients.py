@@ -165,31 +165,42 @@ def test_metasgd_rate_gradient_closed_form():
 
 
 def test_batchnorm_uses_batch_statistics_and_correct_second_order():
+    from allmap.nets import BatchStatNorm
+
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1)).to(D)
+    weight = net[1].weight
     learner = allmap.MAML(net, inner_lr=0.05, inner_steps=2)
-    assert net[1].running_mean is None and not net[1].track_running_stats
-    assert not learner.vmap_meta_loss()  # automatic: per-task loop, since vmap's batch_norm double backward is wrong
+    # swapped for the exact mean/var form, keeping the same parameter objects and names
+    assert isinstance(net[1], BatchStatNorm) and net[1].weight is weight
+    assert [n for n, _ in net.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"]
+    assert learner.vmap_meta_loss()  # automatic: vectorised, since the second derivative is now exact under vmap
     tasks = _tasks(Sinusoid(shots=6, queries=6), n=3)
-    learner.vectorize = True
-    with pytest.raises(ValueError, match="BatchNorm layers would give a wrong meta-gradient"):
-        learner.meta_loss(tasks)
-    learner.vectorize = None
     # batch statistics: a task's predictions depend on the other query examples in its batch
     model = learner.adapt(tasks.support_x[0], tasks.support_y[0])
     assert not torch.allclose(model(tasks.query_x[0])[:2], model(tasks.query_x[0][:2]))
-    # the per-task path against a plain autograd loop, first order (no double backward through BN needed)
-    fo = allmap.MAML(net, inner_lr=0.05, inner_steps=2, first_order=True, vectorize=True)
-    fo.meta_loss(tasks).backward()
-    vm = [p.grad.clone() for p in net.parameters()]
-    net.zero_grad()
-    fo.vectorize = False
-    fo.meta_loss(tasks).backward()
-    for a, p in zip(vm, net.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-12)
+    # second order: vmap equals the per-task loop, and both pass a float64 gradcheck
+    assert_vmap_equals_loop(learner, tasks)
     names = [n for n, _ in learner.named_parameters()]
     values = tuple(p.detach().clone().requires_grad_(True) for p in learner.parameters())
     assert gradcheck(lambda *v: _call(learner, names, v, tasks[:2]), values, eps=1e-6, atol=1e-6, rtol=1e-5)
+    learner.vectorize = True
+    assert gradcheck(lambda *v: _call(learner, names, v, tasks[:2]), values, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_batchnorm_left_in_place_runs_per_task_and_refuses_vmap():
+    # a BatchNorm without affine parameters is kept (running statistics off): torch's batch_norm, whose
+    # second derivative under vmap is wrong in torch 2.13, so second order runs per task and vmap is refused
+    net = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8, affine=False), nn.ReLU(), nn.Linear(8, 1)).to(D)
+    learner = allmap.MAML(net, inner_lr=0.05, inner_steps=2)
+    assert isinstance(net[1], nn.BatchNorm1d) and net[1].running_mean is None and not net[1].track_running_stats
+    assert not learner.vmap_meta_loss()
+    learner.vectorize = True
+    with pytest.raises(ValueError, match="BatchNorm layers would give a wrong meta-gradient"):
+        learner.meta_loss(_tasks(Sinusoid(shots=6, queries=6), n=3))
+    # first order needs no double backward: vmap is allowed and equals the loop
+    fo = allmap.MAML(net, inner_lr=0.05, inner_steps=2, first_order=True)
+    assert_vmap_equals_loop(fo, _tasks(Sinusoid(shots=6, queries=6), n=3))
 
 
 def test_inner_adam_matches_torch_adam_and_is_pure():

@@ -55,8 +55,13 @@ def _weights(learner):
     return {k: v.clone() for k, v in learner.state_dict().items()}
 
 
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
-    config = load_config("sinusoid-metasgd", TINY)
+@pytest.mark.parametrize("preset,extra", [
+    ("sinusoid-metasgd", []),
+    # random directions: the strategy's generator state travels in the checkpoint
+    ("sinusoid-maml", ["learner.hypergrad=finite_difference(directions=4, eps=0.01)"]),
+])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, preset, extra):
+    config = load_config(preset, TINY + extra)
     whole = _weights(train(config, tmp_path / "whole", progress=False))
 
     class Crash(Exception):

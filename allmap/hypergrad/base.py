@@ -64,6 +64,14 @@ class Strategy:
     def check(self, learner: nn.Module) -> None:
         """Raise ``ValueError`` saying why if this strategy cannot apply to ``learner``."""
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """State that changes during training (e.g. a random generator), saved in checkpoints so that a
+        resumed run continues exactly; empty for deterministic strategies."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{self.name}({args})" if args else self.name

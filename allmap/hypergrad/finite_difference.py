@@ -100,6 +100,13 @@ class FiniteDifference(Strategy):
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if "generator" in state:
+            self._generator.set_state(state["generator"])
+
     def meta_gradient(self, fn: Callable[[Params], Tensor], params: Params) -> tuple[Tensor, Params, dict]:
         if self.directions == 0:
             return central_differences(fn, params, self.eps)

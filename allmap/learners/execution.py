@@ -18,12 +18,17 @@ Every mode computes the same mean query loss and the same meta-gradient as a pla
 The automatic rule (``mode="auto"``, what ``vectorize=None`` means) follows measurements on a 2-core CPU
 (issue 5's, re-measured side by side with the peers by ``benchmarks/peers.py``; see ``benchmarks/README.md``):
 
-* models with BatchNorm run one task at a time: ``vmap`` of the second derivative of ``batch_norm`` is wrong
-  in torch 2.13 (float64 gradcheck fails, the loop passes);
+* models with ``torch.nn`` BatchNorm layers run one task at a time: ``vmap`` of the second derivative of
+  ``batch_norm`` is wrong in torch 2.13 (float64 gradcheck fails, the loop passes). MAML-family learners
+  replace affine BatchNorm layers with the exact :class:`~allmap.nets.BatchStatNorm`, so this applies only
+  to other learners and to BatchNorm without affine parameters;
 * convolution nets on CPU run one task at a time, with backward per task in :meth:`meta_backward`: conv
   kernels are compute-bound and small per-task batches stay in cache (32 tasks x 80 images take 3.65 s
   forward+backward as 32 batches but 7.75 s as one batch; ``vmap`` in chunks of 4/8/32 ran 0.70/0.66/0.39x
-  the per-task loop's tasks/s with 2-8x its memory);
+  the per-task loop's tasks/s with 2-8x its memory). Tasks of at most :data:`SMALL_TASK` examples (MAML's
+  Omniglot training episodes: 5 support + 5 query images) are the exception: one image batch per task is
+  too small, and ``vmap`` over the meta-batch ran the omniglot-5w1s-maml preset 1.7x faster than the loop
+  (0.40 against 0.68 s per iteration, one thread); at 40 examples the two were equal;
 * everything else (MLPs and other small models, and convolution nets on a GPU, where per-task loops become
   launch-bound; not measured here) runs all tasks in one ``vmap`` call: a per-task loop is bound by Python
   and kernel-launch overhead there (sinusoid MAML, 1 step: 5-9x learn2learn's tasks/s eager, ~14x compiled).
@@ -51,7 +56,7 @@ from torch import Tensor, nn
 from allmap.tasks.batch import TaskBatch
 
 __all__ = ["Execution", "Plan", "resolve_execution", "plan", "task_losses", "chunk_ranges", "compiled_cache",
-           "evaluation_vmap"]
+           "evaluation_vmap", "examples_per_task", "SMALL_TASK"]
 
 MODES = ("auto", "vmap", "loop")
 #: compiled chunk functions per learner (kept outside the module so deepcopy and pickling never see them)
@@ -129,8 +134,18 @@ def _has(model: nn.Module, kinds: tuple[type, ...]) -> bool:
     return any(isinstance(m, kinds) for m in model.modules())
 
 
-def plan(learner: Any, tasks: int, device: torch.device | None = None) -> Plan:
-    """The :class:`Plan` of ``learner.execution`` (and ``learner.vectorize``) for a meta-batch of ``tasks``.
+#: convolution nets on CPU batch tasks of at most this many examples (support + query) across the meta-batch
+SMALL_TASK = 20
+
+
+def examples_per_task(tasks: TaskBatch) -> int:
+    """Support plus query examples of one task."""
+    return int(tasks.support_x.shape[1] + tasks.query_x.shape[1])
+
+
+def plan(learner: Any, tasks: int, device: torch.device | None = None, examples: int | None = None) -> Plan:
+    """The :class:`Plan` of ``learner.execution`` (and ``learner.vectorize``) for a meta-batch of ``tasks``
+    tasks of ``examples`` examples each (support + query; ``None``: unknown, taken as large).
 
     ``vectorize`` (the older switch) still works: ``True`` means ``mode="vmap"``, ``False`` ``mode="loop"``;
     an explicit ``learner.execution.mode`` other than ``"auto"`` wins over it.
@@ -138,15 +153,16 @@ def plan(learner: Any, tasks: int, device: torch.device | None = None) -> Plan:
     ex: Execution = learner.execution
     if device is None:
         device = next((p.device for p in learner.parameters()), torch.device("cpu"))
-    key = ("plan", tasks, device, learner.vectorize, getattr(learner, "first_order", False),
+    small = examples is not None and examples <= SMALL_TASK
+    key = ("plan", tasks, small, device, learner.vectorize, getattr(learner, "first_order", False),
            getattr(getattr(learner, "hypergrad", None), "vmappable", True), len(learner._modules))
     cache = compiled_cache(learner)
     if key not in cache:  # the hot loop asks every iteration; walking the modules each time is avoidable
-        cache[key] = _plan(learner, ex, tasks, device)
+        cache[key] = _plan(learner, ex, tasks, device, small)
     return cache[key]
 
 
-def _plan(learner: Any, ex: Execution, tasks: int, device: torch.device) -> Plan:
+def _plan(learner: Any, ex: Execution, tasks: int, device: torch.device, small: bool = False) -> Plan:
     mode = ex.mode
     if mode == "auto" and learner.vectorize is not None:
         mode = "vmap" if learner.vectorize else "loop"
@@ -154,8 +170,11 @@ def _plan(learner: Any, ex: Execution, tasks: int, device: torch.device) -> Plan
     if mode == "auto":
         if bn:
             mode, reason = "loop", "BatchNorm: vmap's second derivative of batch_norm is wrong in torch 2.13"
-        elif device.type == "cpu" and _has(learner, (nn.modules.conv._ConvNd,)):
+        elif device.type == "cpu" and _has(learner, (nn.modules.conv._ConvNd,)) and not small:
             mode, reason = "loop", "convolutions on CPU: per-task batches are faster and keep memory flat"
+        elif device.type == "cpu" and _has(learner, (nn.modules.conv._ConvNd,)):
+            mode, reason = "vmap", (f"convolutions on CPU, tasks of at most {SMALL_TASK} examples: per-task "
+                                    "batches are too small to keep the cores busy")
         else:
             mode, reason = "vmap", "small model or accelerator: batching across tasks removes per-task overhead"
     else:
@@ -260,7 +279,7 @@ def task_losses(learner: Any, tasks: TaskBatch, p: Plan | None = None) -> Tensor
 
     No host synchronisation happens here: chunks are slices of the stacked task tensors.
     """
-    p = p or plan(learner, len(tasks), tasks.support_x.device)
+    p = p or plan(learner, len(tasks), tasks.support_x.device, examples_per_task(tasks))
     args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
     n = args[0].shape[0]
     if p.chunk >= n and (p.vmap or p.compile):

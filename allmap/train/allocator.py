@@ -1,0 +1,42 @@
+"""Keep freed memory in the process: the CPU allocator setting behind ``retain_memory`` in run configs.
+
+PyTorch's CPU allocator is the C library's ``malloc``. glibc serves blocks above its mmap threshold (at most
+32 MB) with ``mmap`` and returns them to the kernel on ``free``, so every training step that allocates
+activations of that size (a conv4 layer on a 60-way ProtoNets episode is 72 MB) maps fresh pages and the
+kernel zeroes each one on first touch. Measured on a 2-core machine here (``benchmarks/allocator.py``): a
+ProtoNets 60-way training step spent 0.20 of its 0.30 s in the kernel, about 105,000 page faults per step.
+With ``mmap`` off and trimming off, freed blocks are reused and the step took 0.17 s (0.11 s with
+``channels_last``), at about 35% more peak RSS: memory the process has used once stays with it. This is
+what jemalloc or tcmalloc would do, without preloading a library.
+
+Only glibc has these knobs (``mallopt``); elsewhere :func:`retain_freed_memory` does nothing and says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+
+__all__ = ["retain_freed_memory"]
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_TRIM_THRESHOLD = 2**31 - 1  # the largest int mallopt takes: 2 GiB of free top-of-heap before a trim
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks for reuse (``M_MMAP_MAX = 0``, trim threshold 2 GiB).
+
+    Process-wide and one-way: it affects every later allocation of the process. Returns whether it took
+    effect (``False`` off glibc, e.g. on macOS or musl).
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
