@@ -43,11 +43,13 @@ class BatchStatNorm(nn.Module):
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         dim = self.dim % x.dim()
         reduce = [d for d in range(x.dim()) if d != dim]
-        mean = x.mean(reduce, keepdim=True)
-        var = x.var(reduce, unbiased=False, keepdim=True)
+        # centred once: the products below save only ``d`` (one activation-sized tensor per layer, which
+        # matters when a second derivative keeps every inner step's graph alive)
+        d = x - x.mean(reduce, keepdim=True)
+        var = (d * d).mean(reduce, keepdim=True)
         shape = [1] * x.dim()
         shape[dim] = -1
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        return d * (torch.rsqrt(var + self.eps) * self.weight.view(shape)) + self.bias.view(shape)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, dim={self.dim}, eps={self.eps}"
