@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import allmap  # noqa: E402
+from allmap.learners.base import without_running_stats
 from allmap.learners.execution import examples_per_task
 from allmap.learners.protonet import ProtoNet
 from allmap.nets import MLP, Conv4
@@ -243,8 +244,17 @@ def _native_batch_statistics(model: nn.Module) -> None:
     """What a peer's user writes for MAML's batch-statistics BatchNorm: ``track_running_stats=False``."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = m.num_batches_tracked = None
+            without_running_stats(m)
+
+
+def build_model(w: Workload, impl: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The workload's model with seed 0; peers get torch BatchNorm in batch-statistics mode (allmap.MAML
+    switches BatchNorm itself)."""
+    torch.manual_seed(0)
+    model = w.model().to(dtype)
+    if w.kind != "protonet" and not impl.startswith("allmap"):
+        _native_batch_statistics(model)
+    return model
 
 
 def _rss_mb(field: str) -> float | None:
@@ -279,10 +289,7 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
     if w.threads:
         torch.set_num_threads(w.threads)
     tasks = w.tasks()
-    torch.manual_seed(0)
-    model = w.model()
-    if w.kind != "protonet" and not impl.startswith("allmap"):  # allmap.MAML switches BatchNorm itself
-        _native_batch_statistics(model)
+    model = build_model(w, impl)
     _load_code()
     out: dict = {"impl": impl, "workload": name}
     if w.kind == "eval":
@@ -337,10 +344,7 @@ def float64_gradient(w: Workload, impl: str, tasks: TaskBatch) -> list[float]:
     """The same meta-gradient in float64 (after timing, not counted in memory). Second-order MAML through
     several steps is ill-conditioned in float32 (conv4-20w1s-5: the peers' float32 gradients are 3.3% from
     the float64 one), so agreement between implementations is checked in float64."""
-    torch.manual_seed(0)
-    model = w.model().double()
-    if w.kind != "protonet" and not impl.startswith("allmap"):
-        _native_batch_statistics(model)
+    model = build_model(w, impl, torch.float64)
     build = maml_step if w.kind == "maml" else protonet_step
     step, params, _ = build(impl, w, model, tasks.to(dtype=torch.float64))
     for p in params:

@@ -49,9 +49,14 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
                 norm.weight, norm.bias = module.weight, module.bias
                 setattr(parent, name, norm)
             else:
-                module.track_running_stats = False
-                module.running_mean = module.running_var = module.num_batches_tracked = None
+                without_running_stats(module)
     return model
+
+
+def without_running_stats(module: nn.modules.batchnorm._BatchNorm) -> None:
+    """Make a torch BatchNorm layer normalise with batch statistics only (no running buffers)."""
+    module.track_running_stats = False
+    module.running_mean = module.running_var = module.num_batches_tracked = None
 
 
 def functional_forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
