@@ -3,7 +3,7 @@
     flock /tmp/allmap-bench.lock python benchmarks/episode_sampling.py
 
 For each preset: mean seconds to sample one meta-batch (``family.sample``) and to run one training step on
-it (meta_loss + backward + optimizer step), over ``--steps`` steps after 2 warm-up steps, and the ratio.
+it (``meta_backward`` + optimizer step, with the preset's threads and allocator settings, as ``allmap train``), over ``--steps`` steps after 2 warm-up steps, and the ratio.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import time
 
 import torch
 
-from allmap.train.build import build_family, build_learner, build_optimizer
+from allmap.train.build import apply_host_settings, build_family, build_learner, build_optimizer
 from allmap.train.config import load_config
 
 
 def measure(preset: str, steps: int) -> dict:
     config = load_config(preset)
+    apply_host_settings(config)  # threads and allocator as allmap train sets them
     torch.manual_seed(0)
     family = build_family(config, "train")
     learner = build_learner(config, family)
@@ -31,7 +32,7 @@ def measure(preset: str, steps: int) -> dict:
         tasks = family.sample(config["meta_batch"], gen)
         t1 = time.perf_counter()
         opt.zero_grad()
-        learner.meta_loss(tasks).backward()
+        learner.meta_backward(tasks)  # what the training loop calls
         opt.step()
         t2 = time.perf_counter()
         if i >= 2:

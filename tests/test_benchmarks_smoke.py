@@ -34,3 +34,27 @@ def test_allocator_benchmark_smoke(capsys):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[2]) > 0 and cells[3].endswith("x") and float(cells[6]) > 0
+
+
+def test_eval_bound_smoke(capsys):
+    assert _load("eval_bound").main(["--episodes", "2", "--hidden", "8"]) == 0
+    out = capsys.readouterr().out
+    gflop = float(out.split("FLOPs per episode: ")[1].split()[0])
+    assert 0 < gflop < 1  # 8 filters: about 0.1 GFLOP
+    rows = [line for line in out.splitlines() if line.startswith("| allmap") or line.startswith("| float32")]
+    assert len(rows) == 3 and all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+def test_protonet_reference_smoke():
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not (ROOT.parent / "shared" / "data" / "omniglot").is_dir():
+        pytest.skip("needs ../shared/data/omniglot")
+    out = subprocess.run([sys.executable, "benchmarks/protonet_reference.py", "--minutes", "0.02", "--test-episodes",
+                          "4"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["episodes"] >= 1 and row["lr"] == 1e-3 and 0 <= row["5w1s"][0] <= 100

@@ -220,6 +220,39 @@ def test_evaluate_vmap_equals_loop_under_inference_mode(net):
     assert a["loss@2"]["mean"] != pytest.approx(a["loss@0"]["mean"])
 
 
+class _ViewAfterConv(nn.Module):
+    """A model that needs NCHW input: ``.view`` on a convolution's output fails in NHWC layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 3, 3, stride=2), nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).relu()
+        return self.head(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("make", [tiny_conv, lambda: _ViewAfterConv().double()])
+def test_evaluation_in_nhwc_layout_equals_nchw(make):
+    # the per-task loop on CPU feeds conv nets NHWC images; a model that cannot take them falls back to NCHW
+    from allmap.learners.execution import evaluation_layout
+
+    torch.manual_seed(0)
+    learner = allmap.MAML(make(), inner_lr=0.2, inner_steps=1, loss="cross_entropy")
+    assert evaluation_layout(learner, False, torch.device("cpu")) is torch.channels_last
+    assert evaluation_layout(learner, True, torch.device("cpu")) is None
+    tasks = image_tasks(5)
+    learner.execution = "loop"
+    before = [p.detach().clone() for p in learner.parameters()]
+    a = evaluate(learner, tasks, steps=(0, 1, 2), chunk=2)
+    for p, q in zip(learner.parameters(), before):  # weights go back to their layout, values untouched
+        assert p.is_contiguous() and torch.equal(p, q)
+    learner.execution = "vmap"  # vmap keeps the input layout
+    b = evaluate(learner, tasks, steps=(0, 1, 2), chunk=2)
+    for key in a:
+        assert a[key]["mean"] == pytest.approx(b[key]["mean"], rel=1e-10, abs=1e-12)
+
+
 def test_compile_marker_registered(pytestconfig):
     assert any(m.startswith("compile:") for m in pytestconfig.getini("markers"))
 

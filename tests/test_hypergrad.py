@@ -19,6 +19,7 @@ from allmap.hypergrad import (
     resolve,
 )
 from allmap.inner import gradient_descent, sgd
+from allmap.inner.loop import monotone_descent
 from allmap.nets import MLP
 
 D = torch.float64
@@ -283,6 +284,61 @@ def test_imaml_meta_gradient_equals_closed_form_on_linear_regression():
         total = total + ((qx @ phi - qy) ** 2).mean()
     (want,) = torch.autograd.grad(total / len(tasks), theta)
     assert torch.allclose(net.weight.grad, want, atol=1e-9)
+
+
+def test_monotone_descent_equals_plain_descent_when_steps_are_stable_and_stops_divergence():
+    a_mat, a, b, theta = quadratic()
+    loss = support_loss_of(a_mat, a)
+    start = {"w": theta.detach()}
+    steps = list(range(31))
+    plain = gradient_descent(loss, start, sgd(0.2), 30, record=steps)  # lr < 2 / curvature: the loss falls
+    assert torch.stack([loss(p) for p in plain]).diff().lt(0).all()
+    for p, q in zip(plain, monotone_descent(loss, start, sgd(0.2), 30, record=steps)):
+        assert torch.equal(p["w"], q["w"])
+    # with Adam (not a descent method) the loss along the safeguarded path never rises (beyond rounding)
+    safe = torch.stack([loss(p) for p in monotone_descent(loss, start, allmap.inner.adam(0.5), 30, record=steps)])
+    assert (safe.diff() <= 1.5e-8 * safe[:-1]).all() and safe[-1] < 0.2 * safe[0]
+    # lr far above 2 / (largest curvature): plain descent blows up, the safeguarded one converges to a
+    big = 2.0 / float(torch.linalg.eigvalsh(a_mat)[-1])
+    assert not torch.isfinite(gradient_descent(loss, start, sgd(20 * big), 2000)["w"]).all()
+    assert torch.allclose(monotone_descent(loss, start, sgd(20 * big), 2000)["w"], a, atol=1e-8)
+
+
+def test_monotone_descent_under_vmap_keeps_one_step_size_per_task():
+    # task i has curvature c_i; lr 0.5 is stable for c = 1 and unstable for c = 10 and 50
+    curv = torch.tensor([1.0, 10.0, 50.0], dtype=D)
+    target = torch.tensor([1.0, -2.0, 3.0], dtype=D)
+
+    def solve(c, t):
+        return monotone_descent(lambda p: 0.5 * c * ((p["w"] - t) ** 2).sum(), {"w": torch.zeros(2, dtype=D)},
+                                sgd(0.5), 60)["w"]
+
+    batched = torch.func.vmap(solve)(curv, target)
+    for i in range(3):
+        assert torch.equal(batched[i], solve(curv[i], target[i]))
+        assert torch.allclose(batched[i], target[i].expand(2), atol=1e-6)
+
+
+def test_imaml_safeguard_keeps_diverging_tasks_finite():
+    # inner_lr 5 on a steep regression diverges without the safeguard; the implicit gradient stays the
+    # closed form with it (the solution is the same, only the path changes)
+    fam = allmap.tasks.LinearRegression(dim=3, shots=8, queries=6)
+    tasks = fam.sample(2, torch.Generator().manual_seed(3)).to(dtype=D)
+    tasks = type(tasks)(3 * tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, tasks.info)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1, bias=False).double()
+    grads = {}
+    for safeguard in (False, True):
+        net.zero_grad()
+        learner = allmap.IMAML(net, lam=2.0, inner_lr=5.0, inner_steps=300, cg_iterations=3, tol=1e-12,
+                               safeguard=safeguard, on_fail="ignore")
+        learner.meta_loss(tasks).backward()
+        grads[safeguard] = net.weight.grad.clone()
+    assert not torch.isfinite(grads[False]).all()
+    reference = allmap.IMAML(net, lam=2.0, inner_lr=0.01, inner_steps=5000, cg_iterations=3, tol=1e-12)
+    net.zero_grad()
+    reference.meta_loss(tasks).backward()
+    assert torch.allclose(grads[True], net.weight.grad, atol=1e-9)
 
 
 # -- forward mode -----------------------------------------------------------------------------------------

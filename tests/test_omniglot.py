@@ -51,6 +51,19 @@ def test_archives_load_shapes_and_ink(data):
     assert float(data.images[:, :, 0, 0].max()) < 0.5
 
 
+@pytest.mark.parametrize("resize, pil_filter", [("bilinear", Image.BILINEAR), ("lanczos", Image.LANCZOS)])
+def test_resize_filters_match_pillow(resize, pil_filter):
+    from allmap.tasks.omniglot import preprocess
+
+    raw = np.load(ROOT / "images_background.npz")["images"][:12, :3]  # True = paper
+    ours = preprocess(torch.from_numpy(raw), 28, resize).numpy()
+    pil = np.stack([[1.0 - np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((28, 28), pil_filter),
+                                       np.float32) / 255 for a in row] for row in raw])
+    assert np.abs(ours - pil).max() < 0.005  # Pillow rounds to 1/255 (and between its two passes)
+    with pytest.raises(ValueError, match="unknown resize filter 'nearest'; expected one of bilinear, lanczos"):
+        preprocess(torch.from_numpy(raw), 28, "nearest")
+
+
 def test_official_layout_folder_and_zip_give_the_same_tensors(data, tmp_path):
     _write_release(tmp_path / "release", PICKS)
     folder = load_omniglot(tmp_path / "release", cache_dir=tmp_path / "cache", complete=False)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from allmap.hypergrad.base import Strategy, register
 from allmap.hypergrad.checkpointed import _in_transform
-from allmap.inner.loop import gradient_descent
+from allmap.inner.loop import gradient_descent, monotone_descent
 from allmap.inner.optim import InnerOptimizer, Params
 
 __all__ = ["Implicit", "ImplicitSolveWarning", "ImplicitSolveError", "conjugate_gradient", "conjugate_gradient_fixed",
@@ -186,6 +186,10 @@ class Implicit(Strategy):
         on_fail: what to do if the solve ends above ``tol``: ``"warn"`` (an :class:`ImplicitSolveWarning`
             with the residual), ``"raise"`` (:class:`ImplicitSolveError`) or ``"ignore"``.
         alpha: step of the Neumann series (``||I - alpha A|| < 1`` is needed to converge).
+        safeguard: solve the inner problem with :func:`allmap.inner.loop.monotone_descent` (a step that
+            raises the regularised loss is rejected and the task's step size halved). The implicit gradient
+            depends on the solution, not on the path to it, so this only changes tasks whose plain descent
+            would diverge (curvature above ``2 / inner_lr``). ``False``: plain descent.
 
     The residual of the last solve is kept in ``last_residual``.
 
@@ -208,6 +212,7 @@ class Implicit(Strategy):
         tol: float = 1e-2,
         on_fail: str = "warn",
         alpha: float = 1.0,
+        safeguard: bool = True,
     ) -> None:
         if not lam > 0:
             raise ValueError(f"implicit: expected the regularisation lam > 0, got {lam!r}.")
@@ -226,6 +231,7 @@ class Implicit(Strategy):
         self.tol = float(tol)
         self.on_fail = on_fail
         self.alpha = float(alpha)
+        self.safeguard = bool(safeguard)
         self._last_residual: float | None = None
 
     @property
@@ -280,6 +286,13 @@ class Implicit(Strategy):
 
         return objective
 
+    def solve_inner(
+        self, loss: Callable[[Params], Tensor], theta: Params, optimizer: InnerOptimizer, record: Sequence[int]
+    ) -> list[Params]:
+        """The inner solves ``argmin_phi loss(phi) + lam/2 ||phi - theta||^2`` after each step count in ``record``."""
+        descend = monotone_descent if self.safeguard else gradient_descent
+        return descend(self.regularised(loss, theta), theta, optimizer, max(record), record=record)
+
     def run(
         self,
         loss: Callable[[Params], Tensor],
@@ -293,7 +306,7 @@ class Implicit(Strategy):
         names = list(params)
         theta = [params[k] for k in names]
         if not torch.is_grad_enabled():  # evaluation: no meta-gradient wanted, so plain (and vmappable)
-            return gradient_descent(self.regularised(loss, params), params, optimizer, max(record), record=record)
+            return self.solve_inner(loss, params, optimizer, record)
         if _in_transform(theta):
             raise ValueError(
                 "implicit: cannot run inside torch.func transforms (vmap/grad/jvp), because its backward "
@@ -302,7 +315,7 @@ class Implicit(Strategy):
         closure = [t for t in closure if isinstance(t, Tensor)]
         with torch.no_grad():
             start = {k: v.detach() for k, v in params.items()}
-            path = gradient_descent(self.regularised(loss, start), start, optimizer, max(record), record=record)
+            path = self.solve_inner(loss, start, optimizer, record)
         out = []
         for r, phi in zip(record, path):
             if r == 0:

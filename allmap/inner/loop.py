@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from allmap.inner.optim import InnerOptimizer, Params, apply_updates
 
-__all__ = ["gradient_descent", "inner_step", "stop_gradient"]
+__all__ = ["gradient_descent", "inner_step", "monotone_descent", "stop_gradient"]
 
 
 def stop_gradient(tree: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -73,6 +74,54 @@ def gradient_descent(
     state = optimizer.init(params)
     for step in range(1, total + 1):
         params, state = inner_step(grad_fn, params, state, optimizer, first_order=first_order)
+        if step in wanted:
+            path[step] = params
+    if record:
+        return [path[k] for k in record]
+    return params
+
+
+def _where(keep: Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``keep`` else ``old``, leaf by leaf (non-tensor leaves, e.g. step counts, take ``new``)."""
+    return tree_map(lambda a, b: torch.where(keep, a, b) if isinstance(a, Tensor) else a, new, old)
+
+
+def monotone_descent(
+    loss: Callable[[Params], Tensor],
+    params: Params,
+    optimizer: InnerOptimizer,
+    steps: int,
+    *,
+    record: Sequence[int] = (),
+) -> Params | list[Params]:
+    """:func:`gradient_descent` that never lets the loss rise: a step whose loss is higher than the current one
+    (or not finite) is rejected and the step size halved, ``theta_{t+1} = theta_t + s_t u_t`` if
+    ``L(theta_t + s_t u_t) <= L(theta_t) (1 + sqrt(eps))``, else ``theta_{t+1} = theta_t`` and
+    ``s_{t+1} = s_t / 2`` (``s_0 = 1``; ``eps`` the dtype's machine epsilon, so rounding noise at the minimum
+    is not taken for a rise).
+
+    For inner problems whose solution, not the path to it, carries the meta-gradient (iMAML's implicit
+    gradient): a curvature above ``2 / lr`` on some task then slows that task's solve instead of sending it to
+    infinity. Branch-free (``torch.where`` on each task's own loss), so it runs under ``vmap`` with one step
+    size per task; one gradient evaluation per step, as plain descent, plus one at the start. No graph is
+    meant to be built through it (call it under ``torch.no_grad``).
+    """
+    grad_and_value = torch.func.grad_and_value(loss)
+    grads, value = grad_and_value(params)
+    scale = torch.ones_like(value)
+    slack = torch.finfo(value.dtype).eps ** 0.5  # rounding near the minimum must not count as a rise
+    total = max(record) if record else steps
+    wanted = set(record)
+    path: dict[int, Params] = {0: params} if 0 in wanted else {}
+    state = optimizer.init(params)
+    for step in range(1, total + 1):
+        updates, new_state = optimizer.update(grads, state, params)
+        candidate = {k: params[k] + scale * updates[k] for k in params}
+        new_grads, new_value = grad_and_value(candidate)
+        keep = torch.isfinite(new_value) & (new_value <= value + slack * value.abs())
+        params, grads = _where(keep, candidate, params), _where(keep, new_grads, grads)
+        state, value = _where(keep, new_state, state), torch.where(keep, new_value, value)
+        scale = torch.where(keep, scale, 0.5 * scale)
         if step in wanted:
             path[step] = params
     if record:

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from allmap.hypergrad import Implicit
 from allmap.hypergrad.checkpointed import _in_transform
-from allmap.inner.loop import gradient_descent
 from allmap.inner.optim import Params
 from allmap.learners.base import LossFn, functional_forward
 from allmap.learners.maml import MAML
@@ -45,7 +44,8 @@ class IMAML(MAML):
         model, inner_lr, inner_steps, loss, inner_optimizer, adapt_only: as in :class:`MAML`.
         lam: proximal regularisation strength (the paper uses 0.5 to 2 on Omniglot).
         cg_iterations: conjugate-gradient iterations of the implicit solve (the paper uses 5).
-        solver, damping, tol, on_fail: see :class:`allmap.hypergrad.Implicit`.
+        solver, damping, tol, on_fail, safeguard: see :class:`allmap.hypergrad.Implicit` (``safeguard``, on by
+            default, rejects inner steps that raise the regularised support loss and halves that task's step).
         vectorize: as in :class:`MAML` (under ``vmap`` the solve's residual is not checked per task; run with
             ``vectorize=False`` to get the ``on_fail`` warning or error).
 
@@ -67,6 +67,7 @@ class IMAML(MAML):
         damping: float = 0.0,
         tol: float = 1e-2,
         on_fail: str = "warn",
+        safeguard: bool = True,
         loss: str | LossFn = "mse",
         inner_optimizer: str = "sgd",
         adapt_only: Sequence[str] | None = None,
@@ -79,7 +80,8 @@ class IMAML(MAML):
                 "with lam, cg_iterations, solver, damping, tol, on_fail; or use MAML(hypergrad=...)."
             )
         strategy = _TrainingSurrogateImplicit(
-            lam=lam, iterations=cg_iterations, solver=solver, damping=damping, tol=tol, on_fail=on_fail
+            lam=lam, iterations=cg_iterations, solver=solver, damping=damping, tol=tol, on_fail=on_fail,
+            safeguard=safeguard,
         )
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, loss=loss,
                          inner_optimizer=inner_optimizer, adapt_only=adapt_only, vectorize=vectorize,
@@ -109,7 +111,7 @@ class IMAML(MAML):
 
         start = {k: v.detach() for k, v in theta.items()}
         with torch.no_grad():
-            phi = gradient_descent(strategy.regularised(support, start), start, self.optimizer(), self.inner_steps)
+            (phi,) = strategy.solve_inner(support, start, self.optimizer(), [self.inner_steps])
             v = torch.func.grad(query)(phi)
             # Hessian-vector products by reverse over reverse (H is symmetric, so a vjp of the gradient is H x);
             # the linearisation is built once and reused by every CG iteration

@@ -9,7 +9,8 @@ Two source layouts are read, and give the same tensors:
   (1-964 background, 965-1623 evaluation) and ``DD`` the drawing (01-20).
 
 Preprocessing follows the few-shot literature (Vinyals et al. 2016, Finn et al. 2017, Snell et al. 2017):
-invert so ink is 1.0 and paper 0.0, then resize 105x105 -> 28x28 with an antialiased bilinear filter.
+invert so ink is 1.0 and paper 0.0, then resize 105x105 -> 28x28 with an antialiased filter (bilinear, or
+Pillow's Lanczos with ``resize="lanczos"``).
 Rotations by 90/180/270 degrees are applied at sampling time (see :mod:`allmap.tasks.episodes`), so they
 cost no memory. The preprocessed tensor is cached on disk (``cache_dir``), keyed by the source files'
 size and modification time, so a second start takes well under a second.
@@ -96,18 +97,48 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ALLMAP_CACHE", Path.home() / ".cache" / "allmap"))
 
 
-def preprocess(raw: Tensor, size: int = 28) -> Tensor:
+RESIZE_FILTERS = ("bilinear", "lanczos")
+
+
+def _lanczos_matrix(n_in: int, n_out: int) -> Tensor:
+    """``[n_out, n_in]`` weights of a Lanczos-3 resize, as Pillow computes them: the kernel
+    ``sinc(x) sinc(x / 3)`` on ``|x| < 3``, stretched by the scale when shrinking, each row normalised."""
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    support = 3.0 * stretch
+    rows = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+        x = (torch.arange(lo, hi, dtype=torch.float64) - center + 0.5) / stretch
+        w = torch.sinc(x) * torch.sinc(x / 3) * (x.abs() < 3)
+        rows[i, lo:hi] = w / w.sum()
+    return rows.float()
+
+
+def _resize(ink: Tensor, size: int, resize: str) -> Tensor:
+    """Resize ``[B, 1, H, W]`` ink images to ``size x size``, clipped to [0, 1]."""
+    if resize == "bilinear":
+        return F.interpolate(ink, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    rows, cols = _lanczos_matrix(ink.shape[-2], size), _lanczos_matrix(ink.shape[-1], size)
+    return (rows @ (ink @ cols.T).clamp_(0.0, 1.0)).clamp_(0.0, 1.0)  # clipped between passes, like Pillow
+
+
+def preprocess(raw: Tensor, size: int = 28, resize: str = "bilinear") -> Tensor:
     """Bool images ``[..., 105, 105]`` (True = paper) -> float32 ``[..., size, size]`` with ink 1.0.
 
-    Antialiased bilinear resize (``torch.nn.functional.interpolate(antialias=True)``), done in chunks so
-    memory stays small.
+    ``resize="bilinear"``: antialiased bilinear (``torch.nn.functional.interpolate(antialias=True)``, equal
+    to Pillow's ``BILINEAR`` to 0.004). ``resize="lanczos"``: Pillow's ``LANCZOS`` (once ``ANTIALIAS``, the
+    filter of the MAML code's resize script), reproduced to 0.004 (1/255). Done in chunks so memory stays
+    small.
     """
+    if resize not in RESIZE_FILTERS:
+        raise ValueError(f"Omniglot: unknown resize filter {resize!r}; expected one of {', '.join(RESIZE_FILTERS)}.")
     lead = raw.shape[:-2]
     flat = raw.reshape(-1, 1, *raw.shape[-2:])
     out = torch.empty(flat.shape[0], 1, size, size)
     for i in range(0, flat.shape[0], 4096):
-        ink = 1.0 - flat[i : i + 4096].float()
-        out[i : i + 4096] = F.interpolate(ink, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i : i + 4096] = _resize(1.0 - flat[i : i + 4096].float(), size, resize)
     return out.clamp_(0.0, 1.0).reshape(*lead, size, size)
 
 
@@ -282,8 +313,10 @@ def _sources(root: Path) -> tuple[str, dict[str, Path]]:
     )
 
 
-def _fingerprint(files: dict[str, Path], size: int, complete: bool) -> str:
+def _fingerprint(files: dict[str, Path], size: int, complete: bool, resize: str) -> str:
     h = hashlib.sha256(f"v{PREPROCESS_VERSION}|{size}|{complete}".encode())
+    if resize != "bilinear":  # keeps the names of caches written before the option existed
+        h.update(f"|{resize}".encode())
     for name in sorted(files):
         path = files[name]
         paths = [path] if path.is_file() else sorted(path.rglob("*"))
@@ -298,6 +331,7 @@ def load_omniglot(
     size: int = 28,
     cache_dir: str | os.PathLike | None = None,
     complete: bool = True,
+    resize: str = "bilinear",
 ) -> OmniglotData:
     """All of Omniglot from ``root`` (NumPy archives or the official release), preprocessed and cached.
 
@@ -309,6 +343,7 @@ def load_omniglot(
             string ``""`` is not allowed, pass ``None`` for the default.
         complete: require the whole release (964 + 659 characters). ``False`` accepts a subset of an
             official-layout folder (still verified character by character).
+        resize: the resize filter, ``"bilinear"`` or ``"lanczos"`` (see :func:`preprocess`).
 
     Returns:
         :class:`OmniglotData` with characters in official order.
@@ -321,9 +356,11 @@ def load_omniglot(
     root = Path(root).expanduser()
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"load_omniglot: expected size to be a positive integer, got {size!r}.")
+    if resize not in RESIZE_FILTERS:
+        raise ValueError(f"load_omniglot: unknown resize filter {resize!r}; expected one of {', '.join(RESIZE_FILTERS)}.")
     kind, files = _sources(root)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_file = cache / f"omniglot-{kind}-{_fingerprint(files, size, complete)}.pt"
+    cache_file = cache / f"omniglot-{kind}-{_fingerprint(files, size, complete, resize)}.pt"
     if cache_file.is_file():
         try:
             saved = torch.load(cache_file, weights_only=True)
@@ -348,7 +385,7 @@ def load_omniglot(
             names += alph
     alphabets = tuple(dict.fromkeys(names))
     data = OmniglotData(
-        preprocess(torch.from_numpy(np.concatenate(raws)), size),
+        preprocess(torch.from_numpy(np.concatenate(raws)), size, resize),
         torch.from_numpy(np.concatenate(numbers)).long(),
         torch.tensor([alphabets.index(n) for n in names], dtype=torch.long),
         alphabets,
@@ -396,6 +433,7 @@ class Omniglot(Episodes):
             protocol (Santoro et al. 2016; Vinyals et al. 2016), ``(0,)`` in Lake et al.'s.
         within_alphabet: all N classes of an episode from one alphabet (Lake et al. 2015).
         size: image side after resizing (28).
+        resize: resize filter, ``"bilinear"`` (antialiased) or ``"lanczos"`` (Pillow's; see :func:`preprocess`).
         cache_dir: where the preprocessed tensor is cached (see :func:`load_omniglot`).
 
     Loaded data are also kept in memory per process, so a training and a test family share them.
@@ -418,11 +456,12 @@ class Omniglot(Episodes):
         within_alphabet: bool = False,
         size: int = 28,
         cache_dir: str | os.PathLike | None = None,
+        resize: str = "bilinear",
     ) -> None:
         root = _resolve_root(root)
-        key = (str(root.resolve()), size, str(cache_dir))
+        key = (str(root.resolve()), size, str(cache_dir), resize)
         if key not in _MEMORY:
-            _MEMORY[key] = load_omniglot(root, size=size, cache_dir=cache_dir)
+            _MEMORY[key] = load_omniglot(root, size=size, cache_dir=cache_dir, resize=resize)
         if protocol not in PROTOCOLS:
             raise ValueError(f"Omniglot: unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}.")
         name = PROTOCOLS[protocol].get(split, split)

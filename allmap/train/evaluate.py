@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from allmap.learners.base import Learner
-from allmap.learners.execution import evaluation_vmap
+from allmap.learners.execution import evaluation_layout, evaluation_vmap
 from allmap.tasks.batch import TaskBatch
 
 __all__ = ["evaluate", "summarize", "fixed_tasks", "format_results", "step_names"]
@@ -46,6 +46,24 @@ def _per_task(learner: Learner, steps: Sequence[int]):
     return metrics
 
 
+def _convert_weights(learner: Learner, layout: torch.memory_format | None) -> Callable[[], None]:
+    """Store ``learner``'s 4-d parameters in ``layout`` (the same values) and return the function that puts
+    them back as they were. NHWC convolutions want NHWC weights as well as NHWC inputs: with NCHW weights
+    the evaluation was no faster."""
+    if layout is None:
+        return lambda: None
+    saved = [(p, p.data) for p in learner.parameters() if p.dim() == 4 and not p.is_contiguous(memory_format=layout)]
+    for p, data in saved:
+        p.data = data.contiguous(memory_format=layout)
+
+    def restore() -> None:
+        for p, data in saved:
+            p.data = data
+        saved.clear()
+
+    return restore
+
+
 def evaluate(
     learner: Learner,
     tasks: TaskBatch,
@@ -58,7 +76,8 @@ def evaluate(
     adaptation); one-shot learners (metric, amortised) once. Adaptation computes inner gradients, but no
     meta-gradient is kept, so it runs under ``torch.inference_mode`` (``no_grad`` for learners that call
     ``torch.autograd`` while adapting). Tasks run under ``vmap`` per chunk of ``chunk`` tasks, or one at a
-    time for convolution nets on CPU (see :func:`allmap.learners.execution.evaluation_vmap`).
+    time for convolution nets on CPU, run in NHWC layout (see :func:`allmap.learners.execution.evaluation_vmap`
+    and :func:`~allmap.learners.execution.evaluation_layout`).
     Returns ``{"loss@1": {"mean", "ci95", "std", "n"}, ...}``.
     """
     names = step_names(learner, steps)
@@ -66,9 +85,18 @@ def evaluate(
     fn = _per_task(learner, steps)
     device = next(learner.parameters()).device
     use_vmap = evaluation_vmap(learner, device)
+    layout = [evaluation_layout(learner, use_vmap, device)]  # dropped if the model needs NCHW
+
+    def one_task(args: tuple[Tensor, ...], i: int) -> tuple[Tensor, ...]:
+        task = tuple(a[i] for a in args)
+        if layout[0] is None:
+            return task
+        return tuple(a.contiguous(memory_format=layout[0]) if a.dim() == 4 else a for a in task)
+
     batched = torch.func.vmap(fn, randomness="different")
     was_training = learner.training
     learner.eval()
+    restore = _convert_weights(learner, layout[0])
     parts = []
     grad_mode = torch.inference_mode  # no meta-graph; torch.func.grad in the inner loop still works under it
     try:
@@ -81,13 +109,19 @@ def evaluate(
                         if use_vmap:  # first order only here, so vmap is exact even with BatchNorm
                             parts.append(batched(*args))
                         else:
-                            parts.append(torch.stack([fn(*(a[i] for a in args)) for i in range(len(part))]))
+                            parts.append(torch.stack([fn(*one_task(args, i)) for i in range(len(part))]))
                     break
-                except RuntimeError as err:  # a learner calling torch.autograd inside adapt: inference
-                    if grad_mode is torch.no_grad or "nference" not in str(err):  # tensors can't be saved
+                except RuntimeError as err:
+                    if layout[0] is not None:  # e.g. a model calling .view() on a convolution's output
+                        layout[0] = None
+                        restore()
+                        continue
+                    # a learner calling torch.autograd inside adapt: inference tensors can't be saved
+                    if grad_mode is torch.no_grad or "nference" not in str(err):
                         raise
                     grad_mode = torch.no_grad
     finally:
+        restore()
         learner.train(was_training)
     values = torch.cat(parts).cpu()  # [tasks, steps, 2]
     results = {}
