@@ -188,8 +188,9 @@ class Implicit(Strategy):
         alpha: step of the Neumann series (``||I - alpha A|| < 1`` is needed to converge).
         safeguard: solve the inner problem with :func:`allmap.inner.loop.monotone_descent` (a step that
             raises the regularised loss is rejected and the task's step size halved). The implicit gradient
-            depends on the solution, not on the path to it, so this only changes tasks whose plain descent
-            would diverge (curvature above ``2 / inner_lr``). ``False``: plain descent.
+            depends on the solution, not on the path to it; this changes only steps that would raise the
+            loss (curvature above about ``2 / inner_lr`` along them), which plain descent takes and which
+            can make it oscillate or diverge. ``False``: plain descent.
 
     The residual of the last solve is kept in ``last_residual``.
 

@@ -128,8 +128,8 @@ def preprocess(raw: Tensor, size: int = 28, resize: str = "bilinear") -> Tensor:
     """Bool images ``[..., 105, 105]`` (True = paper) -> float32 ``[..., size, size]`` with ink 1.0.
 
     ``resize="bilinear"``: antialiased bilinear (``torch.nn.functional.interpolate(antialias=True)``, equal
-    to Pillow's ``BILINEAR`` to 0.004). ``resize="lanczos"``: Pillow's ``LANCZOS`` (once ``ANTIALIAS``, the
-    filter of the MAML code's resize script), reproduced to 0.004 (1/255). Done in chunks so memory stays
+    to Pillow's ``BILINEAR`` to 0.004). ``resize="lanczos"``: Pillow's ``LANCZOS`` (called ``ANTIALIAS``
+    before Pillow 10), reproduced to 0.004 (1/255). Done in chunks so memory stays
     small.
     """
     if resize not in RESIZE_FILTERS:
