@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from allmap.train.averaging import averaged
 from allmap.train.build import build_family
 from allmap.train.config import load_config
 from allmap.train.evaluate import evaluate, fixed_tasks
@@ -68,7 +69,7 @@ class Budget:
                "process_cpu_minutes": round((time.process_time() - self.cpu0 - self.cpu_paused) / 60, 2),
                "load_avg_1m": round(os.getloadavg()[0], 2)}
         for name, tasks in self.suites.items():
-            res = evaluate(learner, tasks, steps=self.steps, chunk=self.chunk)
+            res = evaluate(averaged(learner), tasks, steps=self.steps, chunk=self.chunk)  # as the run reports
             row[name] = {k: [round(100 * v["mean"], 3), round(100 * v["ci95"], 3)] for k, v in res.items()
                          if k.startswith("accuracy")}
         row["eval_seconds"] = round(time.perf_counter() - t0, 1)

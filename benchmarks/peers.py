@@ -409,6 +409,13 @@ def table(results: dict[str, list[dict]], ws: dict[str, Workload]) -> str:
             peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
             lines.append(f"| {name} | {r['impl']} | {r['tasks_per_s']:.1f} | {r['seconds']:.3f} | {peak} | {ratio} "
                          f"| {mem} | {diff} | {err} | {'; '.join(n for n in notes if n)} |")
+    for name, rows in results.items():  # the compiled path against learn2learn (issue 5's sinusoid target)
+        by = {r["impl"]: r for r in rows if "tasks_per_s" in r}
+        if "allmap+compile" in by and "learn2learn" in by:
+            c, l2l = by["allmap+compile"], by["learn2learn"]["tasks_per_s"]
+            amortised = (f" ({c['amortised_tasks_per_s'] / l2l:.1f}x with the compile time amortised over "
+                         f"{RUN_ITERATIONS:,} iterations)" if "amortised_tasks_per_s" in c else "")
+            lines.append(f"{name}: allmap+compile / learn2learn = {c['tasks_per_s'] / l2l:.1f}x{amortised}")
     lines.append("")
     lines.append("ratio > 1: allmap is faster. rel. diff: ||g - g_allmap|| / ||g_allmap|| of the meta-gradients "
                  "computed in float64 (allmap+compile: float32); float32 error: the timed float32 meta-gradient "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +59,14 @@ def test_protonet_reference_smoke():
                           "4"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
     row = json.loads(out.strip().splitlines()[-1])
     assert row["episodes"] >= 1 and row["lr"] == 1e-3 and 0 <= row["5w1s"][0] <= 100
+
+
+def test_mixed_precision_smoke(capsys):
+    assert _load("mixed_precision").main(["--ways", "5", "--steps", "2", "--warmup", "1", "--hidden", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| float32") or line.startswith("| bfloat16")]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)
+    cost = json.loads(out.strip().splitlines()[-1])
+    # bfloat16 keeps about 3 significant digits: close to float32, but not equal
+    assert 0 < cost["embedding_rel_diff"] < 0.05 and 0 < cost["gradient_rel_diff"] < 0.2
+    assert cost["gradient_cosine"] > 0.98

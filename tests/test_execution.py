@@ -262,7 +262,8 @@ def tiny_float_maml() -> allmap.MAML:
     return allmap.MAML(nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)), inner_lr=0.1, inner_steps=1)
 
 
-def test_compile_fallback_on_failure(monkeypatch):
+@pytest.mark.parametrize("backward", [False, True])  # meta_loss().backward() and meta_backward (functional)
+def test_compile_fallback_on_failure(monkeypatch, backward):
     learner = tiny_float_maml()
     tasks = allmap.tasks.Sinusoid(shots=4).sample(3, torch.Generator().manual_seed(0))
     ref_loss, ref_grads = grads_of(learner, tasks, "vmap")
@@ -274,12 +275,12 @@ def test_compile_fallback_on_failure(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*backend exploded"):
-        loss, grads = grads_of(learner, tasks, "vmap+compile")
+        loss, grads = grads_of(learner, tasks, "vmap+compile", backward=backward)
     assert "backend exploded" in learner.execution_stats["compile_failed"]
     assert torch.equal(loss, ref_loss) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once; later calls run eagerly
-        grads_of(learner, tasks, "vmap+compile")
+        grads_of(learner, tasks, "vmap+compile", backward=backward)
 
 
 @pytest.mark.compile
@@ -296,6 +297,33 @@ def test_compile_matches_eager_and_reports_time():
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
     grads_of(learner, tasks, "vmap+compile")  # cached: no second compilation for the same shapes
     assert learner.execution_stats["compiles"] == 1
+
+
+@pytest.mark.compile
+def test_compiled_meta_backward_is_one_functional_gradient_equal_to_backward():
+    """meta_backward under vmap+compile: the meta-gradient as one compiled torch.func.grad, float64, equal to
+    eager meta_loss().backward(); learned inner rates (Meta-SGD) and a frozen tensor included."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    learner = allmap.MetaSGD(net, inner_lr=0.1, inner_steps=2)
+    net[0].bias.requires_grad_(False)  # frozen: used, never trained
+    tasks = allmap.tasks.Sinusoid(shots=4).sample(5, torch.Generator().manual_seed(0)).to(dtype=torch.float64)
+    learner.execution = "vmap"
+    ref_loss = learner.meta_loss(tasks)
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in learner.named_parameters() if p.requires_grad}
+    for chunk in (None, 2):  # the whole meta-batch, and chunks of 2 tasks (three compiled shapes: 5, 2, 1)
+        learner.execution = "vmap+compile" if chunk is None else "vmap(2)+compile"
+        learner.zero_grad(set_to_none=True)
+        loss = learner.meta_backward(tasks)
+        assert loss.grad_fn is None and "compile_failed" not in learner.execution_stats
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        for n, p in learner.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, ref[n], rtol=1e-10, atol=1e-13)
+            else:
+                assert p.grad is None
+    assert learner.execution_stats["compiles"] == 3 and learner.execution_stats["compile_seconds"] > 0
 
 
 def test_meta_backward_whole_loss_strategies_run_in_one_pass(monkeypatch):

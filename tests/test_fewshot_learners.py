@@ -208,6 +208,25 @@ def test_channels_last_is_the_same_function_and_meta_gradient(cls):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [Conv4, MAMLConv])
+def test_bfloat16_precision_is_mixed_and_leaves_float64_exact(cls):
+    torch.manual_seed(0)
+    full = cls(hidden=8, out_features=3)
+    mixed = cls(hidden=8, out_features=3, precision="bfloat16")
+    mixed.load_state_dict(full.state_dict())
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        out, ref = mixed(x), full(x)
+    assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in mixed.parameters())
+    err = float((out - ref).norm() / ref.norm())
+    assert 1e-6 < err < 0.05  # bfloat16 rounding: about 3 significant digits, not float32's 7
+    # autocast leaves float64 alone: gradient checks of a bfloat16 model stay exact
+    with torch.no_grad():
+        torch.testing.assert_close(mixed.double()(x.double()), full.double()(x.double()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="precision to be one of float32, bfloat16, got 'half'"):
+        cls(hidden=8, precision="half")
+
+
 # -- on Omniglot -----------------------------------------------------------------------------------------
 @needs_omniglot
 @pytest.mark.parametrize("name", ["protonet", "matching", "siamese"])

@@ -59,6 +59,7 @@ def _weights(learner):
     ("sinusoid-metasgd", []),
     # random directions: the strategy's generator state travels in the checkpoint
     ("sinusoid-maml", ["learner.hypergrad=finite_difference(directions=4, eps=0.01)"]),
+    ("sinusoid-metasgd", ["ema=0.9"]),  # the weight average (what train returns) travels in the checkpoint too
 ])
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, preset, extra):
     config = load_config(preset, TINY + extra)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from allmap.inner.optim import Params
 from allmap.nets.norm import BatchStatNorm
-from allmap.learners.execution import (Execution, Plan, chunk_ranges, compiled_cache, examples_per_task, plan,
+from allmap.learners.execution import (Execution, Plan, chunk_ranges, compiled_cache, compiled_meta_gradient,
+                                      examples_per_task, functional_eligible, plan,
                                       resolve_execution, task_losses)
 from allmap.tasks.batch import TaskBatch, _shape
 
@@ -169,16 +170,24 @@ class Learner(nn.Module):
                     if self.per_task_meta_loss and not whole else n)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"meta_backward: expected chunk to be a positive integer or None, got {chunk!r}.")
-        if size >= n:
-            loss = self._checked_meta_loss(tasks) * scale
-            loss.backward()
-            return loss.detach()
         total = None
-        for start, stop in chunk_ranges(n, size):
-            part = self._checked_meta_loss(tasks[start:stop]) * (scale * (stop - start) / n)
-            part.backward()
-            total = part.detach() if total is None else total + part.detach()
+        for start, stop in chunk_ranges(n, size) if size < n else [(0, n)]:
+            part = self._chunk_backward(tasks if size >= n else tasks[start:stop], scale * (stop - start) / n)
+            total = part if total is None else total + part
         return total
+
+    def _chunk_backward(self, tasks: TaskBatch, scale: float) -> Tensor:
+        """Accumulate the gradient of ``scale * meta_loss(tasks)``; return that loss, detached. Compiled
+        vectorised plans compute it as one compiled ``torch.func.grad`` (no autograd engine at run time)."""
+        p = plan(self, len(tasks), tasks.support_x.device, examples_per_task(tasks))
+        if torch.is_grad_enabled() and functional_eligible(self, p) and p.chunk >= len(tasks):
+            args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
+            loss = compiled_meta_gradient(self, p, args, scale)
+            if loss is not None:
+                return loss
+        loss = self._checked_meta_loss(tasks) * scale
+        loss.backward()
+        return loss.detach()
 
     def _checked_meta_loss(self, tasks: TaskBatch) -> Tensor:
         """``meta_loss`` of tasks already validated (skips the label checks, which synchronise with the host)."""

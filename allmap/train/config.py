@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 100,
     "checkpoint_every": 1000,
     "on_nonfinite": "raise",
+    "ema": None,
     "task": {"family": "sinusoid"},
     "model": {"name": "mlp"},
     "learner": {"name": "maml"},
@@ -147,7 +148,7 @@ def validate(config: dict[str, Any]) -> None:
     for key in _POSITIVE_INTS:
         if not _is_int(config[key]) or config[key] < 1:
             raise ConfigError(f"config key {key!r} must be a positive integer, got {config[key]!r}.")
-    missing = sorted(set(DEFAULTS) - set(config) - {"on_nonfinite"})
+    missing = sorted(set(DEFAULTS) - set(config) - {"on_nonfinite", "ema"})
     if missing:
         raise ConfigError(f"config key(s) {missing} are missing; start from a preset (`allmap show NAME`).")
     ev = config["eval"]
@@ -182,6 +183,11 @@ def validate(config: dict[str, Any]) -> None:
     if config.get("on_nonfinite", "raise") not in ("raise", "skip"):
         raise ConfigError(f"config key 'on_nonfinite' must be 'raise' (stop with an error naming the iteration) or "
                           f"'skip' (skip that meta-batch and count it in the metrics log), got {config['on_nonfinite']!r}.")
+    ema = config.get("ema")
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
+        raise ConfigError(f"config key 'ema' must be null (evaluate the last weights) or a decay in (0, 1) such as "
+                          f"0.998 (evaluate an exponential moving average of the weights over about "
+                          f"1 / (1 - decay) steps), got {ema!r}.")
     if not isinstance(config["device"], str):
         raise ConfigError(f"config key 'device' must be a string such as 'auto', 'cpu' or 'cuda', got {config['device']!r}.")
 

@@ -25,6 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from allmap.learners.base import Learner
+from allmap.train.averaging import WeightAverage, averaged
 from allmap.train.build import apply_host_settings, build_family, build_learner, build_optimizer, resolve_device
 from allmap.train.checkpoint import CheckpointError, loads_checkpoint, read_verified, save_checkpoint
 from allmap.train.config import ConfigError, apply_overrides, dump_config, validate
@@ -114,6 +115,8 @@ class _Trainer:
         ctx.broadcast_tensors(list(self.learner.state_dict().values()))  # as DDP does: rank 0's weights
         self.params = list(self.learner.parameters())
         self.optimizer = build_optimizer(config, self.learner)
+        # with `ema`, validation and the final test use an exponential moving average of the weights
+        self.average = WeightAverage(self.learner, config["ema"]) if config.get("ema") is not None else None
         self.generator = torch.Generator().manual_seed(config["seed"])
         ev = config["eval"]
         self.val_tasks = fixed_tasks(families["val"], ev["val_tasks"], ev["seed"] + 1)
@@ -136,6 +139,7 @@ class _Trainer:
             "hypergrad": _strategy_state(self.learner),
             "pending": pending,
             "skipped": self.skipped,
+            **({"averaged": self.average.state_dict()} if self.average is not None else {}),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -148,6 +152,8 @@ class _Trainer:
             if strategy is not None:
                 strategy.load_state_dict(state.get("hypergrad", {}))
             self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
+            if self.average is not None:
+                self.average.load_state_dict(state["averaged"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {str(self.run.checkpoint)!r} does not fit this run's config: "
                                   f"{str(err).splitlines()[0]}") from None
@@ -213,11 +219,18 @@ class _Trainer:
                 return stop
             self.consecutive = 0
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update(self.learner)
         self.pending.append(torch.stack([loss.float(), finite.float()]))
         return stop
 
+    @property
+    def model(self) -> Learner:
+        """The learner that validation and the final test evaluate: the weight average if there is one."""
+        return averaged(self.learner)
+
     def validate(self) -> dict[str, float]:
-        res = evaluate_sharded(self.learner, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx)
+        res = evaluate_sharded(self.model, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx)
         return {f"val_{k.split('@')[0]}": v["mean"] for k, v in res.items()}
 
     def save(self) -> None:
@@ -297,7 +310,9 @@ def train(config: dict[str, Any], out_dir: str | Path, progress: bool = True,
 
     Under torchrun every rank calls this with the same arguments. If torchrun restarted the worker group
     (``--max-restarts``) and ``out_dir`` holds a checkpoint of this same config, the run continues from it.
-    ``callback(iteration, learner)`` runs after every iteration (tests use it to interrupt a run).
+    ``callback(iteration, learner)`` runs after every iteration (tests use it to interrupt a run);
+    ``allmap.train.averaging.averaged(learner)`` is the model to evaluate there (the weight average with ``ema``).
+    Returns the trained learner: the weight average when the config sets ``ema``.
     """
     ctx = current()
     run = RunDir(out_dir)
@@ -318,8 +333,8 @@ def train(config: dict[str, Any], out_dir: str | Path, progress: bool = True,
     if _from_main(ctx, prepare) == b"resume":
         return resume(out_dir, progress=progress, callback=callback)
     trainer.fit(callback)
-    finish(run.path, trainer.learner, config, ctx)
-    return trainer.learner
+    finish(run.path, trainer.model, config, ctx)
+    return trainer.model
 
 
 def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True,
@@ -352,8 +367,8 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bo
     trainer = _Trainer(config, run, progress, ctx)
     trainer.restore(state)
     trainer.fit(callback)
-    finish(run.path, trainer.learner, config, ctx)
-    return trainer.learner
+    finish(run.path, trainer.model, config, ctx)
+    return trainer.model
 
 
 def protocol(config: dict[str, Any], family, n: int) -> str:

@@ -57,7 +57,8 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load(run_dir: str | Path, device: str | torch.device | None = None) -> Learner:
-    """The trained learner of a run folder (weights of its latest checkpoint), in eval mode.
+    """The trained learner of a run folder (weights of its latest checkpoint, their average if the run set
+    ``ema``), in eval mode.
 
     Example:
         >>> learner = allmap.load("runs/sine")            # doctest: +SKIP
@@ -71,5 +72,6 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> Learn
     state = load_checkpoint(RunDir(run_dir).checkpoint, map_location="cpu")
     if "learner" not in state:
         raise CheckpointError(f"checkpoint of {str(run_dir)!r} has no learner weights.")
-    learner.load_state_dict(state["learner"])
+    # a run with `ema` is evaluated with its weight average (allmap.train.averaging)
+    learner.load_state_dict(state["averaged"]["module"] if "averaged" in state else state["learner"])
     return learner.to(device).eval()
