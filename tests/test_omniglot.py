@@ -11,6 +11,9 @@ import torch
 from PIL import Image
 
 from allmap.tasks import ClassImages, Episodes, Omniglot, load_omniglot
+from allmap.tasks.episodes import translate
+from allmap.train.build import build_family
+from allmap.train.config import load_config
 from allmap.tasks.omniglot import PROTOCOLS, SPLITS
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -188,6 +191,36 @@ def test_seeded_episodes_repeat_exactly():
     again = family.fixed(30, seed=5, batch=7)
     assert sum(len(t) for t in fixed) == 30
     assert all(torch.equal(x.query_x, y.query_x) for x, y in zip(fixed, again))
+
+
+def test_shift_translates_each_image_by_its_own_seeded_offset():
+    # one lit pixel per image: after translate it sits at its old place minus the image's offset
+    x = torch.zeros(40, 1, 12, 12)
+    x[:, 0, 5, 6] = 1.0
+    moved = translate(x, 2, torch.Generator().manual_seed(0))
+    offset = torch.randint(0, 5, (2, 40), generator=torch.Generator().manual_seed(0)) - 2  # the same draw
+    where = torch.nonzero(moved[:, 0])  # [40, 3]: image, row, col; exactly one pixel each
+    assert where.shape == (40, 3) and torch.equal(where[:, 0], torch.arange(40))
+    assert torch.equal(where[:, 1], 5 - offset[0]) and torch.equal(where[:, 2], 6 - offset[1])
+    assert len(torch.unique(offset.T, dim=0)) > 10  # offsets differ across images
+    # in episodes: seeded (repeats exactly), applied to support and query, only where asked
+    plain = Omniglot(ROOT, split="train", ways=5, shots=1, queries=3)
+    shifted = Omniglot(ROOT, split="train", ways=5, shots=1, queries=3, shift=2)
+    a = shifted.sample(4, torch.Generator().manual_seed(3))
+    b = shifted.sample(4, torch.Generator().manual_seed(3))
+    c = plain.sample(4, torch.Generator().manual_seed(3))
+    assert torch.equal(a.query_x, b.query_x) and torch.equal(a.support_y, c.support_y)
+    assert not torch.equal(a.support_x, c.support_x) and not torch.equal(a.query_x, c.query_x)
+    ink, ink0 = a.query_x.sum((-1, -2)), c.query_x.sum((-1, -2))
+    assert bool((ink <= ink0 + 1e-4).all()) and float(ink.sum()) > 0.97 * float(ink0.sum())  # ink moves, little is cut
+    with pytest.raises(ValueError, match="shift .* integer in \\[0, 27\\], got 28"):
+        Omniglot(ROOT, split="train", shift=28)
+
+
+def test_run_configs_shift_training_episodes_only():
+    config = load_config("omniglot-5w1s-protonet", ["task.shift=2"])
+    assert build_family(config, "train").shift == 2
+    assert build_family(config, "val").shift == 0 and build_family(config, "test").shift == 0
 
 
 def test_support_and_query_images_are_distinct_drawings():

@@ -83,7 +83,7 @@ class Conv4(nn.Module):
             60-way ProtoNets step (360 images) 1.5x faster here; per-task MAML steps (80 images) were no faster.
         precision: ``"float32"`` (default) or ``"bfloat16"``: mixed precision, the blocks under
             ``torch.autocast`` with bfloat16 (about 8 significant bits), weights and output in float32. On a
-            CPU with AVX-512 BF16 it made the 60-way ProtoNets step 1.7x faster here
+            CPU with AVX-512 BF16 it made the 60-way ProtoNets step 1.6x faster here
             (``benchmarks/mixed_precision.py``); it changes results at the level of bfloat16 rounding.
 
     Example:

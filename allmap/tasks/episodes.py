@@ -27,13 +27,24 @@ from torch import Tensor
 
 from allmap.tasks.batch import TaskBatch
 
-__all__ = ["ClassImages", "Episodes", "EpisodeStream", "gaussian_classes"]
+__all__ = ["ClassImages", "Episodes", "EpisodeStream", "gaussian_classes", "translate"]
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{owner}: expected {name} to be a positive integer, got {value!r}.")
     return value
+
+
+def translate(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
+    """Images ``[M, C, H, W]``, each moved by its own random offset ``(dy, dx)`` in ``[-shift, shift]^2``
+    (uniform integers from ``generator``), zero filled: one padded gather, no per-image Python."""
+    m, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))
+    offset = torch.randint(0, 2 * shift + 1, (2, m), generator=generator)
+    rows = (torch.arange(h)[None] + offset[0][:, None])[:, None, :, None]  # [M, 1, H, 1]
+    cols = (torch.arange(w)[None] + offset[1][:, None])[:, None, None, :]  # [M, 1, 1, W]
+    return padded[torch.arange(m)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,10 @@ class Episodes:
         rotations: angles in degrees (multiples of 90) whose rotated copies are separate classes; ``(0,)``
             for none. Rotations by 90/270 need square images.
         within_group: draw all classes of an episode from one group (needs ``data.group``).
+        shift: augmentation: every sampled image is translated by a random offset of up to ``shift``
+            pixels in each direction (zero fill; :func:`translate`), drawn from the episode generator, so
+            seeded episodes still repeat exactly. ``0`` (default): none. Run configs apply it to the
+            training split only.
 
     ``sample(n, generator)`` returns a :class:`~allmap.TaskBatch` with ``support_x [n, N*K, C, H, W]``,
     ``support_y [n, N*K]`` (int64 in ``0..N-1``), ``query_x [n, N*Q, C, H, W]``, ``query_y [n, N*Q]``.
@@ -117,6 +132,7 @@ class Episodes:
         queries: int = 15,
         rotations: Sequence[int] = (0,),
         within_group: bool = False,
+        shift: int = 0,
     ) -> None:
         if not isinstance(data, ClassImages):
             raise TypeError(f"Episodes: expected data to be an allmap.tasks.ClassImages, got {type(data).__name__}.")
@@ -132,6 +148,10 @@ class Episodes:
             raise ValueError(f"Episodes: rotations by 90/270 degrees need square images, got {h}x{w}.")
         self.rotations = rotations
         self.within_group = bool(within_group)
+        if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < min(h, w):
+            raise ValueError(f"Episodes: expected shift (random translation in pixels) to be an integer in "
+                             f"[0, {min(h, w) - 1}], got {shift!r}.")
+        self.shift = shift
         need = self.shots + self.queries
         small = torch.nonzero(data.counts < need).flatten()
         if len(small):
@@ -199,6 +219,8 @@ class Episodes:
             flat = x.flatten(-2)  # [n, N, K+Q, C, H*W]
             index = self._pixel_perms[rot][:, :, None, None, :].expand(flat.shape)
             x = torch.gather(flat, -1, index).view(x.shape)
+        if self.shift:
+            x = translate(x.flatten(0, 2), self.shift, generator).view(x.shape)
         y = torch.arange(self.ways).view(1, self.ways, 1).expand(n, self.ways, need)
         k = self.shots
         info = {"classes": classes}

@@ -167,7 +167,8 @@ class ImageFolder(Episodes):
         channels: int = 3,
         rotations: tuple[int, ...] | list[int] = (0,),
         cache_dir: str | os.PathLike | None = None,
+        shift: int = 0,
     ) -> None:
         data = load_image_folder(root, split, size=size, channels=channels, cache_dir=cache_dir)
-        super().__init__(data, ways, shots, queries, rotations)
+        super().__init__(data, ways, shots, queries, rotations, shift=shift)
         self.split = split

@@ -435,6 +435,8 @@ class Omniglot(Episodes):
         size: image side after resizing (28).
         resize: resize filter, ``"bilinear"`` (antialiased) or ``"lanczos"`` (Pillow's; see :func:`preprocess`).
         cache_dir: where the preprocessed tensor is cached (see :func:`load_omniglot`).
+        shift: random translation of up to ``shift`` pixels per image (augmentation; see
+            :class:`~allmap.tasks.Episodes`); run configs apply it to training episodes only.
 
     Loaded data are also kept in memory per process, so a training and a test family share them.
 
@@ -457,6 +459,7 @@ class Omniglot(Episodes):
         size: int = 28,
         cache_dir: str | os.PathLike | None = None,
         resize: str = "bilinear",
+        shift: int = 0,
     ) -> None:
         root = _resolve_root(root)
         key = (str(root.resolve()), size, str(cache_dir), resize)
@@ -471,7 +474,7 @@ class Omniglot(Episodes):
             )
         data = _MEMORY[key].split(name)
         self.split, self.protocol = name, protocol
-        super().__init__(data.classes(), ways, shots, queries, rotations, within_group=within_alphabet)
+        super().__init__(data.classes(), ways, shots, queries, rotations, within_group=within_alphabet, shift=shift)
 
     def describe(self) -> str:
         """The protocol in words, written next to every reported number."""
