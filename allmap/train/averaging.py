@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["WeightAverage", "check_decay", "averaged"]
+__all__ = ["WeightAverage", "check_decay", "is_decay", "averaged"]
 
 #: trained module -> its WeightAverage (weak: gone with the module)
 _AVERAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -34,11 +34,16 @@ def averaged(module: nn.Module) -> nn.Module:
     return module if average is None else average.module
 
 
+def is_decay(decay: Any) -> bool:
+    """Whether ``decay`` is a number in (0, 1) (the run config and :class:`WeightAverage` both check this)."""
+    return not isinstance(decay, bool) and isinstance(decay, (int, float)) and 0 < decay < 1
+
+
 def check_decay(decay: Any, owner: str = "ema") -> float:
     """``decay`` as a float in (0, 1), or a clear error."""
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+    if not is_decay(decay):
         raise ValueError(f"{owner}: expected the averaging decay to be a number in (0, 1) such as 0.998 (an "
-                         f"average over about 1 / (1 - decay) = 500 steps), or null for no averaging; got {decay!r}.")
+                         f"average over about 1 / (1 - decay) steps, 500 for 0.998), or None for no averaging; got {decay!r}.")
     return float(decay)
 
 
@@ -49,7 +54,7 @@ class WeightAverage:
         >>> net = nn.Linear(2, 1)
         >>> avg = WeightAverage(net, decay=0.9)
         >>> with torch.no_grad():
-        ...     net.weight.add_(1.0)
+        ...     _ = net.weight.add_(1.0)
         >>> avg.update(net)  # first step: d_0 = min(0.9, 1/10) = 0.1
         >>> bool(torch.allclose(avg.module.weight, net.weight - 0.1))
         True
@@ -66,9 +71,14 @@ class WeightAverage:
         own, src = self.module.state_dict(), module.state_dict()
         if own.keys() != src.keys():
             raise ValueError(f"WeightAverage: the module's state keys changed; expected {sorted(own)}, got {sorted(src)}.")
-        floats = [k for k, v in own.items() if v.is_floating_point()]
-        others = [(own[k], src[k]) for k in own if k not in floats]
-        return [own[k] for k in floats], [src[k] for k in floats], others
+        avg, cur, others = [], [], []
+        for k, a in own.items():
+            if a.is_floating_point():
+                avg.append(a)
+                cur.append(src[k])
+            else:
+                others.append((a, src[k]))
+        return avg, cur, others
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from allmap.train.averaging import is_decay
+
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "apply_overrides", "list_presets", "preset_path", "dump_config"]
 
 DEFAULTS: dict[str, Any] = {
@@ -184,7 +186,7 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError(f"config key 'on_nonfinite' must be 'raise' (stop with an error naming the iteration) or "
                           f"'skip' (skip that meta-batch and count it in the metrics log), got {config['on_nonfinite']!r}.")
     ema = config.get("ema")
-    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
+    if ema is not None and not is_decay(ema):
         raise ConfigError(f"config key 'ema' must be null (evaluate the last weights) or a decay in (0, 1) such as "
                           f"0.998 (evaluate an exponential moving average of the weights over about "
                           f"1 / (1 - decay) steps), got {ema!r}.")
