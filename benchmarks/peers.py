@@ -17,7 +17,10 @@ the data are available (``$ALLMAP_OMNIGLOT`` or ../shared/data/omniglot), else r
 Implementations: ``allmap`` (automatic execution: ``vmap`` for the MLP, a per-task loop with backward per
 task for conv nets on CPU), ``allmap+compile`` (``torch.compile``; compile time reported and amortised over
 a 70,000-iteration run), ``allmap-1pass`` (conv only: the same loop but one backward for the whole
-meta-batch, to show what backward-per-task saves), and the peers' documented MAML patterns.
+meta-batch, to show what backward-per-task saves), and the peers' documented MAML patterns. On conv4
+workloads the peers run the network their users write (torch modules in learn2learn's block order, NCHW;
+:func:`textbook_conv4`, the same parameters and function), and ``learn2learn@Conv4`` runs learn2learn on
+allmap's ``Conv4``, so the table shows what allmap's network gives apart from what its learners give.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from allmap.learners.execution import examples_per_task
 from allmap.learners.protonet import ProtoNet
 from allmap.nets import MLP, Conv4
 from allmap.tasks.batch import TaskBatch
+from allmap.train.allocator import retain_freed_memory
 from allmap.train.evaluate import evaluate
 
 PEERS = ("learn2learn", "higher", "torchopt")
@@ -247,11 +251,32 @@ def _native_batch_statistics(model: nn.Module) -> None:
             without_running_stats(m)
 
 
+def textbook_conv4(model: Conv4) -> nn.Sequential:
+    """``model``'s parameters in the conv4 a peer's user runs: torch modules in the order of learn2learn's own
+    ``ConvBlock`` (conv -> BatchNorm -> ReLU -> max-pool, NCHW), then flatten and the linear head. The same
+    function and the same Parameter objects as allmap's :class:`~allmap.nets.Conv4` (which pools before the
+    ReLU and runs NHWC on CPU: the speed-ups a peer would not have)."""
+    layers = list(model.body.layers)
+    blocks = []
+    for i in range(0, len(layers), 4):
+        conv, norm, pool, relu = layers[i : i + 4]
+        blocks += [conv, norm, nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*blocks, nn.Flatten(), model.head)
+
+
+def base_impl(impl: str) -> str:
+    """``learn2learn@Conv4`` (a peer on allmap's network) runs the code of ``learn2learn``."""
+    return impl.split("@")[0]
+
+
 def build_model(w: Workload, impl: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The workload's model with seed 0; peers get torch BatchNorm in batch-statistics mode (allmap.MAML
-    switches BatchNorm itself)."""
+    switches BatchNorm itself) and, for conv4, :func:`textbook_conv4` of it (``PEER@Conv4``: allmap's
+    ``Conv4`` itself)."""
     torch.manual_seed(0)
     model = w.model().to(dtype)
+    if not impl.startswith("allmap") and isinstance(model, Conv4) and not impl.endswith("@Conv4"):
+        model = textbook_conv4(model)
     if w.kind != "protonet" and not impl.startswith("allmap"):
         _native_batch_statistics(model)
     return model
@@ -293,8 +318,8 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
     _load_code()
     out: dict = {"impl": impl, "workload": name}
     if w.kind == "eval":
-        run = eval_run(impl, w, model, tasks)
-        run_small = eval_run(impl, w, model, tasks[: max(1, len(tasks) // 50)])
+        run = eval_run(base_impl(impl), w, model, tasks)
+        run_small = eval_run(base_impl(impl), w, model, tasks[: max(1, len(tasks) // 50)])
         run_small()  # warm-up
         gc.collect()
         base, peak_ok = _rss_mb("VmRSS"), _reset_peak()
@@ -304,7 +329,7 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
         out.update(tasks_per_s=len(tasks) / seconds, seconds=seconds, grad=acc.tolist())
     else:
         build = maml_step if w.kind == "maml" else protonet_step
-        step, params, learner = build(impl, w, model, tasks)
+        step, params, learner = build(base_impl(impl), w, model, tasks)
         if impl == "allmap+compile":  # compile first (timed in execution_stats), so peak memory is the run's
             step()
         gc.collect()
@@ -346,7 +371,7 @@ def float64_gradient(w: Workload, impl: str, tasks: TaskBatch) -> list[float]:
     the float64 one), so agreement between implementations is checked in float64."""
     model = build_model(w, impl, torch.float64)
     build = maml_step if w.kind == "maml" else protonet_step
-    step, params, _ = build(impl, w, model, tasks.to(dtype=torch.float64))
+    step, params, _ = build(base_impl(impl), w, model, tasks.to(dtype=torch.float64))
     for p in params:
         p.grad = None
     step()
@@ -354,13 +379,18 @@ def float64_gradient(w: Workload, impl: str, tasks: TaskBatch) -> list[float]:
 
 
 def implementations(w: Workload, smoke: bool) -> list[str]:
+    """What runs on ``w``: allmap's variants, the peers on their own network, and for conv4 learn2learn on
+    allmap's ``Conv4`` too (``learn2learn@Conv4``), which separates what the network gives from what the
+    learner gives."""
+    conv = ["learn2learn@Conv4"] if w.name.startswith(("conv", "eval", "protonet")) else []
     if w.kind == "maml":
         extra = ["allmap-1pass"] if w.name.startswith("conv") else ([] if smoke else ["allmap+compile"])
-        return ["allmap", *extra, *PEERS]
-    return ["allmap", "learn2learn"]
+        return ["allmap", *extra, *PEERS, *conv]
+    return ["allmap", "learn2learn", *conv]
 
 
 def available(peer: str) -> bool:
+    peer = base_impl(peer)
     if not peer.startswith(PEERS):
         return True
     return peer in sys.modules or importlib.util.find_spec(peer) is not None
@@ -370,7 +400,8 @@ def run_child(name: str, impl: str, args: argparse.Namespace) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     cmd = [sys.executable, __file__, "--child", name, impl, "--iters", str(args.iters), "--warmup",
-           str(args.warmup), "--out", path] + (["--smoke"] if args.smoke else [])
+           str(args.warmup), "--out", path] + (["--smoke"] if args.smoke else []) + (
+           ["--retain-memory"] if args.retain_memory else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     try:
         if proc.returncode != 0:
@@ -434,9 +465,14 @@ def main(argv: list[str] | None = None) -> int:
                         "allmap-1pass, learn2learn, higher, torchopt), or 'all'")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, in-process, no compile: seconds")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--retain-memory", action="store_true",
+                        help="every implementation's process keeps freed memory (allmap.train.allocator, what "
+                             "`allmap train` does by default); off: glibc's defaults for everyone")
     parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.retain_memory:
+        retain_freed_memory()
     if args.child:
         name, impl = args.child
         res = measure(name, impl, args.iters or 1, args.warmup, args.smoke)
@@ -450,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in PEERS if not available(p)]
     if missing:
         print(f"note: peer(s) not installed, skipped: {', '.join(missing)} (pip install allmap[bench])")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+          + (", freed memory retained (--retain-memory)" if args.retain_memory else ""))
     results: dict[str, list[dict]] = {}
     for name in names:
         rows = []

@@ -193,8 +193,12 @@ def test_channels_last_is_the_same_function_and_meta_gradient(cls):
     nhwc = cls(hidden=4, out_features=3, channels_last=True).double()
     nhwc.load_state_dict(nchw.state_dict())
     assert nhwc.body.layers[0].weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []  # the strides each first convolution is given: one channel, so only stride(1) tells NHWC
+    for net in (nchw, nhwc):
+        net.body.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].stride(1)))
     x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
     torch.testing.assert_close(nhwc(x), nchw(x), rtol=1e-12, atol=1e-12)
+    assert seen == [1, 784]  # NHWC strides even for one channel (contiguous(channels_last) keeps NCHW's)
     g = torch.Generator().manual_seed(0)
     y = torch.arange(3).repeat(2, 2)
     tasks = allmap.TaskBatch(torch.randn(2, 6, 1, 28, 28, generator=g, dtype=torch.float64), y,
@@ -202,6 +206,7 @@ def test_channels_last_is_the_same_function_and_meta_gradient(cls):
     grads = []
     for net in (nchw, nhwc):
         learner = allmap.MAML(net, inner_lr=0.3, inner_steps=2, loss="cross_entropy")
+        learner.execution = "loop"  # vmap keeps the given layout
         learner.meta_loss(tasks).backward()
         grads.append([p.grad for p in learner.parameters()])
     for a, b in zip(*grads):
@@ -269,3 +274,13 @@ def test_maml_runs_unchanged_on_omniglot_episodes():
     assert_vmap_equals_loop(fo, tasks, grad_rtol=1e-9)
     res = evaluate(maml, tasks, steps=[0, 1, 3])
     assert set(res) == {"loss@0", "accuracy@0", "loss@1", "accuracy@1", "loss@3", "accuracy@3"}
+
+
+def test_nhwc_gives_nhwc_strides_even_for_one_channel():
+    from allmap.nets.conv import nhwc
+
+    for c in (1, 3):
+        x = torch.randn(2, c, 5, 4)
+        y = nhwc(x)
+        assert torch.equal(y, x) and y.stride() == (20 * c, 1, 4 * c, c)
+        assert nhwc(y) is y  # already NHWC: no copy

@@ -270,3 +270,40 @@ def test_batch_stat_norm_equals_batchnorm_and_is_exact_under_vmap():
     names = [n for n, _ in learner.named_parameters()]
     values = tuple(p.detach().clone().requires_grad_(True) for p in learner.parameters())
     assert gradcheck(lambda *v: _call(learner, names, v, tasks), values, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_first_order_only_uses_fused_batch_norm_with_the_same_values_and_gradients():
+    from allmap.nets import BatchStatNorm
+    from allmap.nets import norm as norm_module
+    from allmap.nets.norm import first_order_only
+
+    torch.manual_seed(0)
+    layer = BatchStatNorm(4, dim=1).to(D)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5), layer.bias.normal_()
+    x = torch.randn(3, 4, 5, 5, dtype=D)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p):
+        return (torch.func.functional_call(layer, p, (x,)) ** 3).sum()
+
+    states = []
+    fused = norm_module._fused
+
+    def spy() -> bool:
+        states.append(fused())
+        return states[-1]
+
+    norm_module._fused = spy
+    try:
+        plain = torch.func.grad(loss)(params)
+        with first_order_only():
+            quick = torch.func.grad(loss)(params)
+            batched = torch.func.vmap(torch.func.grad(loss), in_dims=({"weight": 0, "bias": 0},))(
+                {k: torch.stack([v, v]) for k, v in params.items()})
+    finally:
+        norm_module._fused = fused
+    assert states == [False, True, False]  # grad: formula; first_order_only: fused; under vmap: formula
+    for k in params:
+        torch.testing.assert_close(quick[k], plain[k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(batched[k][1], plain[k], rtol=1e-10, atol=1e-12)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 from PIL import Image
 
 from allmap.tasks import ClassImages, Episodes, Omniglot, load_omniglot
-from allmap.tasks.episodes import translate
+from allmap.tasks.episodes import affine, translate, warp
 from allmap.train.build import build_family
 from allmap.train.config import load_config
 from allmap.tasks.omniglot import PROTOCOLS, SPLITS
@@ -217,10 +219,44 @@ def test_shift_translates_each_image_by_its_own_seeded_offset():
         Omniglot(ROOT, split="train", shift=28)
 
 
-def test_run_configs_shift_training_episodes_only():
-    config = load_config("omniglot-5w1s-protonet", ["task.shift=2"])
-    assert build_family(config, "train").shift == 2
-    assert build_family(config, "val").shift == 0 and build_family(config, "test").shift == 0
+def test_affine_turns_and_zooms_about_the_centre():
+    x = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    one, zero = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    torch.testing.assert_close(affine(x, zero, one), x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(affine(x, zero + math.pi / 2, one), torch.rot90(x, 1, (2, 3)), atol=1e-12, rtol=0)
+    torch.testing.assert_close(affine(x, zero + math.pi, one), torch.rot90(x, 2, (2, 3)), atol=1e-12, rtol=0)
+    # zoom 2: the centre 3x3 of a 6x6 image fills it; output pixel (i, j) samples input (1.25 + i/2, 1.25 + j/2)
+    big = affine(x, zero, one * 2)
+    ref = torch.nn.functional.interpolate(x, size=(12, 12), mode="bilinear", align_corners=False)[..., 3:9, 3:9]
+    torch.testing.assert_close(big, ref, atol=1e-12, rtol=0)
+
+
+def test_warp_augments_episodes_seeded_and_within_bounds():
+    x = torch.zeros(50, 1, 28, 28)
+    x[:, 0, 10:18, 13:15] = 1.0  # a vertical bar: a turn tilts it, a zoom lengthens or shortens it
+    a = warp(x, 10, 0.1, torch.Generator().manual_seed(0))
+    b = warp(x, 10, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    ink = a.sum((1, 2, 3)) / x.sum((1, 2, 3))  # area scales by zoom^2 within [0.9^2, 1.1^2]
+    assert bool((ink > 0.9**2 - 0.02).all() and (ink < 1.1**2 + 0.02).all()) and float(ink.std()) > 0.02
+    torch.testing.assert_close(warp(x, 0, 0, torch.Generator()), x, atol=1e-6, rtol=0)
+    family = Omniglot(ROOT, split="train", ways=5, shots=1, queries=3, rotate=10, scale=0.1)
+    plain = Omniglot(ROOT, split="train", ways=5, shots=1, queries=3)
+    t, u = (f.sample(2, torch.Generator().manual_seed(3)) for f in (family, plain))
+    assert torch.equal(t.support_y, u.support_y) and not torch.equal(t.query_x, u.query_x)
+    torch.testing.assert_close(t.query_x.sum(), u.query_x.sum(), rtol=0.1, atol=0)
+    for bad in ({"rotate": 180}, {"rotate": -1}, {"scale": 1.0}, {"scale": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} .* in \\[0, "):
+            Omniglot(ROOT, split="train", **bad)
+
+
+def test_run_configs_augment_training_episodes_only():
+    config = load_config("omniglot-5w1s-protonet", ["task.shift=2", "task.rotate=10", "task.scale=0.1"])
+    train_family = build_family(config, "train")
+    assert (train_family.shift, train_family.rotate, train_family.scale) == (2, 10.0, 0.1)
+    for split in ("val", "test"):
+        family = build_family(config, split)
+        assert (family.shift, family.rotate, family.scale) == (0, 0.0, 0.0)
 
 
 def test_support_and_query_images_are_distinct_drawings():

@@ -43,9 +43,15 @@ The automatic rule (``mode="auto"``, what ``vectorize=None`` means) follows meas
 Evaluation (:func:`allmap.train.evaluate.evaluate`, first order, under ``torch.inference_mode``) uses the
 same rule without the BatchNorm exception (:func:`evaluation_vmap`). When it runs a convolution net one task
 at a time on CPU, it stores the 4-d weights and feeds the images in NHWC (``channels_last``) layout for the
-duration of the call (:func:`evaluation_layout`): conv4 MAML episodes ran 1.3x faster (17.5-17.7 against
-12.9-13.4 episodes/s; NCHW max-pooling is slow on CPU); NHWC images with NCHW weights were no faster
-(13.3-13.7). Training keeps the user's layout: second-order conv4 steps were no faster in NHWC.
+duration of the call (:func:`evaluation_layout`; NCHW max-pooling and BatchNorm are several times slower on
+CPU), and its inner loop calls torch's fused ``batch_norm`` (:func:`allmap.nets.norm.first_order_only`:
+3 steps of adaptation on a 5-image support set took 15 instead of 23 ms). One-channel images need
+:func:`allmap.nets.conv.nhwc`: they are contiguous in both layouts, so ``contiguous(channels_last)`` kept their
+NCHW strides and the first, largest block ran NCHW; with that fixed, a 600-episode conv4 MAML evaluation went
+from 9.8 to about 20 episodes/s here (``benchmarks/peers.py``, torch 2.13, with the fused BatchNorm).
+Training keeps the model's layout (``Conv4(channels_last=True)`` opts in): NHWC made a second-order conv4
+task (5-way 1-shot, 15 queries) about 1.15x faster, but torch's NHWC BatchNorm is less precise in float32
+and second-order meta-gradients amplify it (see :class:`allmap.nets.Conv4`).
 
 Set it per learner with ``learner.execution = Execution(...)`` (or a spec string ``"loop"``, ``"vmap(4)"``,
 ``"loop(8)+compile"``), or in a config file as ``learner: {..., execution: "vmap+compile"}``.

@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Conv4", "MAMLConv"]
+from allmap.nets.norm import under_vmap
+
+__all__ = ["Conv4", "MAMLConv", "nhwc"]
 
 
 def _check(owner: str, in_channels: int, hidden: int, out_features: int | None) -> None:
@@ -36,6 +38,17 @@ def _check_precision(owner: str, precision: str) -> None:
         raise ValueError(f"{owner}: expected precision to be one of {', '.join(PRECISIONS)}, got {precision!r}. "
                          "'bfloat16' runs the blocks under torch.autocast (mixed precision: weights and the "
                          "returned embedding stay float32).")
+
+
+def nhwc(x: Tensor) -> Tensor:
+    """``x [N, C, H, W]`` in NHWC (``channels_last``) memory layout, with NHWC strides even where the layout
+    is ambiguous. A one-channel batch is contiguous in both layouts, so ``x.contiguous(channels_last)``
+    leaves its NCHW strides, and a convolution whose weight is not NHWC either (MAML's adapted weights
+    ``theta - lr * g`` are not) then runs NCHW: the first conv4 block, the largest, ran NCHW and its
+    BatchNorm and max-pooling took several times as long."""
+    if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
+        return x
+    return x.clone(memory_format=torch.channels_last)  # NHWC strides for one channel too
 
 
 class _Blocks(nn.Module):
@@ -57,8 +70,9 @@ class _Blocks(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last and torch._C._functorch.maybe_current_level() is None:  # vmap can't reorder
-            x = x.contiguous(memory_format=torch.channels_last)
+        # vmap cannot reorder memory (grad transforms can); compiled graphs pick their own layouts
+        if self.channels_last and not torch.compiler.is_compiling() and not under_vmap():
+            x = nhwc(x)
         # bfloat16: convolutions, BatchNorm and pooling of float32 inputs run in bfloat16 (autocast leaves
         # float64 alone, so gradient checks stay exact); the embedding is returned in float32, so distances,
         # heads and losses downstream keep full precision.
@@ -79,8 +93,13 @@ class Conv4(nn.Module):
         out_features: classes of the linear head, or ``None`` for the embedding alone.
         flat_features: size of the flattened body output, needed for the head when images are not 28x28
             (``hidden * 25`` for 84x84); default ``hidden`` (28x28 inputs).
-        channels_last: run the convolutions in NHWC memory layout (the same function). On CPU it made a
-            60-way ProtoNets step (360 images) 1.5x faster here; per-task MAML steps (80 images) were no faster.
+        channels_last: store the weights and run the convolutions in NHWC memory layout (the same
+            function; not applied under ``torch.func.vmap``). On CPU it made a 60-way ProtoNets step (360
+            images) 1.5x faster here and a second-order MAML task (5-way 1-shot, 15 queries) 1.15x;
+            20-way 1-shot 5-step MAML tasks ran the same in both. Off by default: torch's NHWC BatchNorm
+            on CPU accumulates its statistics less precisely in float32 (relative 1e-5 against 5e-8), and
+            second-order meta-gradients amplify it (conv4 MAML, 20-way 5 steps: 12% from the float64
+            meta-gradient in NHWC, 0.9% in NCHW; ``benchmarks/peers.py``).
         precision: ``"float32"`` (default) or ``"bfloat16"``: mixed precision, the blocks under
             ``torch.autocast`` with bfloat16 (about 8 significant bits), weights and output in float32. On a
             CPU with AVX-512 BF16 it made the 60-way ProtoNets step 1.6x faster here

@@ -19,6 +19,7 @@ class ids (rotation included) and ``info["group"] [B]`` the group of within-grou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from allmap.tasks.batch import TaskBatch
 
-__all__ = ["ClassImages", "Episodes", "EpisodeStream", "gaussian_classes", "translate"]
+__all__ = ["ClassImages", "Episodes", "EpisodeStream", "gaussian_classes", "translate", "warp", "affine"]
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
@@ -45,6 +46,25 @@ def translate(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
     rows = (torch.arange(h)[None] + offset[0][:, None])[:, None, :, None]  # [M, 1, H, 1]
     cols = (torch.arange(w)[None] + offset[1][:, None])[:, None, None, :]  # [M, 1, 1, W]
     return padded[torch.arange(m)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def warp(x: Tensor, rotate: float, scale: float, generator: torch.Generator) -> Tensor:
+    """Images ``[M, C, H, W]``, each turned by its own random angle in ``[-rotate, rotate]`` degrees and
+    zoomed by its own factor in ``[1 - scale, 1 + scale]`` about the image centre (uniform draws from
+    ``generator``; see :func:`affine`). The small affine distortions of Koch et al. (2015) for one-shot
+    Omniglot."""
+    u = torch.rand(2, x.shape[0], generator=generator).mul_(2).sub_(1).to(x.device)
+    return affine(x, u[0] * math.radians(rotate), 1 + u[1] * scale)
+
+
+def affine(x: Tensor, angle: Tensor, zoom: Tensor) -> Tensor:
+    """Images ``[M, C, H, W]`` turned counter-clockwise by ``angle [M]`` radians and magnified by
+    ``zoom [M]`` about the image centre, resampled bilinearly with zero fill: one batched ``grid_sample``."""
+    cos, sin, zero = angle.cos() / zoom, angle.sin() / zoom, torch.zeros_like(angle)
+    # grid_sample maps output to input coordinates (x right, y down): the inverse of the turn and zoom.
+    theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1).to(x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,10 @@ class Episodes:
             pixels in each direction (zero fill; :func:`translate`), drawn from the episode generator, so
             seeded episodes still repeat exactly. ``0`` (default): none. Run configs apply it to the
             training split only.
+        rotate, scale: augmentation (:func:`warp`, applied before ``shift``): every sampled image is
+            turned by a random angle of up to ``rotate`` degrees and zoomed by a random factor in
+            ``[1 - scale, 1 + scale]``, zero fill, drawn from the episode generator. ``0`` (default): none.
+            Training split only, like ``shift``.
 
     ``sample(n, generator)`` returns a :class:`~allmap.TaskBatch` with ``support_x [n, N*K, C, H, W]``,
     ``support_y [n, N*K]`` (int64 in ``0..N-1``), ``query_x [n, N*Q, C, H, W]``, ``query_y [n, N*Q]``.
@@ -133,6 +157,8 @@ class Episodes:
         rotations: Sequence[int] = (0,),
         within_group: bool = False,
         shift: int = 0,
+        rotate: float = 0.0,
+        scale: float = 0.0,
     ) -> None:
         if not isinstance(data, ClassImages):
             raise TypeError(f"Episodes: expected data to be an allmap.tasks.ClassImages, got {type(data).__name__}.")
@@ -152,6 +178,11 @@ class Episodes:
             raise ValueError(f"Episodes: expected shift (random translation in pixels) to be an integer in "
                              f"[0, {min(h, w) - 1}], got {shift!r}.")
         self.shift = shift
+        for name, value, top in (("rotate", rotate, 180.0), ("scale", scale, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < top:
+                raise ValueError(f"Episodes: expected {name} (random {'angle in degrees' if top > 1 else 'zoom'} "
+                                 f"augmentation) to be a number in [0, {top:g}), got {value!r}.")
+        self.rotate, self.scale = float(rotate), float(scale)
         need = self.shots + self.queries
         small = torch.nonzero(data.counts < need).flatten()
         if len(small):
@@ -219,6 +250,8 @@ class Episodes:
             flat = x.flatten(-2)  # [n, N, K+Q, C, H*W]
             index = self._pixel_perms[rot][:, :, None, None, :].expand(flat.shape)
             x = torch.gather(flat, -1, index).view(x.shape)
+        if self.rotate or self.scale:
+            x = warp(x.flatten(0, 2), self.rotate, self.scale, generator).view(x.shape)
         if self.shift:
             x = translate(x.flatten(0, 2), self.shift, generator).view(x.shape)
         y = torch.arange(self.ways).view(1, self.ways, 1).expand(n, self.ways, need)

@@ -168,7 +168,9 @@ class ImageFolder(Episodes):
         rotations: tuple[int, ...] | list[int] = (0,),
         cache_dir: str | os.PathLike | None = None,
         shift: int = 0,
+        rotate: float = 0.0,
+        scale: float = 0.0,
     ) -> None:
         data = load_image_folder(root, split, size=size, channels=channels, cache_dir=cache_dir)
-        super().__init__(data, ways, shots, queries, rotations, shift=shift)
+        super().__init__(data, ways, shots, queries, rotations, shift=shift, rotate=rotate, scale=scale)
         self.split = split

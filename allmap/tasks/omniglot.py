@@ -437,6 +437,8 @@ class Omniglot(Episodes):
         cache_dir: where the preprocessed tensor is cached (see :func:`load_omniglot`).
         shift: random translation of up to ``shift`` pixels per image (augmentation; see
             :class:`~allmap.tasks.Episodes`); run configs apply it to training episodes only.
+        rotate, scale: random rotation of up to ``rotate`` degrees and zoom of up to ``scale`` (augmentation;
+            see :class:`~allmap.tasks.Episodes`); training episodes only.
 
     Loaded data are also kept in memory per process, so a training and a test family share them.
 
@@ -460,6 +462,8 @@ class Omniglot(Episodes):
         cache_dir: str | os.PathLike | None = None,
         resize: str = "bilinear",
         shift: int = 0,
+        rotate: float = 0.0,
+        scale: float = 0.0,
     ) -> None:
         root = _resolve_root(root)
         key = (str(root.resolve()), size, str(cache_dir), resize)
@@ -474,7 +478,8 @@ class Omniglot(Episodes):
             )
         data = _MEMORY[key].split(name)
         self.split, self.protocol = name, protocol
-        super().__init__(data.classes(), ways, shots, queries, rotations, within_group=within_alphabet, shift=shift)
+        super().__init__(data.classes(), ways, shots, queries, rotations, within_group=within_alphabet, shift=shift,
+                         rotate=rotate, scale=scale)
 
     def describe(self) -> str:
         """The protocol in words, written next to every reported number."""

@@ -73,7 +73,7 @@ def build_family(config: dict[str, Any], split: str = "train"):
     """The task family of ``config['task']`` for ``split`` (train, val or test).
 
     Evaluation splits take ``eval.shots``/``eval.queries``/``eval.ways`` where set and never the training
-    augmentation ``shift``; families with a ``split`` argument
+    augmentation (``shift``, ``rotate``, ``scale``); families with a ``split`` argument
     (class datasets) receive it, so test tasks come from held-out classes.
     """
     section = dict(config["task"])
@@ -81,7 +81,8 @@ def build_family(config: dict[str, Any], split: str = "train"):
         for key in ("shots", "queries", "ways"):
             if config["eval"].get(key) is not None:
                 section[key] = config["eval"][key]
-        section.pop("shift", None)  # augmentation is for training episodes only
+        for key in ("shift", "rotate", "scale"):  # augmentation is for training episodes only
+            section.pop(key, None)
     if _takes(FAMILIES.get(section["family"]), "split"):
         section.setdefault("split", split)
     return _call("task family", FAMILIES, section, "family")

@@ -10,6 +10,8 @@ from torch import Tensor
 
 from allmap.learners.base import Learner
 from allmap.learners.execution import evaluation_layout, evaluation_vmap
+from allmap.nets.conv import nhwc
+from allmap.nets.norm import first_order_only
 from allmap.tasks.batch import TaskBatch
 
 __all__ = ["evaluate", "summarize", "fixed_tasks", "format_results", "step_names"]
@@ -91,7 +93,7 @@ def evaluate(
         task = tuple(a[i] for a in args)
         if layout[0] is None:
             return task
-        return tuple(a.contiguous(memory_format=layout[0]) if a.dim() == 4 else a for a in task)
+        return tuple(nhwc(a) if a.dim() == 4 else a for a in task)
 
     batched = torch.func.vmap(fn, randomness="different")
     was_training = learner.training
@@ -105,7 +107,7 @@ def evaluate(
             args = (part.support_x, part.support_y, part.query_x, part.query_y)
             while True:
                 try:
-                    with grad_mode():
+                    with grad_mode(), first_order_only():
                         if use_vmap:  # first order only here, so vmap is exact even with BatchNorm
                             parts.append(batched(*args))
                         else:
