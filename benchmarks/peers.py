@@ -255,7 +255,7 @@ def textbook_conv4(model: Conv4) -> nn.Sequential:
     """``model``'s parameters in the conv4 a peer's user runs: torch modules in the order of learn2learn's own
     ``ConvBlock`` (conv -> BatchNorm -> ReLU -> max-pool, NCHW), then flatten and the linear head. The same
     function and the same Parameter objects as allmap's :class:`~allmap.nets.Conv4` (which pools before the
-    ReLU and runs NHWC on CPU: the speed-ups a peer would not have)."""
+    ReLU, so its ReLU is 4x smaller: a speed-up a peer's user would not have)."""
     layers = list(model.body.layers)
     blocks = []
     for i in range(0, len(layers), 4):
