@@ -171,7 +171,7 @@ class Learner(nn.Module):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"meta_backward: expected chunk to be a positive integer or None, got {chunk!r}.")
         total = None
-        for start, stop in chunk_ranges(n, size) if size < n else [(0, n)]:
+        for start, stop in chunk_ranges(n, size):  # one range (0, n) when the chunk holds every task
             part = self._chunk_backward(tasks if size >= n else tasks[start:stop], scale * (stop - start) / n)
             total = part if total is None else total + part
         return total
