@@ -24,10 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import allmap  # noqa: E402
+from allmap.nets.conv import PRECISIONS  # noqa: E402
 from allmap.train.allocator import retain_freed_memory  # noqa: E402
 from allocator import episode  # noqa: E402  (the same fixed episode as the allocator benchmark)
-
-PRECISIONS = ("float32", "bfloat16")
 
 
 def learner(precision: str, hidden: int) -> allmap.ProtoNet:
