@@ -83,12 +83,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from allmap.train.build import apply_host_settings, build_family
+    from allmap.train.build import apply_host_settings, build_family, check_disjoint
     from allmap.train.evaluate import evaluate, format_results, fixed_tasks
     from allmap.train.loop import protocol
     from allmap.train.runs import load, read_config
 
-    config = read_config(args.run_dir)
+    trained = read_config(args.run_dir)
+    config = trained
     extra = list(args.overrides)
     if args.tasks is not None:
         extra.append(f"eval.tasks={args.tasks}")
@@ -101,6 +102,7 @@ def _eval(args: argparse.Namespace) -> int:
     apply_host_settings(config)
     learner = load(args.run_dir)
     family = build_family(config, "test")
+    check_disjoint(build_family(trained, "train"), family)
     ev = config["eval"]
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
     results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"])

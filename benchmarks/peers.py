@@ -53,6 +53,7 @@ from allmap.nets import MLP, Conv4
 from allmap.tasks.batch import TaskBatch
 from allmap.train.allocator import retain_freed_memory
 from allmap.train.evaluate import evaluate
+from allmap.train.forked import children_peak_mb, reset_peak_rss, rss_mb
 
 PEERS = ("learn2learn", "higher", "torchopt")
 RUN_ITERATIONS = 70_000  # the sinusoid-maml preset: compile time is amortised over it
@@ -282,24 +283,6 @@ def build_model(w: Workload, impl: str, dtype: torch.dtype = torch.float32) -> n
     return model
 
 
-def _rss_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
 def _load_code() -> None:
     """Run torch.func and double backward once on a toy, so code loaded on first use is not counted as memory."""
     x = torch.ones(2, 2, requires_grad=True)
@@ -322,18 +305,21 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
         run_small = eval_run(base_impl(impl), w, model, tasks[: max(1, len(tasks) // 50)])
         run_small()  # warm-up
         gc.collect()
-        base, peak_ok = _rss_mb("VmRSS"), _reset_peak()
+        base, peak_ok = rss_mb("VmRSS"), reset_peak_rss()
         start = time.perf_counter()
         acc = run()
         seconds = time.perf_counter() - start
+        children = [m or 0.0 for m in children_peak_mb()] if base_impl(impl) == "allmap" else []
         out.update(tasks_per_s=len(tasks) / seconds, seconds=seconds, grad=acc.tolist())
+        if children:
+            out["plan"] = f"{len(children)} forked processes"
     else:
         build = maml_step if w.kind == "maml" else protonet_step
         step, params, learner = build(base_impl(impl), w, model, tasks)
         if impl == "allmap+compile":  # compile first (timed in execution_stats), so peak memory is the run's
             step()
         gc.collect()
-        base, peak_ok = _rss_mb("VmRSS"), _reset_peak()
+        base, peak_ok = rss_mb("VmRSS"), reset_peak_rss()
         for p in params:
             p.grad = None
         step()  # the compared meta-gradient
@@ -358,8 +344,10 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
         if learner is not None and learner.per_task_meta_loss:
             p = learner.execution_plan(len(tasks), examples=examples_per_task(tasks))
             out["plan"] = f"{'vmap' if p.vmap else 'loop'}/chunk {p.chunk}" + (" +compile" if p.compile else "")
-    peak = _rss_mb("VmHWM") if peak_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("VmHWM") if peak_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["peak_mb"] = None if base is None or peak is None else max(peak - base, 0.0)
+    if w.kind == "eval" and out["peak_mb"] is not None:  # forked evaluation workers' memory counts too
+        out["peak_mb"] += sum(children)
     if w.kind != "eval" and impl != "allmap+compile":
         out["grad64"] = float64_gradient(w, impl, tasks)
     return out

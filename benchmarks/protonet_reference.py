@@ -4,6 +4,7 @@ allmap's learner, training loop or episode sampler. Only the preprocessed Omnigl
 test episodes (seed 1000, as the preset's) come from allmap, so both score the same images.
 
     flock /tmp/allmap-bench.lock python benchmarks/protonet_reference.py --minutes 5 10 20
+    flock /tmp/allmap-bench.lock python benchmarks/protonet_reference.py --protocol shuffled --minutes 5 10 20
     python benchmarks/protonet_reference.py --minutes 0.05 --test-episodes 5      # smoke (a test runs it)
 
 Prints one JSON line per mark: training minutes (evaluation excluded), episodes, learning rate, and 5-way
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from allmap.tasks.omniglot import DEFAULT_ROOT, Omniglot, load_omniglot
+from allmap.tasks.omniglot import DEFAULT_ROOT, PROTOCOLS, Omniglot, load_omniglot
 from allmap.train.allocator import retain_freed_memory
 
 p = argparse.ArgumentParser()
@@ -27,6 +28,8 @@ p.add_argument("--every", type=int, default=2000, help="halve the learning rate 
 p.add_argument("--root", default=DEFAULT_ROOT)
 p.add_argument("--test-episodes", type=int, default=600)
 p.add_argument("--resize", default="bilinear")
+p.add_argument("--protocol", default="standard", choices=["standard", "shuffled"],
+               help="Omniglot split: standard (Vinyals) or shuffled (MAML's random split of the characters)")
 p.add_argument("--channels-last", action="store_true")
 p.add_argument("--retain", action="store_true", help="keep freed memory (as allmap train does)")
 args = p.parse_args()
@@ -35,9 +38,9 @@ if args.retain:
 torch.manual_seed(0)
 random.seed(0)
 data = load_omniglot(args.root, resize=args.resize)
-train = data.split("vinyals-trainval").images  # [1200, 20, 28, 28]
+train = data.split(PROTOCOLS[args.protocol]["train"]).images  # [1200, 20, 28, 28]
 classes = [(c, r) for c in range(train.shape[0]) for r in range(4)]
-test_family = Omniglot(args.root, split="test", ways=5, shots=1, queries=15, resize=args.resize)
+test_family = Omniglot(args.root, split="test", protocol=args.protocol, ways=5, shots=1, queries=15, resize=args.resize)
 test = test_family.sample(args.test_episodes, torch.Generator().manual_seed(1000))
 
 

@@ -25,7 +25,7 @@ def test_omniglot_presets_exist_and_say_their_protocol():
     presets = list_presets()
     for name in ("omniglot-5w1s-maml", "omniglot-20w1s-maml", "omniglot-5w1s-protonet", "omniglot-20w1s-protonet",
                  "omniglot-5w1s-matching", "omniglot-5w1s-siamese", "omniglot-5w1s-protonet-lake",
-                 "omniglot-5w1s-maml-lake"):
+                 "omniglot-5w1s-maml-lake", "omniglot-5w1s-protonet-shuffled"):
         assert name in presets and presets[name]
     maml = load_config("omniglot-5w1s-maml")
     assert maml["learner"]["inner_lr"] == 0.4 and maml["learner"]["inner_steps"] == 1 and maml["meta_batch"] == 32
@@ -33,6 +33,12 @@ def test_omniglot_presets_exist_and_say_their_protocol():
     maml20 = load_config("omniglot-20w1s-maml")
     assert maml20["learner"]["inner_lr"] == 0.1 and maml20["learner"]["inner_steps"] == 5 and maml20["meta_batch"] == 16
     assert load_config("omniglot-5w1s-protonet")["task"]["ways"] == 60
+    assert maml["task"]["protocol"] == maml20["task"]["protocol"] == "shuffled"  # MAML's code splits at random
+    assert load_config("omniglot-5w1s-protonet")["task"]["protocol"] == "standard"  # ProtoNets: the Vinyals split
+    shuffled = load_config("omniglot-5w1s-protonet-shuffled")
+    assert shuffled["task"]["protocol"] == "shuffled"
+    assert {k: v for k, v in shuffled["task"].items() if k != "protocol"} == {
+        k: v for k, v in load_config("omniglot-5w1s-protonet")["task"].items() if k != "protocol"}
 
 
 @needs_omniglot
@@ -47,6 +53,10 @@ def test_protonet_preset_trains_evaluates_plots_and_evaluates_on_another_protoco
                  "--set", "task.within_alphabet=true", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert "20-way 1-shot" in out["protocol"] and "within-alphabet" in out["protocol"]
+    # another split whose test characters the run has trained on: refused, not scored
+    assert main(["eval", str(tmp_path / "run"), "--tasks", "8", "--set", "task.protocol=shuffled"]) == 2
+    err = capsys.readouterr().err
+    assert "overlap the classes this run was trained on" in err and "of 423" in err
 
 
 @needs_omniglot

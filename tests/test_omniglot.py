@@ -16,7 +16,7 @@ from allmap.tasks import ClassImages, Episodes, Omniglot, load_omniglot
 from allmap.tasks.episodes import affine, translate, warp
 from allmap.train.build import build_family
 from allmap.train.config import load_config
-from allmap.tasks.omniglot import PROTOCOLS, SPLITS
+from allmap.tasks.omniglot import PROTOCOLS, SHUFFLED_SPLITS, SPLITS, shuffled_order
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason="needs ../shared/data/omniglot")
@@ -148,6 +148,25 @@ def test_split_sizes_disjointness_and_alphabets(data):
     bg = {data.alphabets[int(a)] for a in data.split("background").alphabet}
     ev = {data.alphabets[int(a)] for a in data.split("evaluation").alphabet}
     assert len(bg) == 30 and len(ev) == 20 and not bg & ev
+
+
+def test_shuffled_split_is_fixed_and_mixes_alphabets(data):
+    order = shuffled_order()
+    assert order[:8].tolist() == [1398, 61, 1486, 1166, 993, 1187, 1021, 1320]  # pinned: the split never moves
+    assert sorted(order.tolist()) == list(range(1, 1624))
+    sizes = {name: len(data.split(name)) for name in SHUFFLED_SPLITS}
+    assert sizes == {"shuffled-train": 1100, "shuffled-val": 100, "shuffled-trainval": 1200, "shuffled-test": 423}
+    split = {name: set(data.split(name).numbers.tolist()) for name in SHUFFLED_SPLITS}
+    assert split["shuffled-train"] | split["shuffled-val"] == split["shuffled-trainval"]
+    assert not split["shuffled-train"] & split["shuffled-val"] and not split["shuffled-trainval"] & split["shuffled-test"]
+    assert split["shuffled-test"] == set(order[1200:].tolist())
+    # unlike the Vinyals split, test characters share alphabets with the training side
+    test_alphabets = set(data.split("shuffled-test").alphabet.tolist())
+    assert len(test_alphabets & set(data.split("shuffled-trainval").alphabet.tolist())) >= 45
+    family = Omniglot(ROOT, split="test", protocol="shuffled", ways=5, shots=1, queries=1)
+    assert family.classes == 4 * 423 and "shuffled-test" in family.describe()
+    with pytest.raises(ValueError, match="shuffled-test"):
+        Omniglot(ROOT, split="shuffled-tset")
 
 
 def test_rotations_are_new_classes(data):

@@ -49,7 +49,8 @@ CPU), and its inner loop calls torch's fused ``batch_norm`` (:func:`allmap.nets.
 :func:`allmap.nets.conv.nhwc`: they are contiguous in both layouts, so ``contiguous(channels_last)`` kept their
 NCHW strides and the first, largest block ran NCHW; with that fixed, a 600-episode conv4 MAML evaluation went
 from 9.8 to 16.2 episodes/s here (19.6 with freed memory retained; ``benchmarks/peers.py``, torch 2.13, with
-the fused BatchNorm).
+the fused BatchNorm), and to 25.0 with the episodes shared among two forked one-thread processes
+(:func:`allmap.train.evaluate.evaluation_workers`).
 Training keeps the model's layout (``Conv4(channels_last=True)`` opts in): NHWC made a second-order conv4
 task (5-way 1-shot, 15 queries) about 1.15x faster, but torch's NHWC BatchNorm is less precise in float32
 and second-order meta-gradients amplify it (see :class:`allmap.nets.Conv4`).

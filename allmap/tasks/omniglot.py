@@ -17,13 +17,19 @@ size and modification time, so a second start takes well under a second.
 
 Splits of the 1,623 characters, numbered as in the official release (1-based):
 
-* the standard meta-learning split (Vinyals et al. 2016, used by MAML and ProtoNets): characters 1-1200
+* the standard meta-learning split (Vinyals et al. 2016, used by ProtoNets and Matching Networks): characters 1-1200
   are the training side (every background alphabet plus Angelic ... Gurmukhi character 41 of the
   evaluation set), 1201-1623 the 423 test characters (Gurmukhi 42-45, Kannada ... ULOG); this is the
   published split (its test alphabets are those of the ProtoNets split files). ``vinyals-train`` = 1-1028
   and ``vinyals-val`` = 1029-1200 have the 1,028/172 sizes of Snell et al.; the membership of our
   validation subset is ours (the last 172 characters of the training side). ``vinyals-trainval`` = 1-1200,
   ``vinyals-test`` = 1201-1623.
+* the shuffled split (Finn et al. 2017's MAML code): the 1,623 characters in a fixed random order
+  (``numpy.random.RandomState(1).permutation``, see :func:`shuffled_order`); the first 1,200 are the training
+  side, the remaining 423 the test characters. ``shuffled-train`` = the first 1,100, ``shuffled-val`` = the
+  next 100 (MAML's sizes), ``shuffled-trainval`` = all 1,200, ``shuffled-test`` = the last 423. Test characters
+  then come from alphabets also seen in training, which makes this split easier than the Vinyals split,
+  whose test alphabets are unseen but for Gurmukhi's last 4 characters.
 * ``background`` / ``evaluation`` (Lake et al. 2015): the 30 background alphabets (964 characters) and the
   20 evaluation alphabets (659 characters); ``background-val`` = its last three alphabets (851-964).
 
@@ -48,7 +54,10 @@ from torch import Tensor
 
 from allmap.tasks.episodes import ClassImages, Episodes
 
-__all__ = ["Omniglot", "OmniglotData", "load_omniglot", "SPLITS", "PROTOCOLS", "default_cache_dir", "preprocess"]
+__all__ = [
+    "Omniglot", "OmniglotData", "load_omniglot", "SPLITS", "SHUFFLED_SPLITS", "PROTOCOLS", "default_cache_dir",
+    "preprocess", "shuffled_order",
+]
 
 SETS = ("background", "evaluation")
 # Number of characters and the first global character number of each half of the official release.
@@ -74,10 +83,21 @@ SPLITS: dict[str, tuple[int, int]] = {
     "evaluation": (965, 1623),
     "all": (1, 1623),
 }
+CHARACTERS = 1623
+SHUFFLE_SEED = 1
+# Position ranges [start, stop) in :func:`shuffled_order` of each shuffled split.
+SHUFFLED_SPLITS: dict[str, tuple[int, int]] = {
+    "shuffled-train": (0, 1100),
+    "shuffled-val": (1100, 1200),
+    "shuffled-trainval": (0, 1200),
+    "shuffled-test": (1200, CHARACTERS),
+}
+
+ALL_SPLITS = (*SPLITS, *SHUFFLED_SPLITS)
 
 # The training phases ("train", "val", "test", as the training loop asks for them) of each protocol.
 PROTOCOLS: dict[str, dict[str, str]] = {
-    # Vinyals et al. 2016 / MAML / ProtoNets: train on all 1,200 training-side characters (4,800 classes with
+    # Vinyals et al. 2016 / ProtoNets: train on all 1,200 training-side characters (4,800 classes with
     # rotations); "val" is a subset of them, so it tracks fitting, not generalisation.
     "standard": {"train": "vinyals-trainval", "val": "vinyals-val", "test": "vinyals-test"},
     # The same with the 172 validation characters held out of training (for model selection).
@@ -87,6 +107,11 @@ PROTOCOLS: dict[str, dict[str, str]] = {
     "lake": {"train": "background", "val": "background-val", "test": "evaluation"},
     # The same with the three validation alphabets held out of training.
     "lake-holdout": {"train": "background-train", "val": "background-val", "test": "evaluation"},
+    # Finn et al. 2017 (MAML's code): a fixed random order of all characters, 1,200 for training (4,800 classes
+    # with rotations), the remaining 423 for test; "val" is the last 100 of the training side.
+    "shuffled": {"train": "shuffled-trainval", "val": "shuffled-val", "test": "shuffled-test"},
+    # The same with the 100 validation characters held out of training (MAML's 1,100 / 100 / 423).
+    "shuffled-holdout": {"train": "shuffled-train", "val": "shuffled-val", "test": "shuffled-test"},
 }
 
 _PNG = re.compile(r"^(\d{4})_(\d{2})\.png$")
@@ -95,6 +120,12 @@ _PNG = re.compile(r"^(\d{4})_(\d{2})\.png$")
 def default_cache_dir() -> Path:
     """``$ALLMAP_CACHE`` if set, else ``~/.cache/allmap``."""
     return Path(os.environ.get("ALLMAP_CACHE", Path.home() / ".cache" / "allmap"))
+
+
+def shuffled_order() -> np.ndarray:
+    """The 1,623 character numbers in the fixed order of the shuffled split: NumPy's legacy ``RandomState(1)``,
+    whose stream NumPy keeps stable across versions and machines (a test pins its first members)."""
+    return np.random.RandomState(SHUFFLE_SEED).permutation(CHARACTERS) + 1
 
 
 RESIZE_FILTERS = ("bilinear", "lanczos")
@@ -153,14 +184,19 @@ class OmniglotData:
     alphabets: tuple[str, ...]
 
     def split(self, name: str) -> OmniglotData:
-        """The characters of a named split (see :data:`SPLITS`)."""
-        if name not in SPLITS:
-            raise ValueError(f"Omniglot: unknown split {name!r}; expected one of {', '.join(SPLITS)}.")
-        lo, hi = SPLITS[name]
-        keep = (self.numbers >= lo) & (self.numbers <= hi)
+        """The characters of a named split (see :data:`SPLITS` and :data:`SHUFFLED_SPLITS`)."""
+        if name in SHUFFLED_SPLITS:
+            start, stop = SHUFFLED_SPLITS[name]
+            members = torch.from_numpy(shuffled_order()[start:stop]).to(self.numbers.dtype)
+            keep, which = torch.isin(self.numbers, members), f"positions {start}-{stop - 1} of the shuffled order"
+        elif name in SPLITS:
+            lo, hi = SPLITS[name]
+            keep, which = (self.numbers >= lo) & (self.numbers <= hi), f"characters {lo}-{hi}"
+        else:
+            raise ValueError(f"Omniglot: unknown split {name!r}; expected one of {', '.join(ALL_SPLITS)}.")
         if not bool(keep.any()):
             raise ValueError(
-                f"Omniglot: split {name!r} (characters {lo}-{hi}) has no characters in the loaded data "
+                f"Omniglot: split {name!r} ({which}) has no characters in the loaded data "
                 f"(characters {int(self.numbers.min())}-{int(self.numbers.max())})."
             )
         return self.select(keep)
@@ -427,7 +463,8 @@ class Omniglot(Episodes):
         split: a phase, ``train``, ``val`` or ``test``, resolved through ``protocol``; or a split name of
             :data:`SPLITS` (``vinyals-trainval``, ``evaluation``, ...).
         protocol: one of :data:`PROTOCOLS`: ``standard`` (Vinyals split, train on 1,200 characters),
-            ``standard-holdout``, ``lake`` (background / evaluation alphabets) or ``lake-holdout``.
+            ``standard-holdout``, ``shuffled`` (MAML's random split of the characters), ``shuffled-holdout``,
+            ``lake`` (background / evaluation alphabets) or ``lake-holdout``.
         ways, shots, queries: N, K and Q of each episode.
         rotations: angles whose rotated copies are new classes; ``(0, 90, 180, 270)`` in the standard
             protocol (Santoro et al. 2016; Vinyals et al. 2016), ``(0,)`` in Lake et al.'s.
@@ -472,9 +509,10 @@ class Omniglot(Episodes):
         if protocol not in PROTOCOLS:
             raise ValueError(f"Omniglot: unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}.")
         name = PROTOCOLS[protocol].get(split, split)
-        if name not in SPLITS:
+        if name not in ALL_SPLITS:
             raise ValueError(
-                f"Omniglot: unknown split {split!r}; expected a phase (train, val, test) or one of {', '.join(SPLITS)}."
+                f"Omniglot: unknown split {split!r}; expected a phase (train, val, test) or one of "
+                f"{', '.join(ALL_SPLITS)}."
             )
         data = _MEMORY[key].split(name)
         self.split, self.protocol = name, protocol

@@ -88,6 +88,22 @@ def build_family(config: dict[str, Any], split: str = "train"):
     return _call("task family", FAMILIES, section, "family")
 
 
+def check_disjoint(train_family, test_family) -> None:
+    """Raise :class:`ConfigError` if ``test_family`` has classes (by name) that ``train_family`` trains on:
+    evaluating a run on another protocol (``allmap eval RUN --set task.protocol=...``) must not score it on
+    characters it has seen. Families without class names (sinusoids, ...) are not checked."""
+    names = [getattr(getattr(f, "data", None), "names", None) for f in (train_family, test_family)]
+    if not all(names):
+        return
+    seen = set(names[1]) & set(names[0])
+    if seen:
+        raise ConfigError(
+            f"the test classes overlap the classes this run was trained on ({len(seen)} of {len(names[1])}, "
+            f"e.g. {sorted(seen)[0]!r}): its accuracy there would not measure few-shot learning. Evaluate with "
+            "the run's own task.protocol / split, or train a run on the protocol you want to test."
+        )
+
+
 def _takes(factory: Callable[..., Any] | None, arg: str) -> bool:
     return factory is not None and arg in inspect.signature(factory).parameters
 

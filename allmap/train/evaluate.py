@@ -13,8 +13,9 @@ from allmap.learners.execution import evaluation_layout, evaluation_vmap
 from allmap.nets.conv import nhwc
 from allmap.nets.norm import first_order_only
 from allmap.tasks.batch import TaskBatch
+from allmap.train.forked import can_fork, run_forked
 
-__all__ = ["evaluate", "summarize", "fixed_tasks", "format_results", "step_names"]
+__all__ = ["evaluate", "evaluation_workers", "summarize", "fixed_tasks", "format_results", "step_names"]
 
 
 def fixed_tasks(family, n: int, seed: int) -> TaskBatch:
@@ -71,6 +72,7 @@ def evaluate(
     tasks: TaskBatch,
     steps: Sequence[int] = (0, 1, 5, 10),
     chunk: int = 100,
+    workers: int | str = "auto",
 ) -> dict[str, dict[str, float]]:
     """Loss (and accuracy for classification) of ``learner`` on ``tasks``, as mean ± 95% CI over tasks.
 
@@ -79,11 +81,56 @@ def evaluate(
     meta-gradient is kept, so it runs under ``torch.inference_mode`` (``no_grad`` for learners that call
     ``torch.autograd`` while adapting). Tasks run under ``vmap`` per chunk of ``chunk`` tasks, or one at a
     time for convolution nets on CPU, run in NHWC layout (see :func:`allmap.learners.execution.evaluation_vmap`
-    and :func:`~allmap.learners.execution.evaluation_layout`).
+    and :func:`~allmap.learners.execution.evaluation_layout`). ``workers`` processes (forked, each with one
+    share of the tasks and one intra-op thread; Linux, CPU) run at once, ``0`` runs here; ``"auto"`` is
+    :func:`evaluation_workers`. Every setting gives the same numbers up to float rounding (the thread count
+    changes the order of sums inside kernels, which can flip a near-tie prediction of an untrained model).
     Returns ``{"loss@1": {"mean", "ci95", "std", "n"}, ...}``.
     """
     names = step_names(learner, steps)
     steps = list(steps) if names != [""] else [0]
+    n_workers = evaluation_workers(learner, len(tasks)) if workers == "auto" else workers
+    if not isinstance(n_workers, int) or n_workers < 0:
+        raise ValueError(f"evaluate: workers must be 'auto' or a number of processes >= 0, got {workers!r}.")
+    n_workers = min(n_workers, len(tasks)) if can_fork() else 0
+    if n_workers:
+        shares = [tasks[lo:hi] for lo, hi in even_shares(len(tasks), n_workers)]
+        values = torch.cat(run_forked(lambda share: _values(learner, share, steps, chunk), shares))
+    else:
+        values = _values(learner, tasks, steps, chunk)
+    results = {}
+    for j, suffix in enumerate(names):
+        results[f"loss{suffix}"] = summarize(values[:, j, 0])
+        if learner.classification:
+            results[f"accuracy{suffix}"] = summarize(values[:, j, 1])
+    return results
+
+
+def evaluation_workers(learner: Learner, n_tasks: int) -> int:
+    """How many processes :func:`evaluate` forks by default: one per intra-op thread for convolution nets
+    evaluated one task at a time on CPU, given two or more threads and at least 8 tasks per process; else 0
+    (run in this process: one forked process with one thread is no faster than this one).
+
+    Measured on 2 cores (``benchmarks/README.md``, session 6): two processes with one thread each score the
+    600 conv4 MAML episodes of ``peers.py``'s eval-600 1.2-1.27x faster than one process with two threads
+    (23.6-24.8 against 17.5-20.4 episodes/s). Nets that run under ``vmap`` (MLPs) stay in one process: their
+    batched kernels already fill the threads.
+    """
+    device = next((p.device for p in learner.parameters()), torch.device("cpu"))
+    if device.type != "cpu" or evaluation_vmap(learner, device):
+        return 0
+    threads = torch.get_num_threads()
+    return threads if threads > 1 and n_tasks >= 8 * threads else 0
+
+
+def even_shares(n: int, parts: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of ``parts`` contiguous shares of ``n`` items, sizes differing by at most one."""
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _values(learner: Learner, tasks: TaskBatch, steps: list[int], chunk: int) -> Tensor:
+    """``[tasks, steps, 2]``: query loss and accuracy of every task after each number of steps."""
     fn = _per_task(learner, steps)
     device = next(learner.parameters()).device
     use_vmap = evaluation_vmap(learner, device)
@@ -125,13 +172,7 @@ def evaluate(
     finally:
         restore()
         learner.train(was_training)
-    values = torch.cat(parts).cpu()  # [tasks, steps, 2]
-    results = {}
-    for j, suffix in enumerate(names):
-        results[f"loss{suffix}"] = summarize(values[:, j, 0])
-        if learner.classification:
-            results[f"accuracy{suffix}"] = summarize(values[:, j, 1])
-    return results
+    return torch.cat(parts).cpu()
 
 
 def format_results(results: dict[str, dict[str, float]], protocol: str) -> str:

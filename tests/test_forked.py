@@ -1,0 +1,84 @@
+"""Forked evaluation workers (allmap/train/forked.py): results in order, errors raised in the parent, thread
+counts, and evaluate() giving the same numbers with any number of workers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import allmap
+from allmap.tasks.batch import TaskBatch
+from allmap.train.evaluate import evaluate, evaluation_workers, even_shares
+from allmap.train.forked import can_fork, children_peak_mb, run_forked
+
+pytestmark = pytest.mark.skipif(not can_fork(), reason="forked workers need Linux without a CUDA context")
+
+
+def _report(piece: int) -> tuple[int, int, int]:
+    return piece * piece, os.getpid(), torch.get_num_threads()
+
+
+def test_run_forked_keeps_order_and_runs_each_piece_in_its_own_one_thread_process():
+    before = torch.get_num_threads()
+    out = run_forked(_report, [1, 2, 3, 4])
+    assert [r[0] for r in out] == [1, 4, 9, 16]
+    assert os.getpid() not in {r[1] for r in out} and len({r[1] for r in out}) == 4
+    assert all(r[2] == 1 for r in out) and torch.get_num_threads() == before
+    assert len(children_peak_mb()) == 4
+
+
+def _fail_on_three(piece: int) -> int:
+    if piece == 3:
+        raise ValueError("piece three is bad")
+    return piece
+
+
+def test_run_forked_raises_a_childs_error_with_its_message():
+    with pytest.raises(RuntimeError, match="ValueError: piece three is bad"):
+        run_forked(_fail_on_three, [1, 2, 3])
+    assert run_forked(_fail_on_three, [5]) == [5]
+
+
+def _conv_maml() -> allmap.MAML:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(27, 3)).double()
+    return allmap.MAML(net, inner_lr=0.2, inner_steps=2, loss="cross_entropy")
+
+
+def _image_tasks(n: int) -> TaskBatch:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat(n, 1)
+    return TaskBatch(torch.randn(n, 3, 1, 7, 7, generator=g, dtype=torch.float64), y,
+                     torch.randn(n, 3, 1, 7, 7, generator=g, dtype=torch.float64), y.clone())
+
+
+def test_evaluate_with_workers_equals_one_process():
+    learner, tasks = _conv_maml(), _image_tasks(11)
+    one = evaluate(learner, tasks, steps=(0, 1, 2), chunk=4, workers=0)
+    for workers in (1, 2, 3):  # float64: thread counts change only the last bits of sums
+        many = evaluate(learner, tasks, steps=(0, 1, 2), chunk=4, workers=workers)
+        assert many.keys() == one.keys()
+        for key in one:
+            assert many[key] == pytest.approx(one[key], rel=1e-12, abs=1e-14)
+    assert one["accuracy@2"]["n"] == 11
+    with pytest.raises(ValueError, match="workers must be 'auto' or a number of processes >= 0, got -1"):
+        evaluate(learner, tasks, workers=-1)
+
+
+def test_evaluation_workers_rule():
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert evaluation_workers(_conv_maml(), 600) == 2  # conv net, one task at a time on CPU
+        assert evaluation_workers(_conv_maml(), 16) == 2 and evaluation_workers(_conv_maml(), 15) == 0  # 8 per fork
+        mlp = allmap.MAML(nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)))
+        assert evaluation_workers(mlp, 600) == 0  # runs under vmap, in this process
+        torch.set_num_threads(1)
+        assert evaluation_workers(_conv_maml(), 600) == 0  # one thread: a fork would not be faster
+    finally:
+        torch.set_num_threads(saved)
+    assert even_shares(10, 3) == [(0, 3), (3, 6), (6, 10)] and even_shares(2, 2) == [(0, 1), (1, 2)]
