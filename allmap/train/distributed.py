@@ -28,7 +28,7 @@ from torch import Tensor
 
 from allmap.learners.base import Learner
 from allmap.tasks.batch import TaskBatch
-from allmap.train.evaluate import evaluate, step_names
+from allmap.train.evaluate import evaluate, even_shares, step_names
 
 __all__ = ["Dist", "current", "init_from_env", "shutdown", "restart_count", "backend", "reduce_step",
            "pool_summaries", "evaluate_sharded"]
@@ -94,7 +94,7 @@ class Dist:
 
     def shard(self, n: int) -> slice:
         """The contiguous block of ``n`` items this rank handles (sizes differ by at most one)."""
-        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+        return slice(*even_shares(n, self.world)[self.rank])
 
     def device(self, device: torch.device) -> torch.device:
         """One GPU per rank: a bare ``cuda`` device becomes ``cuda:LOCAL_RANK`` under torchrun."""
