@@ -89,7 +89,6 @@ def _eval(args: argparse.Namespace) -> int:
     from allmap.train.runs import load, read_config
 
     trained = read_config(args.run_dir)
-    config = trained
     extra = list(args.overrides)
     if args.tasks is not None:
         extra.append(f"eval.tasks={args.tasks}")
@@ -97,7 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
         extra.append(f"eval.shots={args.shots}")
     if args.steps:
         extra.append(f"eval.steps=[{args.steps}]")
-    config = apply_overrides(config, extra)
+    config = apply_overrides(trained, extra)  # a copy: ``trained`` stays the run's own config
     validate(config)
     apply_host_settings(config)
     learner = load(args.run_dir)

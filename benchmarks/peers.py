@@ -309,7 +309,7 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
         start = time.perf_counter()
         acc = run()
         seconds = time.perf_counter() - start
-        children = [m or 0.0 for m in children_peak_mb()] if base_impl(impl) == "allmap" else []
+        children = [m or 0.0 for m in children_peak_mb()]  # allmap's forked evaluation workers, if any
         out.update(tasks_per_s=len(tasks) / seconds, seconds=seconds, grad=acc.tolist())
         if children:
             out["plan"] = f"{len(children)} forked processes"
