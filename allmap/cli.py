@@ -99,7 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = apply_overrides(trained, extra)  # a copy: ``trained`` stays the run's own config
     validate(config)
     apply_host_settings(config)
-    learner = load(args.run_dir)
+    learner = load(args.run_dir, config=config)  # with the overrides (e.g. learner.test_shift), the run's weights
     family = build_family(config, "test")
     check_disjoint(build_family(trained, "train"), family)
     ev = config["eval"]

@@ -156,6 +156,75 @@ def test_errors_are_clear():
         allmap.Siamese(_encoder(), features=5).to(torch.float64).meta_loss(tasks)
 
 
+# -- test-time shifts ------------------------------------------------------------------------------------
+def _moved(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Reference shift, written differently from ``translations``: roll, then zero what wrapped around."""
+    out = torch.roll(x, shifts=(-dy, -dx), dims=(-2, -1))
+    h, w = x.shape[-2:]
+    rows, cols = torch.arange(h) + dy, torch.arange(w) + dx
+    keep = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+    return out * keep
+
+
+def test_translations_are_every_zero_filled_shift_unmoved_first():
+    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4)
+    views = allmap.tasks.episodes.translations(x, 1)
+    assert len(views) == 9 and torch.equal(views[0], x)
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    for view, (dy, dx) in zip(views[1:], offsets):
+        assert torch.equal(view, _moved(x, dy, dx)), (dy, dx)
+    assert len(allmap.tasks.episodes.translations(x, 2)) == 25
+
+
+@pytest.mark.parametrize("name", ["protonet", "matching", "siamese"])
+def test_test_shift_averages_embeddings_over_shifts_in_eval_mode_only(name):
+    plain, shifted = _make(name), _make(name)
+    shifted.test_shift = 1
+    tasks = _tasks(n=2, ways=3, shots=2, queries=2)
+    # training: one encoder call per image, the same loss as without shifts
+    assert torch.equal(shifted.meta_loss(tasks), plain.meta_loss(tasks))
+    shifted.eval()
+    sx, sy, qx = tasks.support_x[0], tasks.support_y[0], tasks.query_x[0]
+
+    def mean_embedding(x):
+        return torch.stack([plain.model(_moved(x, dy, dx)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]).mean(0)
+
+    onehot = F.one_hot(sy, 3).double()
+    expected = plain.logits(mean_embedding(sx), onehot, mean_embedding(qx))
+    torch.testing.assert_close(shifted.adapt(sx, sy)(qx), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(plain.adapt(sx, sy)(qx), expected)
+    # evaluate(): the vmap path equals the per-task loop with shifts too
+    res_v = evaluate(shifted, tasks, steps=[0])
+    shifted.vectorize = False
+    res_l = evaluate(shifted, tasks, steps=[0])
+    assert math.isclose(res_v["loss"]["mean"], res_l["loss"]["mean"], rel_tol=1e-9)
+    assert "test_shift=1" in repr(shifted)
+
+
+def test_float64_gradcheck_of_the_loss_with_test_shifts():
+    learner, tasks = _make("protonet", small=True), _tasks(n=2, ways=2, shots=2, queries=1)
+    learner.test_shift = 1
+    learner.eval()
+    names = [n for n, _ in learner.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in learner.parameters())
+    assert torch.autograd.gradcheck(lambda *ps: _functional_meta_loss(learner, dict(zip(names, ps)), tasks), params,
+                                    eps=1e-6, atol=1e-6)
+
+
+def test_test_shift_errors_are_clear():
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="test_shift .*integer >= 0"):
+            allmap.ProtoNet(_encoder(), test_shift=bad)
+    learner = allmap.ProtoNet(MLP([2, 4]), test_shift=1).eval()
+    tasks = allmap.tasks.Logistic2D(shots=4).sample(1, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="test_shift=1 moves images"):
+        learner.adapt(tasks.support_x[0], tasks.support_y[0].long())
+    too_far = _make("protonet")
+    too_far.test_shift = 4  # the test images are 4x4
+    with pytest.raises(ValueError, match="shape \\[1, 4, 4\\]"):
+        too_far.eval().meta_loss(_tasks())
+
+
 # -- backbones ------------------------------------------------------------------------------------------
 def test_conv_backbones_shapes_and_functional_call():
     x = torch.randn(7, 1, 28, 28)

@@ -57,6 +57,16 @@ def test_protonet_preset_trains_evaluates_plots_and_evaluates_on_another_protoco
     assert main(["eval", str(tmp_path / "run"), "--tasks", "8", "--set", "task.protocol=shuffled"]) == 2
     err = capsys.readouterr().err
     assert "overlap the classes this run was trained on" in err and "of 423" in err
+    # test-time settings of the learner apply to the run's weights; settings that change the weights are refused
+    scores = {}
+    for shift in (0, 1):
+        assert main(["eval", str(tmp_path / "run"), "--tasks", "8", "--set", f"learner.test_shift={shift}", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert ("test-time shifts of up to 1 px" in out["protocol"]) == bool(shift)
+        scores[shift] = out["metrics"]["loss"]["mean"]
+    assert scores[0] != scores[1]
+    assert main(["eval", str(tmp_path / "run"), "--tasks", "8", "--set", "model.hidden=4"]) == 2
+    assert "do not fit the learner of this config" in capsys.readouterr().err
 
 
 @needs_omniglot

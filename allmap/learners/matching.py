@@ -26,6 +26,8 @@ class MatchingNet(MetricLearner):
         scale: multiplies the cosine similarities before the softmax (1 in the paper; larger values sharpen
             the attention, which helps a ReLU encoder whose cosines lie in [0, 1]).
         vectorize: ``False`` loops over tasks; otherwise one encoder call embeds the whole meta-batch.
+        test_shift: in eval mode, embed each image as the mean over its copies moved by up to this many
+            pixels (see :mod:`allmap.learners.metric`); 0 (default): off.
 
     Example:
         >>> import torch, allmap
@@ -35,8 +37,9 @@ class MatchingNet(MetricLearner):
         >>> learner.meta_loss(tasks).backward()
     """
 
-    def __init__(self, model: nn.Module, scale: float = 1.0, vectorize: bool | None = None) -> None:
-        super().__init__(model, vectorize=vectorize)
+    def __init__(self, model: nn.Module, scale: float = 1.0, vectorize: bool | None = None,
+                 test_shift: int = 0) -> None:
+        super().__init__(model, vectorize=vectorize, test_shift=test_shift)
         if not scale > 0:
             raise ValueError(f"MatchingNet: expected scale > 0, got {scale!r}.")
         self.scale = float(scale)

@@ -12,6 +12,15 @@ BatchNorm in training mode the batched path normalises over the whole meta-batch
 support and query together (the ProtoNets reference implementation does the latter with one task per batch,
 where the two agree). At test time call ``learner.eval()`` so BatchNorm uses its running statistics.
 
+Test-time shifts (``test_shift=r``, off by default): in eval mode every image, support and query alike, is
+embedded as the mean of the encoder's outputs over its ``(2r+1)^2`` copies moved by up to ``r`` pixels
+(zero filled), ``f_bar(x) = mean_{|dy|, |dx| <= r} f_phi(shift_{dy,dx}(x))``; the learner's comparison then
+uses ``f_bar``. Training (``learner.train()``) embeds each image once, so it does not change the
+meta-gradient; evaluation costs ``(2r+1)^2`` encoder calls per image. On Omniglot (ProtoNets trained with
+2-pixel random shifts, ``r = 1``, 6,000 test episodes) it raised 5-way 1-shot accuracy from 98.98 to 99.10%
+on the Vinyals split and from 99.34 to 99.40% on MAML's random split, and 20-way 1-shot (600 episodes) from
+97.77 to 98.07% on the latter (``README.md``, session 7).
+
 Labels of a task are ``0 .. N-1`` and every class must appear in the support set.
 """
 
@@ -23,6 +32,7 @@ from torch import Tensor, nn
 
 from allmap.learners.base import Learner, TaskModel
 from allmap.tasks.batch import TaskBatch, _shape
+from allmap.tasks.episodes import translations
 
 __all__ = ["MetricLearner"]
 
@@ -33,19 +43,25 @@ class MetricLearner(Learner):
     ``model`` is the encoder (named ``model`` like every learner's network, so configs build it the same
     way). Subclasses implement :meth:`logits` (batched over any leading task dimensions; a class without
     support examples must score ``-inf``) and may override :meth:`objective` (the per-task training loss;
-    default cross-entropy of the logits).
+    default cross-entropy of the logits). ``test_shift``: see the module docstring (images only).
     """
 
     per_task_meta_loss = False  # meta_loss batches the tasks itself (one encoder call); see Learner.meta_backward
 
-    def __init__(self, model: nn.Module, vectorize: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, vectorize: bool | None = None, test_shift: int = 0) -> None:
         super().__init__(loss="cross_entropy", vectorize=vectorize)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__}: expected model (the encoder) to be a torch.nn.Module, got "
                 f"{type(model).__name__}."
             )
+        if isinstance(test_shift, bool) or not isinstance(test_shift, int) or test_shift < 0:
+            raise ValueError(
+                f"{type(self).__name__}: expected test_shift (pixels of the test-time shifts) to be an integer "
+                f">= 0, got {test_shift!r}. Use 0 for none, 1 for the 9 shifts by up to one pixel."
+            )
         self.model = model
+        self.test_shift = test_shift
 
     # -- what subclasses define ----------------------------------------------------------------------
     def logits(self, z_support: Tensor, onehot: Tensor, z_query: Tensor) -> Tensor:
@@ -61,9 +77,20 @@ class MetricLearner(Learner):
 
     # -- the mapping ---------------------------------------------------------------------------------
     def embed(self, x: Tensor, example_dims: int) -> Tensor:
-        """Encoder output ``[..., D]`` for inputs ``[..., *x]`` where ``*x`` has ``example_dims`` dims."""
+        """Encoder output ``[..., D]`` for inputs ``[..., *x]`` where ``*x`` has ``example_dims`` dims; in eval
+        mode with ``test_shift`` the mean over the shifted copies of each image (one encoder call each)."""
         lead = x.shape[: x.dim() - example_dims]
-        z = self.model(x.reshape(-1, *x.shape[x.dim() - example_dims :]))
+        flat = x.reshape(-1, *x.shape[x.dim() - example_dims :])
+        if self.test_shift and not self.training:
+            if example_dims != 3 or self.test_shift >= min(flat.shape[-2:]):
+                raise ValueError(
+                    f"{type(self).__name__}: test_shift={self.test_shift} moves images [channels, height, width] by "
+                    f"fewer pixels than their height and width, but the examples have shape {list(flat.shape[1:])}. "
+                    "Set test_shift=0 for non-image inputs, or a smaller shift."
+                )
+            z = torch.stack([self.model(view) for view in translations(flat, self.test_shift)]).mean(0)
+        else:
+            z = self.model(flat)
         return z.reshape(*lead, -1)
 
     @staticmethod
@@ -115,6 +142,9 @@ class MetricLearner(Learner):
         ns = tasks.shots
         onehot = F.one_hot(tasks.support_y, self._ways(tasks.support_y)).to(z.dtype)
         return self.objective(z[:, :ns], onehot, z[:, ns:], tasks.query_y).mean()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", test_shift={self.test_shift}" if self.test_shift else "")
 
     def probe(self, x: Tensor) -> Tensor:
         return self.model(x)

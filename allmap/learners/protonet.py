@@ -22,6 +22,8 @@ class ProtoNet(MetricLearner):
         model: the embedding network ``f_phi`` (e.g. ``allmap.nets.Conv4()``).
         vectorize: ``False`` loops over tasks; otherwise one encoder call embeds the whole meta-batch
             (see :mod:`allmap.learners.metric`).
+        test_shift: in eval mode, embed each image as the mean over its copies moved by up to this many
+            pixels (see :mod:`allmap.learners.metric`); 0 (default): off.
 
     Example:
         >>> import torch, allmap
@@ -31,8 +33,8 @@ class ProtoNet(MetricLearner):
         >>> learner.meta_loss(tasks).backward()
     """
 
-    def __init__(self, model: nn.Module, vectorize: bool | None = None) -> None:
-        super().__init__(model, vectorize=vectorize)
+    def __init__(self, model: nn.Module, vectorize: bool | None = None, test_shift: int = 0) -> None:
+        super().__init__(model, vectorize=vectorize, test_shift=test_shift)
 
     def prototypes(self, z_support: Tensor, onehot: Tensor) -> Tensor:
         """Class means ``[..., N, D]``."""

@@ -32,6 +32,8 @@ class Siamese(MetricLearner):
         model: the twin embedding network ``h``.
         features: embedding size (the length of ``alpha``); 64 for conv4-64.
         vectorize: ``False`` loops over tasks; otherwise one encoder call embeds the whole meta-batch.
+        test_shift: in eval mode, embed each image as the mean over its copies moved by up to this many
+            pixels (see :mod:`allmap.learners.metric`); 0 (default): off.
 
     Example:
         >>> import torch, allmap
@@ -41,8 +43,9 @@ class Siamese(MetricLearner):
         >>> learner.meta_loss(tasks).backward()
     """
 
-    def __init__(self, model: nn.Module, features: int = 64, vectorize: bool | None = None) -> None:
-        super().__init__(model, vectorize=vectorize)
+    def __init__(self, model: nn.Module, features: int = 64, vectorize: bool | None = None,
+                 test_shift: int = 0) -> None:
+        super().__init__(model, vectorize=vectorize, test_shift=test_shift)
         if not isinstance(features, int) or features < 1:
             raise ValueError(f"Siamese: expected features (the embedding size) to be a positive integer, got {features!r}.")
         self.similarity = nn.Linear(features, 1)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from allmap.tasks.batch import TaskBatch
 
-__all__ = ["ClassImages", "Episodes", "EpisodeStream", "gaussian_classes", "translate", "warp", "affine"]
+__all__ = ["ClassImages", "Episodes", "EpisodeStream", "gaussian_classes", "translate", "translations", "warp", "affine"]
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
@@ -46,6 +46,15 @@ def translate(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
     rows = (torch.arange(h)[None] + offset[0][:, None])[:, None, :, None]  # [M, 1, H, 1]
     cols = (torch.arange(w)[None] + offset[1][:, None])[:, None, None, :]  # [M, 1, 1, W]
     return padded[torch.arange(m)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def translations(x: Tensor, radius: int) -> list[Tensor]:
+    """The ``(2 * radius + 1) ** 2`` copies of images ``[..., H, W]`` moved by every offset ``(dy, dx)`` in
+    ``[-radius, radius]^2`` pixels, zero filled, the unmoved copy first (views of one padded tensor)."""
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (radius, radius, radius, radius))
+    offsets = [(0, 0)] + [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if dy or dx]
+    return [padded[..., radius + dy : radius + dy + h, radius + dx : radius + dx + w] for dy, dx in offsets]
 
 
 def warp(x: Tensor, rotate: float, scale: float, generator: torch.Generator) -> Tensor:

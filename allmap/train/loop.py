@@ -376,8 +376,10 @@ def protocol(config: dict[str, Any], family, n: int) -> str:
     task = config["task"]
     ways = f"{family.ways}-way " if hasattr(family, "ways") else ""
     detail = f" ({family.describe()})" if callable(getattr(family, "describe", None)) else ""
-    return (f"{task['family']} {ways}{family.shots}-shot, {family.queries} queries per task{detail}, {n} fixed test "
-            f"tasks (seed {config['eval']['seed']}); mean ± 95% CI (1.96·std/sqrt(n))")
+    shift = config["learner"].get("test_shift")
+    shifts = f", embeddings averaged over test-time shifts of up to {shift} px" if shift else ""
+    return (f"{task['family']} {ways}{family.shots}-shot, {family.queries} queries per task{detail}{shifts}, {n} fixed "
+            f"test tasks (seed {config['eval']['seed']}); mean ± 95% CI (1.96·std/sqrt(n))")
 
 
 def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: Dist | None = None) -> dict[str, Any]:

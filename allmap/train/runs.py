@@ -56,15 +56,20 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def load(run_dir: str | Path, device: str | torch.device | None = None) -> Learner:
+def load(run_dir: str | Path, device: str | torch.device | None = None,
+         config: dict[str, Any] | None = None) -> Learner:
     """The trained learner of a run folder (weights of its latest checkpoint, their average if the run set
     ``ema``), in eval mode.
+
+    ``config`` (default: the run's own) builds the learner that receives the weights: the run's config with
+    test-time changes such as ``learner.test_shift`` or ``learner.inner_lr`` (``allmap eval RUN --set ...``).
+    A config whose learner has other parameters than the checkpoint is an error.
 
     Example:
         >>> learner = allmap.load("runs/sine")            # doctest: +SKIP
         >>> task_model = learner.adapt(support_x, support_y)  # doctest: +SKIP
     """
-    config = read_config(run_dir)
+    config = read_config(run_dir) if config is None else config
     device = resolve_device(config["device"]) if device is None else torch.device(device)
     apply_threads(config)
     torch.manual_seed(config["seed"])
@@ -73,5 +78,12 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> Learn
     if "learner" not in state:
         raise CheckpointError(f"checkpoint of {str(run_dir)!r} has no learner weights.")
     # a run with `ema` is evaluated with its weight average (allmap.train.averaging)
-    learner.load_state_dict(state["averaged"]["module"] if "averaged" in state else state["learner"])
+    try:
+        learner.load_state_dict(state["averaged"]["module"] if "averaged" in state else state["learner"])
+    except RuntimeError as err:
+        raise ConfigError(
+            f"the weights of {str(run_dir)!r} do not fit the learner of this config: "
+            f"{str(err).splitlines()[-1].strip() or err}. At evaluation, override only settings that keep the "
+            "parameters (e.g. learner.inner_lr, learner.test_shift, eval.*), not model or learner sizes."
+        ) from None
     return learner.to(device).eval()
