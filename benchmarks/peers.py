@@ -47,7 +47,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import allmap  # noqa: E402
 from allmap.learners.base import without_running_stats
-from allmap.learners.execution import examples_per_task
+from allmap.learners.execution import Execution, examples_per_task
 from allmap.learners.protonet import ProtoNet
 from allmap.nets import MLP, Conv4
 from allmap.tasks.batch import TaskBatch
@@ -150,6 +150,8 @@ def maml_step(impl: str, w: Workload, model: nn.Module, tasks: TaskBatch) -> tup
             return (lambda: learner.meta_backward(tasks)), list(learner.parameters()), learner
         if impl == "allmap-1pass":
             return (lambda: learner.meta_loss(tasks).backward()), list(learner.parameters()), learner
+        if impl == "allmap-forked":  # the tasks shared among one-thread forked processes, one per thread
+            learner.execution = Execution("auto", workers=torch.get_num_threads())
         return (lambda: learner.meta_backward(tasks)), list(learner.parameters()), learner
     if impl == "learn2learn":
         maml = _import_learn2learn()(model, lr=w.inner_lr, first_order=False)
@@ -344,9 +346,12 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
         if learner is not None and learner.per_task_meta_loss:
             p = learner.execution_plan(len(tasks), examples=examples_per_task(tasks))
             out["plan"] = f"{'vmap' if p.vmap else 'loop'}/chunk {p.chunk}" + (" +compile" if p.compile else "")
+        if impl == "allmap-forked":
+            children = [m or 0.0 for m in children_peak_mb()]  # the last step's processes
+            out["plan"] = out.get("plan", "") + f", {len(children)} forked processes"
     peak = rss_mb("VmHWM") if peak_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["peak_mb"] = None if base is None or peak is None else max(peak - base, 0.0)
-    if w.kind == "eval" and out["peak_mb"] is not None:  # forked evaluation workers' memory counts too
+    if (w.kind == "eval" or impl == "allmap-forked") and out["peak_mb"] is not None:  # forked workers' memory
         out["peak_mb"] += sum(children)
     if w.kind != "eval" and impl != "allmap+compile":
         out["grad64"] = float64_gradient(w, impl, tasks)
@@ -372,7 +377,7 @@ def implementations(w: Workload, smoke: bool) -> list[str]:
     learner gives."""
     conv = ["learn2learn@Conv4"] if w.name.startswith(("conv", "eval", "protonet")) else []
     if w.kind == "maml":
-        extra = ["allmap-1pass"] if w.name.startswith("conv") else ([] if smoke else ["allmap+compile"])
+        extra = ["allmap-1pass", "allmap-forked"] if w.name.startswith("conv") else ([] if smoke else ["allmap+compile"])
         return ["allmap", *extra, *PEERS, *conv]
     return ["allmap", "learn2learn", *conv]
 

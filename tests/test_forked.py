@@ -82,3 +82,35 @@ def test_evaluation_workers_rule():
     finally:
         torch.set_num_threads(saved)
     assert even_shares(10, 3) == [(0, 3), (3, 6), (6, 10)] and even_shares(2, 2) == [(0, 1), (1, 2)]
+
+
+# -- meta_backward in forked processes (Execution(workers=...)) -------------------------------------------
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
+def test_forked_meta_backward_gives_the_in_process_meta_gradient_and_accumulates(mode):
+    torch.manual_seed(0)
+    learner = allmap.MAML(allmap.nets.MLP([1, 16, 16, 1]), inner_lr=0.01, inner_steps=2).double()
+    tasks = allmap.tasks.Sinusoid(shots=5).sample(5, torch.Generator().manual_seed(0)).to(dtype=torch.float64)
+    learner.execution = mode
+    here = learner.meta_backward(tasks, scale=0.5)
+    expected = [p.grad.clone() for p in learner.parameters()]
+    learner.zero_grad(set_to_none=True)
+    learner.execution = {"mode": mode, "workers": 2}  # shares of 2 and 3 tasks
+    forked = learner.meta_backward(tasks, scale=0.5)
+    assert torch.allclose(forked, here, rtol=1e-12, atol=0)
+    for p, g in zip(learner.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-14)
+    learner.meta_backward(tasks, scale=0.5)  # adds to .grad like backward()
+    for p, g in zip(learner.parameters(), expected):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-10, atol=1e-14)
+
+
+def test_forked_meta_backward_refuses_running_statistics_and_bad_worker_counts():
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8))
+    learner = allmap.ProtoNet(encoder)
+    learner.execution = allmap.learners.execution.Execution("auto", workers=2)
+    tasks = allmap.tasks.Episodes(allmap.tasks.gaussian_classes(), ways=3, shots=2, queries=2).sample(
+        4, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="running statistics .*workers=0"):
+        learner.meta_backward(tasks)
+    with pytest.raises(ValueError, match="workers .*integer >= 0"):
+        learner.execution = {"mode": "loop", "workers": -1}

@@ -13,6 +13,9 @@ Every mode computes the same mean query loss and the same meta-gradient as a pla
 ``compile=True``           ``torch.compile`` the per-chunk loss (opt-in; compile time is reported in
                            ``learner.execution_stats`` and the compiled function is cached; if
                            compilation fails the learner falls back to eager with a warning)
+``workers=2``              :meth:`Learner.meta_backward` shares the tasks among 2 forked processes
+                           with one intra-op thread each and adds their gradients here (opt-in; CPU
+                           on Linux, else it runs here; see :meth:`Learner.meta_backward`)
 =========================  ======================================================================
 
 With ``vmap`` and ``compile``, :meth:`Learner.meta_backward` goes further: the meta-gradient of a chunk is one
@@ -93,17 +96,21 @@ class Execution:
         chunk: tasks per chunk. A chunk is one ``vmap`` call in ``"vmap"`` mode, and one backward pass in
             :meth:`Learner.meta_backward`. ``None``: the whole meta-batch for ``"vmap"``, one task for ``"loop"``.
         compile: ``torch.compile`` the loss of a chunk (opt-in).
+        workers: forked processes that share the tasks of :meth:`Learner.meta_backward` (opt-in; ``0``:
+            this process). For convolution nets on a CPU with as many cores; set it in a config as
+            ``execution: {mode: auto, workers: 2}``.
 
     Example:
         >>> Execution("loop", chunk=4)
-        Execution(mode='loop', chunk=4, compile=False)
+        Execution(mode='loop', chunk=4, compile=False, workers=0)
         >>> resolve_execution("vmap(8)+compile")
-        Execution(mode='vmap', chunk=8, compile=True)
+        Execution(mode='vmap', chunk=8, compile=True, workers=0)
     """
 
     mode: str = "auto"
     chunk: int | None = None
     compile: bool = False
+    workers: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -113,6 +120,8 @@ class Execution:
             raise ValueError(f"Execution: expected chunk to be a positive integer or None, got {self.chunk!r}.")
         if not isinstance(self.compile, bool):
             raise TypeError(f"Execution: expected compile to be a bool, got {type(self.compile).__name__}.")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"Execution: expected workers (forked processes) to be an integer >= 0, got {self.workers!r}.")
 
 
 def resolve_execution(spec: Execution | str | dict[str, Any] | None) -> Execution:
@@ -123,9 +132,9 @@ def resolve_execution(spec: Execution | str | dict[str, Any] | None) -> Executio
     if isinstance(spec, Execution):
         return spec
     if isinstance(spec, dict):
-        unknown = sorted(set(spec) - {"mode", "chunk", "compile"})
+        unknown = sorted(set(spec) - {"mode", "chunk", "compile", "workers"})
         if unknown:
-            raise ValueError(f"execution: unknown key(s) {unknown}; valid keys: mode, chunk, compile.")
+            raise ValueError(f"execution: unknown key(s) {unknown}; valid keys: mode, chunk, compile, workers.")
         return Execution(**spec)
     if isinstance(spec, str):
         match = _SPEC.match(spec)
