@@ -17,10 +17,12 @@ the data are available (``$ALLMAP_OMNIGLOT`` or ../shared/data/omniglot), else r
 Implementations: ``allmap`` (automatic execution: ``vmap`` for the MLP, a per-task loop with backward per
 task for conv nets on CPU), ``allmap+compile`` (``torch.compile``; compile time reported and amortised over
 a 70,000-iteration run), ``allmap-1pass`` (conv only: the same loop but one backward for the whole
-meta-batch, to show what backward-per-task saves), and the peers' documented MAML patterns. On conv4
-workloads the peers run the network their users write (torch modules in learn2learn's block order, NCHW;
-:func:`textbook_conv4`, the same parameters and function), and ``learn2learn@Conv4`` runs learn2learn on
-allmap's ``Conv4``, so the table shows what allmap's network gives apart from what its learners give.
+meta-batch, to show what backward-per-task saves), ``allmap-forked`` (conv only:
+``Execution(workers=threads)``, the tasks shared among forked one-thread processes; their memory counts),
+and the peers' documented MAML patterns. On conv4 workloads the peers run the network their users write
+(torch modules in learn2learn's block order, NCHW; :func:`textbook_conv4`, the same parameters and function),
+and ``learn2learn@Conv4`` runs learn2learn on allmap's ``Conv4``, so the table shows what allmap's network
+gives apart from what its learners give.
 """
 
 from __future__ import annotations
@@ -455,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 MLP / 3 conv)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impls", default="all", help="comma-separated implementations (allmap, allmap+compile, "
-                        "allmap-1pass, learn2learn, higher, torchopt), or 'all'")
+                        "allmap-1pass, allmap-forked, learn2learn, higher, torchopt), or 'all'")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, in-process, no compile: seconds")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--retain-memory", action="store_true",

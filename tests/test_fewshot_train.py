@@ -60,7 +60,8 @@ def test_protonet_preset_trains_evaluates_plots_and_evaluates_on_another_protoco
     # test-time settings of the learner apply to the run's weights; settings that change the weights are refused
     scores = {}
     for shift in (0, 1):
-        assert main(["eval", str(tmp_path / "run"), "--tasks", "8", "--set", f"learner.test_shift={shift}", "--json"]) == 0
+        args = ["eval", str(tmp_path / "run"), "--tasks", "8", "--set", f"learner.test_shift={shift}", "--json"]
+        assert main(args) == 0
         out = json.loads(capsys.readouterr().out)
         assert ("test-time shifts of up to 1 px" in out["protocol"]) == bool(shift)
         scores[shift] = out["metrics"]["loss"]["mean"]
