@@ -313,10 +313,7 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
         start = time.perf_counter()
         acc = run()
         seconds = time.perf_counter() - start
-        children = [m or 0.0 for m in children_peak_mb()]  # allmap's forked evaluation workers, if any
         out.update(tasks_per_s=len(tasks) / seconds, seconds=seconds, grad=acc.tolist())
-        if children:
-            out["plan"] = f"{len(children)} forked processes"
     else:
         build = maml_step if w.kind == "maml" else protonet_step
         step, params, learner = build(base_impl(impl), w, model, tasks)
@@ -348,13 +345,13 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
         if learner is not None and learner.per_task_meta_loss:
             p = learner.execution_plan(len(tasks), examples=examples_per_task(tasks))
             out["plan"] = f"{'vmap' if p.vmap else 'loop'}/chunk {p.chunk}" + (" +compile" if p.compile else "")
-        if impl == "allmap-forked":
-            children = [m or 0.0 for m in children_peak_mb()]  # the last step's processes
-            out["plan"] = out.get("plan", "") + f", {len(children)} forked processes"
     peak = rss_mb("VmHWM") if peak_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["peak_mb"] = None if base is None or peak is None else max(peak - base, 0.0)
-    if (w.kind == "eval" or impl == "allmap-forked") and out["peak_mb"] is not None:  # forked workers' memory
-        out["peak_mb"] += sum(children)
+    children = [m or 0.0 for m in children_peak_mb()]  # forked workers since the reset (the last call's)
+    if children:
+        out["plan"] = ", ".join(filter(None, [out.get("plan"), f"{len(children)} forked processes"]))
+        if out["peak_mb"] is not None:
+            out["peak_mb"] += sum(children)
     if w.kind != "eval" and impl != "allmap+compile":
         out["grad64"] = float64_gradient(w, impl, tasks)
     return out

@@ -12,7 +12,7 @@ from torch import nn
 import allmap
 from allmap.tasks.batch import TaskBatch
 from allmap.train.evaluate import evaluate, evaluation_workers, even_shares
-from allmap.train.forked import can_fork, children_peak_mb, run_forked
+from allmap.train.forked import can_fork, children_peak_mb, reset_peak_rss, run_forked
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="forked workers need Linux without a CUDA context")
 
@@ -28,6 +28,8 @@ def test_run_forked_keeps_order_and_runs_each_piece_in_its_own_one_thread_proces
     assert os.getpid() not in {r[1] for r in out} and len({r[1] for r in out}) == 4
     assert all(r[2] == 1 for r in out) and torch.get_num_threads() == before
     assert len(children_peak_mb()) == 4
+    reset_peak_rss()  # a benchmark's new measurement forgets earlier children
+    assert children_peak_mb() == []
 
 
 def _fail_on_three(piece: int) -> int:

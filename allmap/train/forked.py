@@ -46,7 +46,10 @@ def rss_mb(field: str) -> float | None:
 
 
 def reset_peak_rss() -> bool:
-    """Reset the peak resident memory (``VmHWM``) to the current one; whether that worked."""
+    """Reset the peak resident memory (``VmHWM``) to the current one, and forget the children's peaks of
+    earlier :func:`run_forked` calls (so :func:`children_peak_mb` counts only what runs after); whether the
+    reset of ``VmHWM`` worked."""
+    _CHILDREN_PEAK_MB.clear()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
