@@ -11,8 +11,8 @@ from torch import nn
 
 import allmap
 from allmap.tasks.batch import TaskBatch
-from allmap.train.evaluate import evaluate, evaluation_workers, even_shares
-from allmap.train.forked import can_fork, children_peak_mb, reset_peak_rss, run_forked
+from allmap.train.evaluate import evaluate, evaluation_workers
+from allmap.train.forked import can_fork, children_peak_mb, even_shares, reset_peak_rss, run_forked
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="forked workers need Linux without a CUDA context")
 

@@ -195,8 +195,7 @@ class Learner(nn.Module):
 
     def _forked_backward(self, tasks: TaskBatch, chunk: int | None, scale: float, workers: int) -> Tensor:
         """:meth:`meta_backward` with the tasks shared among ``workers`` forked processes."""
-        from allmap.train.evaluate import even_shares
-        from allmap.train.forked import run_forked
+        from allmap.train.forked import even_shares, run_forked  # lazy: allmap.train imports the learners
 
         n = len(tasks)
         params = [p for p in self.parameters() if p.requires_grad]

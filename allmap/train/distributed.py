@@ -28,7 +28,8 @@ from torch import Tensor
 
 from allmap.learners.base import Learner
 from allmap.tasks.batch import TaskBatch
-from allmap.train.evaluate import evaluate, even_shares, step_names
+from allmap.train.evaluate import evaluate, step_names
+from allmap.train.forked import even_shares
 
 __all__ = ["Dist", "current", "init_from_env", "shutdown", "restart_count", "backend", "reduce_step",
            "pool_summaries", "evaluate_sharded"]

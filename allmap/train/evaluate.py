@@ -13,7 +13,7 @@ from allmap.learners.execution import evaluation_layout, evaluation_vmap
 from allmap.nets.conv import nhwc
 from allmap.nets.norm import first_order_only
 from allmap.tasks.batch import TaskBatch
-from allmap.train.forked import can_fork, run_forked
+from allmap.train.forked import can_fork, even_shares, run_forked
 
 __all__ = ["evaluate", "evaluation_workers", "summarize", "fixed_tasks", "format_results", "step_names"]
 
@@ -121,12 +121,6 @@ def evaluation_workers(learner: Learner, n_tasks: int) -> int:
         return 0
     threads = torch.get_num_threads()
     return threads if threads > 1 and n_tasks >= 8 * threads else 0
-
-
-def even_shares(n: int, parts: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of ``parts`` contiguous shares of ``n`` items, sizes differing by at most one."""
-    bounds = [n * i // parts for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _values(learner: Learner, tasks: TaskBatch, steps: list[int], chunk: int) -> Tensor:

@@ -20,10 +20,16 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["can_fork", "run_forked", "children_peak_mb", "rss_mb", "reset_peak_rss"]
+__all__ = ["can_fork", "run_forked", "even_shares", "children_peak_mb", "rss_mb", "reset_peak_rss"]
 
 T = TypeVar("T")
 _CHILDREN_PEAK_MB: list[float | None] = []
+
+
+def even_shares(n: int, parts: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of ``parts`` contiguous shares of ``n`` items, sizes differing by at most one."""
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def children_peak_mb() -> list[float | None]:
