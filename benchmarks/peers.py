@@ -18,8 +18,8 @@ Implementations: ``allmap`` (automatic execution: ``vmap`` for the MLP, a per-ta
 task for conv nets on CPU), ``allmap+compile`` (``torch.compile``; compile time reported and amortised over
 a 70,000-iteration run), ``allmap-1pass`` (conv only: the same loop but one backward for the whole
 meta-batch, to show what backward-per-task saves), ``allmap-forked`` (conv only:
-``Execution(workers=threads)``, the tasks shared among forked one-thread processes; their memory counts),
-and the peers' documented MAML patterns. On conv4 workloads the peers run the network their users write
+``Execution(workers=threads)``, the tasks shared between this process and forked ones, one thread
+each; the children's memory counts), and the peers' documented MAML patterns. On conv4 workloads the peers run the network their users write
 (torch modules in learn2learn's block order, NCHW; :func:`textbook_conv4`, the same parameters and function),
 and ``learn2learn@Conv4`` runs learn2learn on allmap's ``Conv4``, so the table shows what allmap's network
 gives apart from what its learners give.
@@ -152,7 +152,7 @@ def maml_step(impl: str, w: Workload, model: nn.Module, tasks: TaskBatch) -> tup
             return (lambda: learner.meta_backward(tasks)), list(learner.parameters()), learner
         if impl == "allmap-1pass":
             return (lambda: learner.meta_loss(tasks).backward()), list(learner.parameters()), learner
-        if impl == "allmap-forked":  # the tasks shared among one-thread forked processes, one per thread
+        if impl == "allmap-forked":  # this process and forked ones share the tasks, one thread each
             learner.execution = Execution("auto", workers=torch.get_num_threads())
         return (lambda: learner.meta_backward(tasks)), list(learner.parameters()), learner
     if impl == "learn2learn":
@@ -349,7 +349,10 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
     out["peak_mb"] = None if base is None or peak is None else max(peak - base, 0.0)
     children = [m or 0.0 for m in children_peak_mb()]  # forked workers since the reset (the last call's)
     if children:
-        out["plan"] = ", ".join(filter(None, [out.get("plan"), f"{len(children)} forked processes"]))
+        forks = f"{len(children)} forked process{'es' if len(children) > 1 else ''}"
+        if impl == "allmap-forked":  # meta_backward computes the first share in this process
+            forks = f"this process + {forks}"
+        out["plan"] = ", ".join(filter(None, [out.get("plan"), forks]))
         if out["peak_mb"] is not None:
             out["peak_mb"] += sum(children)
     if w.kind != "eval" and impl != "allmap+compile":

@@ -32,6 +32,19 @@ def test_run_forked_keeps_order_and_runs_each_piece_in_its_own_one_thread_proces
     assert children_peak_mb() == []
 
 
+def test_run_forked_here_computes_the_first_piece_in_this_process_with_one_thread():
+    before = torch.get_num_threads()
+    out = run_forked(_report, [1, 2, 3], here=True)
+    assert [r[0] for r in out] == [1, 4, 9]
+    assert out[0][1] == os.getpid() and os.getpid() not in {out[1][1], out[2][1]}
+    assert all(r[2] == 1 for r in out) and torch.get_num_threads() == before  # restored here
+    assert len(children_peak_mb()) == 2  # only the children's peaks
+    assert run_forked(_report, [], here=True) == []
+    with pytest.raises(ValueError, match="piece three is bad"):  # raised here, as itself
+        run_forked(_fail_on_three, [3, 1], here=True)
+    assert torch.get_num_threads() == before
+
+
 def _fail_on_three(piece: int) -> int:
     if piece == 3:
         raise ValueError("piece three is bad")

@@ -161,14 +161,15 @@ class Learner(nn.Module):
             >>> loss = maml.meta_backward(tasks)   # four backward passes, one per task
 
         With ``execution.workers = W`` (``W > 1``, CPU parameters, Linux, no CUDA context) the tasks are
-        split into W contiguous shares, each share's meta-gradient (weighted by its share of the tasks) is
-        computed in a forked process with one intra-op thread, and the W gradients are added to ``.grad``
-        here: the same meta-gradient up to float rounding. A trade of memory for speed: on a 2-core CPU two
-        processes ran conv4 MAML (5-way 1-shot, second order, meta-batch 32) at 13.9 tasks/s against 10.9 in
-        this process with two threads, but each child builds its own graphs and caches, so the peak memory
-        was 361 against 156 MB (``benchmarks/README.md``, session 7). Anything else the children change
-        (random number streams, buffers) stays in the children, so models that update buffers in training
-        mode (BatchNorm with running statistics) are refused.
+        split into W contiguous shares; the first share's meta-gradient (weighted by its share of the
+        tasks) is computed here and the others' in W - 1 forked processes at the same time, each process
+        with one intra-op thread, and the W gradients are added to ``.grad`` here: the same meta-gradient
+        up to float rounding. A trade of memory for speed: on a 2-core CPU, conv4 MAML (5-way 1-shot,
+        second order, meta-batch 32) ran 15.0 against 11.7 tasks/s in this process alone with two threads,
+        at 241 against 153 MB peak (the child builds its own graphs); with freed memory retained, as
+        ``allmap train`` does, 17.1 against 15.9 tasks/s (``benchmarks/README.md``, session 8). Anything
+        else the children change (random number streams, buffers) stays in the children, so models that
+        update buffers in training mode (BatchNorm with running statistics) are refused.
         """
         self.check_tasks(tasks)
         workers = min(self.execution.workers, len(tasks))
@@ -194,7 +195,7 @@ class Learner(nn.Module):
         return True
 
     def _forked_backward(self, tasks: TaskBatch, chunk: int | None, scale: float, workers: int) -> Tensor:
-        """:meth:`meta_backward` with the tasks shared among ``workers`` forked processes."""
+        """:meth:`meta_backward` with the tasks shared between this process and ``workers - 1`` forked ones."""
         from allmap.train.forked import even_shares, run_forked  # lazy: allmap.train imports the learners
 
         n = len(tasks)
@@ -202,13 +203,19 @@ class Learner(nn.Module):
 
         def share(bounds: tuple[int, int]) -> tuple[Tensor, list[Tensor | None]]:
             lo, hi = bounds
-            for p in params:  # in the child: its own gradient, not the parent's accumulated one
+            for p in params:  # the share's own gradient, not the accumulated one
                 p.grad = None
             loss = self._meta_backward_here(tasks[lo:hi], chunk, scale * (hi - lo) / n)
             return loss, [p.grad for p in params]
 
+        saved = [p.grad for p in params]
+        try:  # the first share runs here (warm caches, one process fewer), the others in forked children
+            shares = run_forked(share, even_shares(n, workers), here=True)
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
         total = None
-        for loss, grads in run_forked(share, even_shares(n, workers)):
+        for loss, grads in shares:
             for p, g in zip(params, grads):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad.add_(g)

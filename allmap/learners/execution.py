@@ -13,9 +13,10 @@ Every mode computes the same mean query loss and the same meta-gradient as a pla
 ``compile=True``           ``torch.compile`` the per-chunk loss (opt-in; compile time is reported in
                            ``learner.execution_stats`` and the compiled function is cached; if
                            compilation fails the learner falls back to eager with a warning)
-``workers=2``              :meth:`Learner.meta_backward` shares the tasks among 2 forked processes
-                           with one intra-op thread each and adds their gradients here (opt-in; CPU
-                           on Linux, else it runs here; see :meth:`Learner.meta_backward`)
+``workers=2``              :meth:`Learner.meta_backward` shares the tasks between this process and
+                           a forked one, each with one intra-op thread, and adds their gradients
+                           here (opt-in; CPU on Linux, else all of it runs here; see
+                           :meth:`Learner.meta_backward`)
 =========================  ======================================================================
 
 With ``vmap`` and ``compile``, :meth:`Learner.meta_backward` goes further: the meta-gradient of a chunk is one
@@ -96,8 +97,9 @@ class Execution:
         chunk: tasks per chunk. A chunk is one ``vmap`` call in ``"vmap"`` mode, and one backward pass in
             :meth:`Learner.meta_backward`. ``None``: the whole meta-batch for ``"vmap"``, one task for ``"loop"``.
         compile: ``torch.compile`` the loss of a chunk (opt-in).
-        workers: forked processes that share the tasks of :meth:`Learner.meta_backward` (opt-in; ``0``:
-            this process). For convolution nets on a CPU with as many cores; set it in a config as
+        workers: processes that share the tasks of :meth:`Learner.meta_backward`, this one and
+            ``workers - 1`` forked ones (opt-in; ``0`` or ``1``: this process alone). For convolution nets
+            on a CPU with as many cores; set it in a config as
             ``execution: {mode: auto, workers: 2}``.
 
     Example:

@@ -95,18 +95,31 @@ def _child(fn: Callable[[Any], T], piece: Any, write_fd: int) -> None:
         os._exit(status)  # no atexit handlers or buffered output of the parent run twice
 
 
-def run_forked(fn: Callable[[Any], T], pieces: Sequence[Any]) -> list[T]:
+def _one_thread(fn: Callable[[Any], T], piece: Any) -> T:
+    """``fn(piece)`` in this process with one intra-op thread, the thread count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(piece)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_forked(fn: Callable[[Any], T], pieces: Sequence[Any], here: bool = False) -> list[T]:
     """``[fn(p) for p in pieces]``, each piece in a forked child process, all at once, every child with one
     intra-op thread (GNU OpenMP's thread pool does not survive ``fork``: a child that starts a parallel
     region after its parent has used the pool waits forever at its barrier; with one thread there is no
-    parallel region). This process waits. Results come back in order; an error in a child is raised here as
-    ``RuntimeError`` with the child's traceback. ``fn``'s results must pickle. Call only where
-    :func:`can_fork` holds.
+    parallel region). This process waits, or with ``here`` computes the first piece itself, with one
+    intra-op thread while the children run (its thread count is restored after): one process fewer, and
+    the caches this process has already paid for (a forked child pays them again) serve that piece.
+    Results come back in order; an error in a child is raised here as ``RuntimeError`` with the child's
+    traceback. ``fn``'s results must pickle. Call only where :func:`can_fork` holds.
     """
     _CHILDREN_PEAK_MB.clear()
+    here = here and len(pieces) > 0
     children = []
     try:
-        for piece in pieces:
+        for piece in pieces[1:] if here else pieces:
             read_fd, write_fd = os.pipe()
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child, which never returns
@@ -114,7 +127,7 @@ def run_forked(fn: Callable[[Any], T], pieces: Sequence[Any]) -> list[T]:
                 _child(fn, piece, write_fd)
             os.close(write_fd)
             children.append((pid, read_fd))
-        results = []
+        results = [_one_thread(fn, pieces[0])] if here else []
         while children:
             pid, read_fd = children.pop(0)
             try:
