@@ -113,7 +113,8 @@ def run_forked(fn: Callable[[Any], T], pieces: Sequence[Any], here: bool = False
     intra-op thread while the children run (its thread count is restored after): one process fewer, and
     the caches this process has already paid for (a forked child pays them again) serve that piece.
     Results come back in order; an error in a child is raised here as ``RuntimeError`` with the child's
-    traceback. ``fn``'s results must pickle. Call only where :func:`can_fork` holds.
+    traceback (an error of the piece computed here, as itself, after the children are stopped). ``fn``'s
+    results must pickle. Call only where :func:`can_fork` holds.
     """
     _CHILDREN_PEAK_MB.clear()
     here = here and len(pieces) > 0
