@@ -21,9 +21,8 @@ meta-batch, to show what backward-per-task saves), ``allmap-forked`` (conv only:
 ``Execution(workers=threads)``, the tasks shared between this process and forked ones, one thread
 each; the children's memory counts), and the peers' documented MAML patterns. On conv4 workloads the
 peers run the network their users write (torch modules in learn2learn's block order, NCHW;
-:func:`textbook_conv4`, the same parameters and function),
-and ``learn2learn@Conv4`` runs learn2learn on allmap's ``Conv4``, so the table shows what allmap's network
-gives apart from what its learners give.
+:func:`textbook_conv4`, the same parameters and function), and ``learn2learn@Conv4`` runs learn2learn on
+allmap's ``Conv4``, so the table shows what allmap's network gives apart from what its learners give.
 """
 
 from __future__ import annotations
