@@ -124,7 +124,8 @@ class Execution:
             raise TypeError(f"Execution: expected compile to be a bool, got {type(self.compile).__name__}.")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(
-                f"Execution: expected workers (processes, this one included) to be an integer >= 0, got {self.workers!r}.")
+                f"Execution: expected workers (processes, this one included) to be an integer >= 0, "
+                f"got {self.workers!r}.")
 
 
 def resolve_execution(spec: Execution | str | dict[str, Any] | None) -> Execution:
