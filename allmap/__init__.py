@@ -8,15 +8,20 @@ import os
 import torch
 
 from allmap import hypergrad, inner, nets, tasks
-from allmap.learners import ANIL, MAML, HyperNetwork, Learner, MetaSGD, TaskModel
-from allmap.learners import IMAML, LSTMMetaLearner, Reptile
-from allmap.learners import MatchingNet, ProtoNet, Siamese
+from allmap import engine, learners
+from allmap.engine import Execution, LearnerSpec
+from allmap.learners import (ANIL, IMAML, MAML, GradientLearner, HyperNetwork, Learner, LSTMMetaLearner,
+                             MatchingNet, MetaSGD, ProtoNet, Reptile, Siamese, TaskModel, register)
 from allmap.tasks import TaskBatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Learner",
+    "GradientLearner",
+    "LearnerSpec",
+    "Execution",
+    "register",
     "TaskModel",
     "MAML",
     "ANIL",
@@ -33,13 +38,15 @@ __all__ = [
     "nets",
     "inner",
     "hypergrad",
+    "engine",
+    "learners",
     "load",
     "__version__",
 ]
 
 
 def load(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> Learner:
-    """A trained learner back from a run folder (see ``allmap.train.runs.load``), ready to ``adapt``."""
-    from allmap.train.runs import load as _load
+    """A trained learner back from a run folder (see ``allmap.app.runs.load``), ready to ``adapt``."""
+    from allmap.app.runs import load as _load
 
     return _load(run_dir, device=device)

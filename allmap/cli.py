@@ -17,9 +17,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from allmap.train.checkpoint import CheckpointError
-from allmap.train.config import ConfigError, apply_overrides, list_presets, load_config, preset_path, validate
-from allmap.train.loop import Interrupted, NonFiniteLossError
+from allmap.app.checkpoint import CheckpointError
+from allmap.app.config import ConfigError, apply_overrides, list_presets, load_config, preset_path, validate
+from allmap.app.trainer import Interrupted, NonFiniteLossError
 
 __all__ = ["main"]
 
@@ -54,16 +54,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _host_settings(config: dict | None, run_dir: str | None) -> None:
+    """Threads and allocator of this process, from the config being trained or the run being resumed
+    (an unreadable run folder is reported by ``resume`` itself)."""
+    import yaml
+
+    from allmap.app.host import apply_host_settings
+    from allmap.app.runs import read_config
+
+    if config is None:
+        try:
+            config = read_config(run_dir)
+        except (ConfigError, OSError, ValueError, yaml.YAMLError):
+            return
+    apply_host_settings(config)
+
+
 def _train(args: argparse.Namespace) -> int:
-    from allmap.train import distributed
-    from allmap.train.loop import format_run_results, resume, train
-    from allmap.train.runs import RunDir
+    from allmap.app import distributed
+    from allmap.app.trainer import format_run_results, resume, train
+    from allmap.app.runs import RunDir
 
     if args.resume and args.config:
         raise ConfigError("--resume takes the run folder; do not pass a config as well.")
     if not args.resume and not args.config:
         raise ConfigError("allmap train needs a preset name or config file (see `allmap presets`), or --resume RUN_DIR.")
     config = None if args.resume else load_config(args.config, args.overrides)  # checked before joining the group
+    _host_settings(config, args.resume)
     owns_group = distributed.init_from_env()  # under torchrun: join the process group (gloo / NCCL)
     try:
         if args.resume:
@@ -83,10 +100,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from allmap.train.build import apply_host_settings, build_family, check_disjoint
-    from allmap.train.evaluate import evaluate, format_results, fixed_tasks
-    from allmap.train.loop import protocol
-    from allmap.train.runs import load, read_config
+    from allmap.app.build import build_family, check_disjoint
+    from allmap.app.host import apply_host_settings
+    from allmap.app.report import format_results
+    from allmap.engine.evaluate import evaluate, fixed_tasks
+    from allmap.app.trainer import protocol
+    from allmap.app.runs import load, read_config
 
     trained = read_config(args.run_dir)
     extra = list(args.overrides)
@@ -114,8 +133,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from allmap.train.loop import finish
-    from allmap.train.runs import RunDir, load, read_config
+    from allmap.app.trainer import finish
+    from allmap.app.runs import RunDir, load, read_config
 
     finish(args.run_dir, load(args.run_dir), read_config(args.run_dir))
     run = RunDir(args.run_dir)

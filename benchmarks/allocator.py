@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import allmap  # noqa: E402
-from allmap.train.allocator import retain_freed_memory  # noqa: E402
+from allmap.app.host import retain_freed_memory  # noqa: E402
 
 CONFIGS = [(False, False), (False, True), (True, False), (True, True)]  # (retain_memory, channels_last)
 

@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from allmap.train.build import apply_host_settings, build_family, build_learner, build_optimizer
-from allmap.train.config import load_config
+from allmap.app.build import build_family, build_learner, build_optimizer
+from allmap.app.host import apply_host_settings
+from allmap.app.config import load_config
 
 
 def measure(preset: str, steps: int) -> dict:

@@ -32,7 +32,7 @@ import peers  # noqa: E402  (the workload and the learn2learn loop of the speed 
 
 import allmap  # noqa: E402
 from allmap.nets import Conv4  # noqa: E402
-from allmap.train.evaluate import evaluate  # noqa: E402
+from allmap.engine.evaluate import evaluate  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

@@ -20,10 +20,10 @@ import os
 import time
 from pathlib import Path
 
-from allmap.train.build import build_family
-from allmap.train.config import load_config
-from allmap.train.evaluate import evaluate, fixed_tasks
-from allmap.train.loop import train
+from allmap.app.build import build_family
+from allmap.app.config import load_config
+from allmap.engine.evaluate import evaluate, fixed_tasks
+from allmap.app.trainer import train
 
 
 class Marks:

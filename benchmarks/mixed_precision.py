@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import allmap  # noqa: E402
 from allmap.nets.conv import PRECISIONS  # noqa: E402
-from allmap.train.allocator import retain_freed_memory  # noqa: E402
+from allmap.app.host import retain_freed_memory  # noqa: E402
 from allocator import episode  # noqa: E402  (the same fixed episode as the allocator benchmark)
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from allmap.train.averaging import averaged
-from allmap.train.build import build_family
-from allmap.train.config import load_config
-from allmap.train.evaluate import evaluate, fixed_tasks
-from allmap.train.loop import train
+from allmap.app.averaging import averaged
+from allmap.app.build import build_family
+from allmap.app.config import load_config
+from allmap.engine.evaluate import evaluate, fixed_tasks
+from allmap.app.trainer import train
 
 
 class Budget:

@@ -49,13 +49,13 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import allmap  # noqa: E402
 from allmap.learners.base import without_running_stats
-from allmap.learners.execution import Execution, examples_per_task
+from allmap.engine.execution import Execution, examples_per_task
 from allmap.learners.protonet import ProtoNet
 from allmap.nets import MLP, Conv4
 from allmap.tasks.batch import TaskBatch
-from allmap.train.allocator import retain_freed_memory
-from allmap.train.evaluate import evaluate
-from allmap.train.forked import children_peak_mb, reset_peak_rss, rss_mb
+from allmap.app.host import retain_freed_memory
+from allmap.engine.evaluate import evaluate
+from allmap.engine.forked import children_peak_mb, reset_peak_rss, rss_mb
 
 PEERS = ("learn2learn", "higher", "torchopt")
 RUN_ITERATIONS = 70_000  # the sinusoid-maml preset: compile time is amortised over it
@@ -342,7 +342,7 @@ def measure(name: str, impl: str, iters: int, warmup: int, smoke: bool) -> dict:
             out["amortised_tasks_per_s"] = RUN_ITERATIONS * len(tasks) / amortised
         if learner is not None and learner.execution_stats.get("compile_failed"):
             out["note"] = "compile failed: " + str(learner.execution_stats["compile_failed"])
-        if learner is not None and learner.per_task_meta_loss:
+        if learner is not None and learner.spec.per_task_loss:
             p = learner.execution_plan(len(tasks), examples=examples_per_task(tasks))
             out["plan"] = f"{'vmap' if p.vmap else 'loop'}/chunk {p.chunk}" + (" +compile" if p.compile else "")
     peak = rss_mb("VmHWM") if peak_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, in-process, no compile: seconds")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--retain-memory", action="store_true",
-                        help="every implementation's process keeps freed memory (allmap.train.allocator, what "
+                        help="every implementation's process keeps freed memory (allmap.app.host, what "
                              "`allmap train` does by default); off: glibc's defaults for everyone")
     parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from allmap.tasks.omniglot import DEFAULT_ROOT, PROTOCOLS, Omniglot, load_omniglot
-from allmap.train.allocator import retain_freed_memory
+from allmap.app.host import retain_freed_memory
 
 p = argparse.ArgumentParser()
 p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 20])

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 import allmap
-from allmap.train import load_config, train
-from allmap.train.build import build_family
-from allmap.train.evaluate import evaluate, fixed_tasks
+from allmap.app import load_config, train
+from allmap.app.build import build_family
+from allmap.engine.evaluate import evaluate, fixed_tasks
 
 PRESETS = ["sinusoid-maml", "sinusoid-maml-5shot", "sinusoid-metasgd", "linreg-hypernet", "linreg-maml", "logistic2d-metasgd"]
 SMOKE = ["iterations=30", "log_every=10", "checkpoint_every=30", "eval.every=30", "eval.val_tasks=10"]
@@ -36,7 +36,7 @@ def run(name: str, runs: Path, smoke: bool) -> Path:
 
 def train_seconds(out: Path) -> float:
     """Wall-clock seconds of meta-training, as logged by the run (resumed runs included)."""
-    rows = allmap.train.RunDir(out).read_metrics()
+    rows = allmap.app.RunDir(out).read_metrics()
     return rows[-1]["seconds"] if rows else float("nan")
 
 

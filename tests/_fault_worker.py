@@ -13,9 +13,9 @@ import sys
 
 import torch.distributed as dist
 
-import allmap.train.loop as loop
+import allmap.app.trainer as loop
 from allmap.cli import main
-from allmap.train.distributed import restart_count
+from allmap.app.distributed import restart_count
 
 KILL_AT = int(os.environ.get("ALLMAP_KILL_AT", "0"))
 KILL_RANK = int(os.environ.get("ALLMAP_KILL_RANK", "0"))

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import allmap
-from allmap.train import ConfigError, load_config, train
-from allmap.train.averaging import WeightAverage, averaged
-from allmap.train.build import build_family
-from allmap.train.checkpoint import load_checkpoint
-from allmap.train.evaluate import evaluate, fixed_tasks
+from allmap.app import ConfigError, load_config, train
+from allmap.app.averaging import WeightAverage, averaged
+from allmap.app.build import build_family
+from allmap.app.checkpoint import load_checkpoint
+from allmap.engine.evaluate import evaluate, fixed_tasks
 
 TINY = ["iterations=12", "meta_batch=4", "log_every=4", "checkpoint_every=4", "eval.tasks=20", "eval.every=6",
         "eval.val_tasks=8", "eval.queries=20", "eval.steps=[0,1]"]

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import allmap
-from allmap.train import load_config, train
-from allmap.train.checkpoint import load_checkpoint
-from allmap.train.distributed import Dist, evaluate_sharded, pool_summaries, reduce_step
-from allmap.train.evaluate import evaluate, summarize
+from allmap.app import load_config, train
+from allmap.app.checkpoint import load_checkpoint
+from allmap.app.distributed import Dist, evaluate_sharded, pool_summaries, reduce_step
+from allmap.engine.evaluate import evaluate, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 # 12 iterations, checkpoints every 4, an odd meta-batch (uneven shards) and an odd number of test tasks.

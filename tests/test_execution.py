@@ -1,4 +1,4 @@
-"""The execution layer (allmap/learners/execution.py): every way of running the tasks gives the per-task loop's
+"""The execution layer (allmap/engine/execution.py): every way of running the tasks gives the per-task loop's
 loss and meta-gradient (float64), meta_backward equals meta_loss().backward(), compile is opt-in with a clean
 fallback, and the automatic rule picks what benchmarks/peers.py measured."""
 
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import allmap
-from allmap.learners.execution import Execution, evaluation_vmap, plan, resolve_execution
+from allmap.engine.execution import Execution, evaluation_vmap, plan, resolve_execution
 from allmap.tasks.batch import TaskBatch
-from allmap.train.evaluate import evaluate
+from allmap.engine.evaluate import evaluate
 
 torch.set_num_threads(1)
 
@@ -175,8 +175,8 @@ def test_specs_and_errors():
 
 
 def test_config_sets_execution():
-    from allmap.train.build import build_family, build_learner
-    from allmap.train.config import ConfigError, DEFAULTS, _merge
+    from allmap.app.build import build_family, build_learner
+    from allmap.app.config import ConfigError, DEFAULTS, _merge
 
     config = _merge(DEFAULTS, {"learner": {"name": "maml", "execution": "loop(4)"}, "model": {"name": "mlp",
                                                                                              "sizes": [1, 4, 1]}})
@@ -235,7 +235,7 @@ class _ViewAfterConv(nn.Module):
 @pytest.mark.parametrize("make", [tiny_conv, lambda: _ViewAfterConv().double()])
 def test_evaluation_in_nhwc_layout_equals_nchw(make):
     # the per-task loop on CPU feeds conv nets NHWC images; a model that cannot take them falls back to NCHW
-    from allmap.learners.execution import evaluation_layout
+    from allmap.engine.execution import evaluation_layout
 
     torch.manual_seed(0)
     learner = allmap.MAML(make(), inner_lr=0.2, inner_steps=1, loss="cross_entropy")

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from allmap.train import NonFiniteLossError, load_config, resume, train
-from allmap.train.loop import Interrupted
-from allmap.train import checkpoint as ckpt
-from allmap.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from allmap.app import NonFiniteLossError, load_config, resume, train
+from allmap.app.trainer import Interrupted
+from allmap.app import checkpoint as ckpt
+from allmap.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["meta_batch=4", "log_every=5", "checkpoint_every=5", "eval.tasks=20", "eval.every=5", "eval.val_tasks=8",

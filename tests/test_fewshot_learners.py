@@ -15,7 +15,7 @@ import allmap
 from _util import assert_vmap_equals_loop
 from allmap.nets import MLP, Conv4, MAMLConv
 from allmap.tasks import Episodes, Omniglot, gaussian_classes
-from allmap.train.evaluate import evaluate
+from allmap.engine.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 needs_omniglot = pytest.mark.skipif(not ROOT.is_dir(), reason="needs ../shared/data/omniglot")

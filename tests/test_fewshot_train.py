@@ -10,9 +10,9 @@ import torch
 
 from allmap.cli import main
 from allmap.tasks import Episodes, EpisodeStream, gaussian_classes
-from allmap.train.config import list_presets, load_config
-from allmap.train.loop import train
-from allmap.train.schedules import CosineAdam, StepDecayAdam
+from allmap.app.config import list_presets, load_config
+from allmap.app.trainer import train
+from allmap.app.schedules import CosineAdam, StepDecayAdam
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 needs_omniglot = pytest.mark.skipif(not ROOT.is_dir(), reason="needs ../shared/data/omniglot")

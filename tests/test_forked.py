@@ -1,4 +1,4 @@
-"""Forked evaluation workers (allmap/train/forked.py): results in order, errors raised in the parent, thread
+"""Forked evaluation workers (allmap/engine/forked.py): results in order, errors raised in the parent, thread
 counts, and evaluate() giving the same numbers with any number of workers."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from torch import nn
 
 import allmap
 from allmap.tasks.batch import TaskBatch
-from allmap.train.evaluate import evaluate, evaluation_workers
-from allmap.train.forked import can_fork, children_peak_mb, even_shares, reset_peak_rss, run_forked
+from allmap.engine.evaluate import evaluate, evaluation_workers
+from allmap.engine.forked import can_fork, children_peak_mb, even_shares, reset_peak_rss, run_forked
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="forked workers need Linux without a CUDA context")
 
@@ -122,7 +122,7 @@ def test_forked_meta_backward_gives_the_in_process_meta_gradient_and_accumulates
 def test_forked_meta_backward_refuses_running_statistics_and_bad_worker_counts():
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8))
     learner = allmap.ProtoNet(encoder)
-    learner.execution = allmap.learners.execution.Execution("auto", workers=2)
+    learner.execution = allmap.engine.execution.Execution("auto", workers=2)
     tasks = allmap.tasks.Episodes(allmap.tasks.gaussian_classes(), ways=3, shots=2, queries=2).sample(
         4, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="running statistics .*workers=0"):

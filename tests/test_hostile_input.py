@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from allmap.tasks import LinearRegression, Logistic2D, Sinusoid
 from allmap.tasks.episodes import ClassImages, Episodes, gaussian_classes
-from allmap.train import ConfigError, load_config
-from allmap.train.config import apply_overrides, validate
-from allmap.train.loop import check_config
+from allmap.app import ConfigError, load_config
+from allmap.app.config import apply_overrides, validate
+from allmap.app.trainer import check_config
 
 EXAMPLES = int(os.environ.get("ALLMAP_HYPOTHESIS_EXAMPLES", "100"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize="ALLMAP_HYPOTHESIS_RANDOM" not in os.environ,

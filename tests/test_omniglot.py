@@ -14,8 +14,8 @@ from PIL import Image
 
 from allmap.tasks import ClassImages, Episodes, Omniglot, load_omniglot
 from allmap.tasks.episodes import affine, translate, warp
-from allmap.train.build import build_family
-from allmap.train.config import load_config
+from allmap.app.build import build_family
+from allmap.app.config import load_config
 from allmap.tasks.omniglot import PROTOCOLS, SHUFFLED_SPLITS, SPLITS, shuffled_order
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"

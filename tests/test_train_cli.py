@@ -10,11 +10,11 @@ import torch
 
 import allmap
 from allmap.cli import main
-from allmap.train import CheckpointError, ConfigError, NonFiniteLossError, load_config, resume, train
-from allmap.train.build import build_family, build_learner
-from allmap.train.checkpoint import load_checkpoint
-from allmap.train.config import list_presets
-from allmap.train.evaluate import evaluate, fixed_tasks
+from allmap.app import CheckpointError, ConfigError, NonFiniteLossError, load_config, resume, train
+from allmap.app.build import build_family, build_learner
+from allmap.app.checkpoint import load_checkpoint
+from allmap.app.config import list_presets
+from allmap.engine.evaluate import evaluate, fixed_tasks
 
 TINY = ["iterations=20", "meta_batch=4", "log_every=5", "checkpoint_every=5", "eval.tasks=30", "eval.every=10",
         "eval.val_tasks=10", "eval.queries=20"]

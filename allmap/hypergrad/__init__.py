@@ -20,7 +20,8 @@ Learners take ``hypergrad="truncated(5)"`` (a name, a call with literal argument
 ``name`` key as in config files, or a :class:`Strategy` object); :func:`resolve` does the parsing.
 """
 
-from allmap.hypergrad.base import STRATEGIES, Strategy, check_strategy, meta_loss_surrogate, register, resolve
+from allmap.hypergrad.base import (STRATEGIES, InnerStrategy, Strategy, WholeLossStrategy, check_strategy,
+                                   meta_loss_surrogate, register, resolve)
 from allmap.hypergrad.basic import FirstOrder, Unrolled, stop_gradient
 from allmap.hypergrad.truncated import Truncated
 from allmap.hypergrad.checkpointed import Checkpointed
@@ -31,6 +32,8 @@ from allmap.hypergrad.finite_difference import FiniteDifference, central_differe
 __all__ = [
     "STRATEGIES",
     "Strategy",
+    "InnerStrategy",
+    "WholeLossStrategy",
     "check_strategy",
     "register",
     "resolve",

@@ -1,14 +1,14 @@
 """The strategy interface, the name registry and the parser of strategy specs such as ``"truncated(5)"``.
 
-A strategy decides how the meta-gradient crosses adaptation. There are two kinds:
+A strategy decides how the meta-gradient crosses adaptation. There are two protocols:
 
-* ``scope = "inner"`` strategies replace the inner loop: :meth:`Strategy.run` returns the adapted
-  parameters, whose autograd graph (or custom backward) carries the meta-gradient (unrolled, first order,
-  truncated, checkpointed, implicit).
-* ``scope = "meta_loss"`` strategies differentiate the whole meta-loss as a black box of the meta-parameters
-  (forward mode, finite differences): :meth:`Strategy.meta_gradient` returns ``(value, gradients, info)`` and
-  :func:`meta_loss_surrogate` turns them into a loss whose ``backward()`` deposits those gradients, so any
-  torch optimizer applies them.
+* :class:`InnerStrategy` replaces the inner loop: :meth:`InnerStrategy.run` returns the adapted parameters,
+  whose autograd graph (or custom backward) carries the meta-gradient (unrolled, first order, truncated,
+  checkpointed, implicit).
+* :class:`WholeLossStrategy` differentiates the whole meta-loss as a black box of the meta-parameters
+  (forward mode, finite differences): :meth:`WholeLossStrategy.meta_gradient` returns ``(value, gradients,
+  info)`` and :func:`meta_loss_surrogate` turns them into a loss whose ``backward()`` deposits those
+  gradients, so any torch optimizer applies them. Its inner loop is plain :meth:`Strategy.run`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from allmap.inner.loop import gradient_descent
 from allmap.inner.optim import InnerOptimizer, Params
 
-__all__ = ["Strategy", "STRATEGIES", "register", "resolve", "check_strategy", "meta_loss_surrogate"]
+__all__ = ["Strategy", "InnerStrategy", "WholeLossStrategy", "STRATEGIES", "register", "resolve", "check_strategy", "meta_loss_surrogate"]
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -34,13 +34,11 @@ class Strategy:
 
     Attributes:
         name: the name used in the API and in config files.
-        scope: ``"inner"`` (replaces the inner loop) or ``"meta_loss"`` (differentiates the whole loss).
         vmappable: whether :meth:`run` may be called inside ``torch.func.vmap`` (custom backward passes that
             call ``torch.autograd`` cannot); learners run the tasks one at a time for those that are not.
     """
 
     name: ClassVar[str] = ""
-    scope: ClassVar[str] = "inner"
     vmappable: ClassVar[bool] = True
 
     def run(
@@ -57,12 +55,13 @@ class Strategy:
         over that may need a gradient (strategies with a custom backward pass differentiate w.r.t. them)."""
         return gradient_descent(loss, params, optimizer, steps, record=list(record) or [steps])
 
-    def meta_gradient(self, fn: Callable[[Params], Tensor], params: Params) -> tuple[Tensor, Params, dict]:
-        """``(fn(params), d fn / d params, info)`` for ``scope = "meta_loss"`` strategies."""
-        raise NotImplementedError(f"strategy {self.name!r} differentiates the inner loop, not the whole loss.")
-
     def check(self, learner: nn.Module) -> None:
-        """Raise ``ValueError`` saying why if this strategy cannot apply to ``learner``."""
+        """Raise ``ValueError`` saying why if this strategy cannot apply to ``learner``: by default, when
+        the learner's description (``learner.spec.strategies``) does not list it."""
+        accepted = learner.spec.strategies
+        if accepted and self.name not in accepted:
+            raise ValueError(f"{type(learner).__name__}: the {self.name!r} meta-gradient strategy does not apply to "
+                             f"this learner; it accepts {', '.join(accepted)}.")
 
     def state_dict(self) -> dict[str, Tensor]:
         """State that changes during training (e.g. a random generator), saved in checkpoints so that a
@@ -81,6 +80,19 @@ class Strategy:
 
     def __hash__(self) -> int:
         return hash(repr(self))
+
+
+class InnerStrategy(Strategy):
+    """A strategy that replaces the inner loop: the adapted parameters carry the meta-gradient."""
+
+
+class WholeLossStrategy(Strategy):
+    """A strategy that differentiates the whole meta-loss as a function of the meta-parameters; the inner
+    loop runs plainly (:meth:`Strategy.run`) inside each evaluation of that function."""
+
+    def meta_gradient(self, fn: Callable[[Params], Tensor], params: Params) -> tuple[Tensor, Params, dict]:
+        """``(fn(params), d fn / d params, info)``."""
+        raise NotImplementedError
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
@@ -162,7 +174,7 @@ class _Call(nn.Module):
 
 
 def meta_loss_surrogate(
-    strategy: Strategy, learner: nn.Module, tasks: Any, plain_loss: Callable[[Any], Tensor]
+    strategy: WholeLossStrategy, learner: nn.Module, tasks: Any, plain_loss: Callable[[Any], Tensor]
 ) -> Tensor:
     """The meta-loss of ``learner`` on ``tasks`` whose gradient is the one ``strategy`` computes.
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
-from allmap.hypergrad.base import STRATEGIES, Strategy, check_strategy, register
+from allmap.hypergrad.base import STRATEGIES, InnerStrategy, Strategy, check_strategy, register
 from allmap.inner.loop import gradient_descent, stop_gradient
 from allmap.inner.optim import InnerOptimizer, Params
 
@@ -14,7 +14,7 @@ __all__ = ["Unrolled", "FirstOrder", "STRATEGIES", "check_strategy", "stop_gradi
 
 
 @register
-class Unrolled(Strategy):
+class Unrolled(InnerStrategy):
     """Reverse mode through every inner step (exact, second order; memory grows with the steps).
 
     ``d L_query(theta_T) / d theta_0 = prod_t (I - lr H_t) grad L_query(theta_T)`` for SGD, computed by
@@ -25,7 +25,7 @@ class Unrolled(Strategy):
 
 
 @register
-class FirstOrder(Strategy):
+class FirstOrder(InnerStrategy):
     """Inner gradients are constants: ``d theta_T / d theta_0 = I`` (first-order MAML, Finn et al. 2017, 5.2).
 
     The meta-gradient is the query gradient at the adapted parameters; no second derivatives, and the inner

@@ -22,16 +22,12 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from allmap.hypergrad.base import Strategy, register
+from allmap.compat import in_transform
+from allmap.hypergrad.base import InnerStrategy, register
 from allmap.inner.loop import gradient_descent, inner_step
 from allmap.inner.optim import InnerOptimizer, Params
 
 __all__ = ["Checkpointed"]
-
-
-def _in_transform(tensors: Sequence[Tensor]) -> bool:
-    functorch = torch._C._functorch
-    return any(functorch.is_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 class _Segment(torch.autograd.Function):
@@ -70,7 +66,7 @@ class _Segment(torch.autograd.Function):
 
 
 @register
-class Checkpointed(Strategy):
+class Checkpointed(InnerStrategy):
     """Unrolled reverse mode with recomputation of each segment of ``every`` inner steps.
 
     Args:
@@ -102,7 +98,6 @@ class Checkpointed(Strategy):
         if not torch.is_grad_enabled():  # evaluation: nothing to recompute, so plain (and vmappable)
             return gradient_descent(loss, params, optimizer, max(record), record=record)
         total = max(record)
-        grad_fn = torch.func.grad(loss)
         closure = [t for t in closure if isinstance(t, Tensor)]
         state = optimizer.init(params)
         path: dict[int, Params] = {0: params}
@@ -112,7 +107,7 @@ class Checkpointed(Strategy):
             stop = min(step + self.every, min(r for r in record if r > step))
             carry, spec = tree_flatten((params, state))
             tensor_pos = [i for i, c in enumerate(carry) if isinstance(c, Tensor)]
-            if _in_transform([carry[i] for i in tensor_pos]):
+            if in_transform([carry[i] for i in tensor_pos]):
                 raise ValueError(
                     "checkpointed: cannot run inside torch.func transforms (vmap/grad/jvp), because the "
                     "recomputation calls torch.autograd; run the tasks one at a time, or use 'unrolled' there."
@@ -124,7 +119,7 @@ class Checkpointed(Strategy):
                     leaves[i] = t
                 p, s = tree_unflatten(leaves, spec)
                 for _ in range(n):
-                    p, s = inner_step(grad_fn, p, s, optimizer)
+                    p, s = inner_step(loss, p, s, optimizer)
                 return p, s
 
             holder: dict = {}

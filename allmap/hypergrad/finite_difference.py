@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from allmap.hypergrad.base import Strategy, register
+from allmap.hypergrad.base import WholeLossStrategy, register
 from allmap.inner.optim import Params
 
 __all__ = ["FiniteDifference", "central_differences", "zeroth_order"]
@@ -74,7 +74,7 @@ def zeroth_order(
 
 
 @register
-class FiniteDifference(Strategy):
+class FiniteDifference(WholeLossStrategy):
     """Meta-gradient of the whole meta-loss by central differences (``directions=0``) or zeroth order.
 
     Args:
@@ -85,7 +85,6 @@ class FiniteDifference(Strategy):
     """
 
     name = "finite_difference"
-    scope = "meta_loss"
 
     def __init__(self, eps: float = 1e-3, directions: int = 0, seed: int = 0) -> None:
         if not eps > 0:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from allmap.hypergrad.base import Strategy, register
+from allmap.hypergrad.base import WholeLossStrategy, register
 from allmap.inner.optim import Params
 
 __all__ = ["Forward", "hypergradient"]
@@ -46,7 +46,7 @@ def hypergradient(fn: Callable[[Params], Tensor], hyper: Params) -> tuple[Tensor
 
 
 @register
-class Forward(Strategy):
+class Forward(WholeLossStrategy):
     """Meta-gradient of the whole meta-loss by forward mode, one ``jvp`` per meta-parameter entry.
 
     Meant for learners with few meta-parameters; ``max_entries`` guards against the cost (a learner with
@@ -58,7 +58,6 @@ class Forward(Strategy):
     """
 
     name = "forward"
-    scope = "meta_loss"
 
     def __init__(self, max_entries: int = 4096) -> None:
         if not isinstance(max_entries, int) or max_entries < 1:

@@ -22,13 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from allmap.hypergrad.base import Strategy, register
-from allmap.hypergrad.checkpointed import _in_transform
+from allmap.hypergrad.base import InnerStrategy, register
+from allmap.compat import in_transform
 from allmap.inner.loop import gradient_descent, monotone_descent
 from allmap.inner.optim import InnerOptimizer, Params
 
-__all__ = ["Implicit", "ImplicitSolveWarning", "ImplicitSolveError", "conjugate_gradient", "conjugate_gradient_fixed",
-           "neumann"]
+__all__ = ["Implicit", "ImplicitSolveWarning", "ImplicitSolveError", "conjugate_gradient", "neumann"]
 
 Vec = list[Tensor]
 MatVec = Callable[[Vec], Vec]
@@ -50,62 +49,33 @@ def _axpy(alpha: Tensor | float, x: Vec, y: Vec) -> Vec:
     return [yi + alpha * xi for xi, yi in zip(x, y)]
 
 
-def conjugate_gradient(matvec: MatVec, b: Vec, iterations: int, tol: float = 0.0) -> tuple[Vec, float]:
+def conjugate_gradient(matvec: MatVec, b: Vec, iterations: int, tol: float = 0.0) -> tuple[Vec, Tensor]:
     """Solve ``A x = b`` for symmetric positive definite ``A`` (given as ``matvec``) from ``x = 0``.
 
-    Stops after ``iterations`` or when ``||b - A x|| <= tol ||b||``. Returns ``(x, relative residual)``.
-    If ``A`` is not positive definite along a search direction (a non-convex support loss with small
-    ``lam``), the iteration stops there, returning ``b`` itself if that happens at once; the residual says
-    so (raise ``damping`` or ``lam``).
+    At most ``iterations`` steps; converged once ``||b - A x|| <= tol ||b||``. If ``A`` is not positive
+    definite along a search direction (a non-convex support loss with small ``lam``), the iteration stops
+    there, returning ``b`` itself (the first-order answer, ``A ~ I``) if that happens at once (Steihaug
+    1983); the residual says so (raise ``damping`` or ``lam``). Written without data-dependent control
+    flow: a finished solve's updates are masked to zero, so it runs inside ``vmap`` (one solve per task);
+    outside ``torch.func`` transforms it stops early once every solve is finished. Returns
+    ``(x, relative residual ||b - A x|| / ||b||)``, the residual as a tensor.
     """
     x = [torch.zeros_like(t) for t in b]
-    r = [t.clone() for t in b]
-    p = [t.clone() for t in b]
-    bb = _dot(b, b)
-    if float(bb) == 0.0:
-        return x, 0.0
-    rr = bb
-    for it in range(iterations):
-        if float(rr) <= tol**2 * float(bb):
-            break
-        ap = matvec(p)
-        pap = _dot(p, ap)
-        if float(pap) <= 0:
-            # negative curvature (Steihaug 1983): stop; on the first iteration fall back to x = b, the
-            # first-order answer (A ~ I), rather than 0
-            if it == 0:
-                x = [t.clone() for t in b]
-                r = _axpy(-1.0, ap, b)
-                rr = _dot(r, r)
-            break
-        alpha = rr / pap
-        x = _axpy(alpha, p, x)
-        r = _axpy(-alpha, ap, r)
-        rr_new = _dot(r, r)
-        p = _axpy(rr_new / rr, p, r)
-        rr = rr_new
-    return x, float(rr.sqrt() / bb.sqrt())
-
-
-def conjugate_gradient_fixed(matvec: MatVec, b: Vec, iterations: int) -> tuple[Vec, Tensor]:
-    """:func:`conjugate_gradient` without data-dependent control flow, so it runs inside ``vmap``.
-
-    Runs exactly ``iterations`` steps; once converged (zero residual) or at negative curvature the updates
-    are masked to zero, with the same first-iteration fallback ``x = b``. Returns ``(x, relative residual)``
-    with the residual as a tensor.
-    """
-    x = [torch.zeros_like(t) for t in b]
-    r = list(b)
-    p = list(b)
+    r, p = list(b), list(b)
     bb = _dot(b, b)
     rr = bb
-    done = bb == 0
+    done = bb <= tol**2 * bb  # b = 0, or tol = 1
+    traced = in_transform([bb])
     for it in range(iterations):
+        if not traced and bool(done.all()):
+            break
         ap = matvec(p)
         pap = _dot(p, ap)
         bad = (pap <= 0) & ~done
-        if it == 0:
+        if it == 0:  # negative curvature at once: x = b, residual b - A b
             x = [torch.where(bad, bi, xi) for bi, xi in zip(b, x)]
+            r = [torch.where(bad, bi - ai, ri) for bi, ai, ri in zip(b, ap, r)]
+            rr = torch.where(bad, _dot(r, r), rr)
         done = done | bad
         alpha = torch.where(done, torch.zeros_like(rr), rr / torch.where(done, torch.ones_like(pap), pap))
         x = _axpy(alpha, p, x)
@@ -114,25 +84,23 @@ def conjugate_gradient_fixed(matvec: MatVec, b: Vec, iterations: int) -> tuple[V
         beta = torch.where(done, torch.zeros_like(rr), rr_new / torch.where(rr == 0, torch.ones_like(rr), rr))
         p = _axpy(beta, p, r)
         rr = torch.where(done, rr, rr_new)
-        done = done | (rr_new == 0)
+        done = done | (rr <= tol**2 * bb)
     return x, torch.sqrt(rr / torch.where(bb == 0, torch.ones_like(bb), bb))
 
 
-def neumann(matvec: MatVec, b: Vec, iterations: int, alpha: float = 1.0, tol: float = 0.0) -> tuple[Vec, float]:
+def neumann(matvec: MatVec, b: Vec, iterations: int, alpha: float = 1.0) -> tuple[Vec, Tensor]:
     """``A^-1 b ~ alpha sum_{j=0}^{J} (I - alpha A)^j b`` (converges when ``||I - alpha A|| < 1``).
 
-    Returns ``(x, relative residual ||b - A x|| / ||b||)``.
+    Branch-free (runs inside ``vmap``). Returns ``(x, relative residual ||b - A x|| / ||b||)`` as a tensor.
     """
     term = [alpha * t for t in b]
     x = list(term)
     for _ in range(iterations):
         term = _axpy(-alpha, matvec(term), term)
         x = [xi + ti for xi, ti in zip(x, term)]
-    bnorm = float(_dot(b, b).sqrt())
-    if bnorm == 0.0:
-        return x, 0.0
     res = _axpy(-1.0, matvec(x), b)
-    return x, float(_dot(res, res).sqrt()) / bnorm
+    bb = _dot(b, b)
+    return x, torch.sqrt(_dot(res, res) / torch.where(bb == 0, torch.ones_like(bb), bb))
 
 
 class _ImplicitSolution(torch.autograd.Function):
@@ -149,31 +117,26 @@ class _ImplicitSolution(torch.autograd.Function):
         saved = ctx.saved_tensors
         phi_values, theta, closure = saved[: ctx.n], saved[ctx.n : 2 * ctx.n], saved[2 * ctx.n :]
         strategy: Implicit = ctx.strategy
-        v = [g if g is not None else torch.zeros_like(p) for g, p in zip(grad_phi, phi_values)]
-        with torch.enable_grad():
-            phi = [p.detach().requires_grad_(True) for p in phi_values]
-            inner = ctx.loss(dict(zip(ctx.names, phi)))
-            g = torch.autograd.grad(inner, phi, create_graph=True)
-
-            def matvec(x: Vec) -> Vec:
-                hx = torch.autograd.grad(g, phi, x, retain_graph=True, allow_unused=True)
-                hx = [torch.zeros_like(p) if h is None else h for h, p in zip(hx, phi)]
-                return [(1.0 + strategy.damping) * xi + hi / strategy.lam for xi, hi in zip(x, hx)]
-
-            x, residual = strategy.solve(matvec, v)
-            need = [t for t in closure if t.requires_grad]
-            linked = need and any(gi.requires_grad for gi in g)
-            from_closure = torch.autograd.grad(g, need, x, allow_unused=True) if linked else [None] * len(need)
+        phi = {k: p.detach() for k, p in zip(ctx.names, phi_values)}
+        v = {k: g if g is not None else torch.zeros_like(p) for (k, p), g in zip(phi.items(), grad_phi)}
+        x, residual = strategy.implicit_solve(ctx.loss, phi, v)
+        strategy.check_residual(float(residual))
+        need = [t for t in closure if t.requires_grad]
+        from_closure: Sequence[Tensor | None] = [None] * len(need)
+        if need:
+            with torch.enable_grad():
+                coupling = strategy.coupling(ctx.loss, phi, x)
+                if coupling.requires_grad:
+                    from_closure = torch.autograd.grad(coupling, need, allow_unused=True)
         it = iter(from_closure)
-        closure_grads = [
-            (None if (c := next(it)) is None else -c / strategy.lam) if t.requires_grad else None for t in closure
-        ]
-        theta_grads = [xi if t.requires_grad else None for xi, t in zip(x, theta)]
+        closure_grads = [(None if (c := next(it)) is None else -c / strategy.lam) if t.requires_grad else None
+                         for t in closure]
+        theta_grads = [x[k] if t.requires_grad else None for k, t in zip(ctx.names, theta)]
         return (None, None, None, None, *([None] * ctx.n), *theta_grads, *closure_grads)
 
 
 @register
-class Implicit(Strategy):
+class Implicit(InnerStrategy):
     """Implicit meta-gradient of ``argmin_phi L_support(phi) + lam/2 ||phi - theta||^2`` (iMAML).
 
     Args:
@@ -243,27 +206,37 @@ class Implicit(Strategy):
     def last_residual(self, value: float) -> None:
         self._last_residual = value
 
-    def solve(self, matvec: MatVec, v: Vec) -> tuple[Vec, float]:
-        """Solve ``A x = v``; warn or raise per ``on_fail`` if the relative residual stays above ``tol``."""
+    def solve(self, matvec: MatVec, v: Vec, tol: float | None = None) -> tuple[Vec, Tensor]:
+        """Solve ``A x = v`` with this strategy's solver, CG stopping at relative residual ``tol`` (default:
+        the strategy's); the residual is returned as a tensor (check it with :meth:`check_residual` where it
+        can be read, outside ``vmap``)."""
         if self.solver == "cg":
-            x, residual = conjugate_gradient(matvec, v, self.iterations, self.tol)
-        else:
-            x, residual = neumann(matvec, v, self.iterations, self.alpha)
-        self.check_residual(residual)
-        return x, residual
+            return conjugate_gradient(matvec, v, self.iterations, self.tol if tol is None else tol)
+        return neumann(matvec, v, self.iterations, self.alpha)
 
-    def solve_fixed(self, matvec: MatVec, v: Vec) -> tuple[Vec, Tensor]:
-        """Like :meth:`solve` but branch-free (runs inside ``vmap``); the residual is returned, not checked."""
-        if self.solver == "cg":
-            return conjugate_gradient_fixed(matvec, v, self.iterations)
-        term = [self.alpha * t for t in v]
-        x = list(term)
-        for _ in range(self.iterations):
-            term = _axpy(-self.alpha, matvec(term), term)
-            x = [xi + ti for xi, ti in zip(x, term)]
-        res = _axpy(-1.0, matvec(x), v)
-        bb = _dot(v, v)
-        return x, torch.sqrt(_dot(res, res) / torch.where(bb == 0, torch.ones_like(bb), bb))
+    def implicit_solve(self, loss: Callable[[Params], Tensor], phi: Params, v: Params,
+                       tol: float | None = None) -> tuple[Params, Tensor]:
+        """``x = ((1 + damping) I + H / lam)^-1 v`` with ``H`` the Hessian of ``loss`` at ``phi``: the implicit
+        meta-gradient for theta of a loss whose gradient at ``phi`` is ``v``. Hessian-vector products by
+        reverse over reverse (``H`` is symmetric, so a vjp of the gradient is ``H x``), the linearisation
+        built once and reused by every solver iteration; no graph is recorded. Runs inside ``vmap``."""
+        names = list(phi)
+        with torch.no_grad():
+            _, hvp = torch.func.vjp(torch.func.grad(loss), phi)
+
+            def matvec(x: Vec) -> Vec:
+                (hx,) = hvp(dict(zip(names, x)))
+                return [(1.0 + self.damping) * xi + hx[k] / self.lam for k, xi in zip(names, x)]
+
+            x, residual = self.solve(matvec, [v[k] for k in names], tol)
+        return dict(zip(names, x)), residual
+
+    @staticmethod
+    def coupling(loss: Callable[[Params], Tensor], phi: Params, x: Params) -> Tensor:
+        """``<grad_phi loss(phi), x>``, differentiable w.r.t. the tensors ``loss`` closes over: its gradient
+        times ``-1/lam`` is their implicit meta-gradient (for example a shared body that does not adapt)."""
+        g = torch.func.grad(loss)(phi)
+        return sum((g[k] * x[k]).sum() for k in phi)
 
     def check_residual(self, residual: float) -> None:
         """Warn or raise per ``on_fail`` if ``residual`` is above ``tol``; remember it in ``last_residual``."""
@@ -308,7 +281,7 @@ class Implicit(Strategy):
         theta = [params[k] for k in names]
         if not torch.is_grad_enabled():  # evaluation: no meta-gradient wanted, so plain (and vmappable)
             return self.solve_inner(loss, params, optimizer, record)
-        if _in_transform(theta):
+        if in_transform(theta):
             raise ValueError(
                 "implicit: cannot run inside torch.func transforms (vmap/grad/jvp), because its backward "
                 "solves a linear system with torch.autograd per task; run the tasks one at a time."
@@ -327,10 +300,11 @@ class Implicit(Strategy):
         return out
 
     def check(self, learner: nn.Module) -> None:
-        optimizer = getattr(type(learner), "optimizer", None)
-        if getattr(optimizer, "__qualname__", "MAML.optimizer") != "MAML.optimizer":
+        accepted = learner.spec.strategies
+        if accepted and self.name not in accepted:
             raise ValueError(
                 f"{type(learner).__name__}: the 'implicit' strategy differentiates the solution of the inner "
-                "problem, which does not depend on the inner optimizer, so learned inner rates (as in Meta-SGD) "
-                "would get no gradient; use 'unrolled', 'checkpointed' or 'truncated(k)' for this learner."
+                "problem, which does not depend on the inner update, so an update with meta-parameters of its own "
+                "(learned inner rates as in Meta-SGD, the LSTM) would get no gradient; use one of "
+                f"{', '.join(accepted)} for this learner."
             )

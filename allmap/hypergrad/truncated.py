@@ -14,15 +14,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from allmap.hypergrad.base import Strategy, register
-from allmap.inner.loop import inner_step
+from allmap.hypergrad.base import InnerStrategy, register
+from allmap.inner.loop import inner_step, unroll
 from allmap.inner.optim import InnerOptimizer, Params
 
 __all__ = ["Truncated"]
 
 
 @register
-class Truncated(Strategy):
+class Truncated(InnerStrategy):
     """Back-propagate through the last ``k`` inner steps only (counted from the last recorded step).
 
     Args:
@@ -50,14 +50,9 @@ class Truncated(Strategy):
         record: Sequence[int] = (),
         closure: Sequence[Tensor] = (),
     ) -> list[Params]:
-        record = list(record) or [steps]
-        total = max(record)
-        grad_fn = torch.func.grad(loss)
-        path: dict[int, Params] = {0: params}
-        state = optimizer.init(params)
-        for step in range(1, total + 1):
-            first_order = step <= total - self.k
-            params, state = inner_step(grad_fn, params, state, optimizer, first_order=first_order)
-            if step in record:
-                path[step] = params
-        return [path[r] for r in record]
+        total = max(record) if record else steps
+
+        def step(carry: tuple, t: int) -> tuple:  # steps before the last k are first order
+            return inner_step(loss, *carry, optimizer, first_order=t <= total - self.k)
+
+        return unroll(step, (params, optimizer.init(params)), steps, record, view=lambda c: c[0])

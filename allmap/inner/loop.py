@@ -8,7 +8,7 @@ build on.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -16,7 +16,25 @@ from torch.utils._pytree import tree_map
 
 from allmap.inner.optim import InnerOptimizer, Params, apply_updates
 
-__all__ = ["gradient_descent", "inner_step", "monotone_descent", "stop_gradient"]
+__all__ = ["unroll", "gradient_descent", "inner_step", "monotone_descent", "stop_gradient"]
+
+T = TypeVar("T")
+C = TypeVar("C")
+
+
+def unroll(step: Callable[[C, int], C], carry: C, steps: int, record: Sequence[int] = (),
+           view: Callable[[C], T] = lambda c: c) -> list[T]:
+    """The one unroll-and-record loop: ``carry_t = step(carry_{t-1}, t)`` for ``t = 1..T``; returns
+    ``view(carry_k)`` for each ``k`` in ``record`` (``0`` is the start), in ``record``'s order, where
+    ``T = max(record)`` (``record`` empty: ``[steps]``). Every inner loop of allmap runs through it."""
+    record = list(record) or [steps]
+    wanted = set(record)
+    path: dict[int, T] = {0: view(carry)} if 0 in wanted else {}
+    for t in range(1, max(record) + 1):
+        carry = step(carry, t)
+        if t in wanted:
+            path[t] = view(carry)
+    return [path[k] for k in record]
 
 
 def stop_gradient(tree: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -25,7 +43,7 @@ def stop_gradient(tree: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def inner_step(
-    grad_fn: Callable[[Params], Params],
+    loss: Callable[[Params], Tensor],
     params: Params,
     state: Any,
     optimizer: InnerOptimizer,
@@ -33,11 +51,22 @@ def inner_step(
     first_order: bool = False,
 ) -> tuple[Params, Any]:
     """One optimizer step ``theta_{t+1} = theta_t + update(grad L(theta_t))``; returns ``(params, state)``.
+    The gradient comes from ``torch.func.grad(loss)`` (with the value, for updates that read it).
 
     With ``first_order`` the gradient is computed without recording the outer graph (``torch.func.grad``
     ignores an outer ``no_grad`` for its own level) and enters the update as a constant, so the step costs
     no meta-gradient memory while ``d theta_{t+1} / d theta_t = I`` and the step size still gets its gradient.
     """
+    if optimizer.uses_loss:  # the update reads the loss value too (a learned optimizer such as the LSTM)
+        if first_order:
+            with torch.no_grad():
+                grads, value = torch.func.grad_and_value(loss)(params)
+            grads, value = stop_gradient(grads), value.detach()
+        else:
+            grads, value = torch.func.grad_and_value(loss)(params)
+        updates, state = optimizer.update(grads, state, params, value)
+        return apply_updates(params, updates), state
+    grad_fn = torch.func.grad(loss)
     if first_order:
         with torch.no_grad():
             grads = grad_fn(params)
@@ -67,18 +96,9 @@ def gradient_descent(
     Returns the final parameters, or, if ``record`` names step counts, the parameters after each of them
     (``0`` is ``params`` itself), computed in one pass of ``max(record)`` steps.
     """
-    grad_fn = torch.func.grad(loss)
-    total = max(record) if record else steps
-    wanted = set(record)
-    path: dict[int, Params] = {0: params} if 0 in wanted else {}
-    state = optimizer.init(params)
-    for step in range(1, total + 1):
-        params, state = inner_step(grad_fn, params, state, optimizer, first_order=first_order)
-        if step in wanted:
-            path[step] = params
-    if record:
-        return [path[k] for k in record]
-    return params
+    path = unroll(lambda c, t: inner_step(loss, *c, optimizer, first_order=first_order),
+                  (params, optimizer.init(params)), steps, record, view=lambda c: c[0])
+    return path if record else path[0]
 
 
 def _where(keep: Tensor, new: Any, old: Any) -> Any:
@@ -108,22 +128,17 @@ def monotone_descent(
     """
     grad_and_value = torch.func.grad_and_value(loss)
     grads, value = grad_and_value(params)
-    scale = torch.ones_like(value)
     slack = torch.finfo(value.dtype).eps ** 0.5  # rounding near the minimum must not count as a rise
-    total = max(record) if record else steps
-    wanted = set(record)
-    path: dict[int, Params] = {0: params} if 0 in wanted else {}
-    state = optimizer.init(params)
-    for step in range(1, total + 1):
+
+    def step(carry: tuple, t: int) -> tuple:
+        params, grads, value, state, scale = carry
         updates, new_state = optimizer.update(grads, state, params)
         candidate = {k: params[k] + scale * updates[k] for k in params}
         new_grads, new_value = grad_and_value(candidate)
         keep = torch.isfinite(new_value) & (new_value <= value + slack * value.abs())
-        params, grads = _where(keep, candidate, params), _where(keep, new_grads, grads)
-        state, value = _where(keep, new_state, state), torch.where(keep, new_value, value)
-        scale = torch.where(keep, scale, 0.5 * scale)
-        if step in wanted:
-            path[step] = params
-    if record:
-        return [path[k] for k in record]
-    return params
+        return (_where(keep, candidate, params), _where(keep, new_grads, grads), torch.where(keep, new_value, value),
+                _where(keep, new_state, state), torch.where(keep, scale, 0.5 * scale))
+
+    carry = (params, grads, value, optimizer.init(params), torch.ones_like(value))
+    path = unroll(step, carry, steps, record, view=lambda c: c[0])
+    return path if record else path[0]

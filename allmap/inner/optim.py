@@ -20,10 +20,15 @@ LearningRate = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
 
 
 class InnerOptimizer(NamedTuple):
-    """A pure optimizer: ``state = init(params)``; ``updates, state = update(grads, state, params)``."""
+    """A pure optimizer: ``state = init(params)``; ``updates, state = update(grads, state, params)``.
+
+    With ``uses_loss=True`` the update also reads the loss value at ``params``:
+    ``update(grads, state, params, value)`` (learned optimizers, e.g. the LSTM of Ravi & Larochelle 2017).
+    """
 
     init: Callable[[Params], Any]
-    update: Callable[[Params, Any, Params], tuple[Params, Any]]
+    update: Callable[..., tuple[Params, Any]]
+    uses_loss: bool = False
 
 
 def _rate(lr: LearningRate, name: str) -> float | Tensor:

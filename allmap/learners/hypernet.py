@@ -1,13 +1,13 @@
-"""The amortised "mapping" learner of seed 000: a set encoder outputs the base learner's parameters.
+"""The amortised "mapping" learner: a set encoder outputs the base learner's parameters.
 
 ``theta_task = theta + rho(mean_i h_i)`` with ``h_i = phi(z_i) + (A z_i + a) * (B z_i + c)``, ``z_i = [x_i, y_i]``,
 in one forward pass: a permutation-invariant DeepSets encoder (Zaheer et al. 2017) whose per-example code
 has a multiplicative term (Jayakumar et al., ICLR 2020), so that the mean over the support set holds the
 first and second moments of ``(x, y)``: the sufficient statistics of a linear-Gaussian model (and, with
 one-hot labels, per-class sums of x). Without it an MLP must approximate products and the mapping stays
-far from least squares. Optionally
-followed by ``inner_steps`` gradient steps from that output as in MAML. Everything is trained end to end on the query loss, so the encoder learns the map
-support set -> parameters directly. Closely related: LEO (Rusu et al. 2019) and the amortised learners of
+far from least squares. Optionally followed by ``inner_steps`` gradient steps from that output as in MAML.
+Everything is trained end to end on the query loss, so the encoder learns the map support set -> parameters
+directly. Closely related: LEO (Rusu et al. 2019) and the amortised learners of
 Gordon et al. (VERSA, 2019).
 """
 
@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from allmap.hypergrad import Strategy
 from allmap.inner.optim import Params
 from allmap.learners.base import LossFn
-from allmap.learners.maml import MAML
+from allmap.learners.gradient import GradientLearner
+from allmap.learners.maml import _update, first_order_strategy
 
 __all__ = ["HyperNetwork"]
 
@@ -37,7 +38,7 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class HyperNetwork(MAML):
+class HyperNetwork(GradientLearner):
     """A set encoder maps the support set to (a subset of) the base model's parameters.
 
     Args:
@@ -50,7 +51,7 @@ class HyperNetwork(MAML):
         hidden: width of the encoder; depth: hidden layers in each of phi and rho.
         inner_steps: gradient steps taken from the generated parameters (0: pure amortised mapping).
         embedding: optional module applied to inputs before the encoder (e.g. a conv net for images).
-        Other arguments as in :class:`MAML`.
+        Other arguments as in :class:`MAML` (the inner steps are SGD).
 
     Example:
         >>> import torch, allmap
@@ -75,10 +76,10 @@ class HyperNetwork(MAML):
         first_order: bool = False,
         hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
-        super().__init__(
-            model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, loss=loss,
-            adapt_only=generate, vectorize=vectorize, hypergrad=hypergrad,
-        )
+        owner = type(self).__name__
+        super().__init__(model, _update(owner, "sgd", inner_lr), inner_steps=inner_steps, loss=loss,
+                         adapt_only=generate, hypergrad=first_order_strategy(owner, first_order, hypergrad),
+                         vectorize=vectorize)
         if x_dim < 1 or y_dim < 1:
             raise ValueError(f"HyperNetwork: expected x_dim >= 1 and y_dim >= 1, got x_dim={x_dim}, y_dim={y_dim}.")
         self.x_dim, self.y_dim = int(x_dim), int(y_dim)

@@ -7,10 +7,9 @@ theorem, solved with conjugate gradient (see :class:`allmap.hypergrad.Implicit`)
 the number of inner steps.
 
 Meta-training computes the implicit meta-gradient inside :meth:`IMAML.task_loss` as a surrogate (value: the
-query loss at phi*; gradient: the implicit one), with Hessian-vector products by ``torch.func.vjp`` and a
-branch-free conjugate gradient, so the tasks of a meta-batch run under ``vmap`` like MAML's. ``adapt`` (and
-``MAML(hypergrad="implicit")``) use the custom-backward form of :class:`~allmap.hypergrad.Implicit`; tests
-check the two agree.
+query loss at phi*; gradient: the implicit one), so the tasks of a meta-batch run under ``vmap`` like
+MAML's; ``adapt`` under autograd (and ``MAML(hypergrad="implicit")``) uses the custom backward of
+:class:`~allmap.hypergrad.Implicit`. Both call the same solve, :meth:`Implicit.implicit_solve`.
 """
 
 from __future__ import annotations
@@ -21,10 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from allmap.hypergrad import Implicit
-from allmap.hypergrad.checkpointed import _in_transform
+from allmap.compat import in_transform
 from allmap.inner.optim import Params
 from allmap.learners.base import LossFn, functional_forward
-from allmap.learners.maml import MAML
+from allmap.learners.gradient import GradientLearner
+from allmap.learners.maml import _update
 
 __all__ = ["IMAML"]
 
@@ -37,8 +37,8 @@ class _TrainingSurrogateImplicit(Implicit):
     vmappable = True
 
 
-class IMAML(MAML):
-    """MAML with a proximal inner problem and the implicit meta-gradient.
+class IMAML(GradientLearner):
+    """A gradient learner with a proximal inner problem and the implicit meta-gradient.
 
     Args:
         model, inner_lr, inner_steps, loss, inner_optimizer, adapt_only: as in :class:`MAML`.
@@ -46,6 +46,7 @@ class IMAML(MAML):
         cg_iterations: conjugate-gradient iterations of the implicit solve (the paper uses 5).
         solver, damping, tol, on_fail, safeguard: see :class:`allmap.hypergrad.Implicit` (``safeguard``, on by
             default, rejects inner steps that raise the regularised support loss and halves that task's step).
+            Meta-training runs every solver iteration; ``tol`` is the residual that ``on_fail`` checks.
         vectorize: as in :class:`MAML` (under ``vmap`` the solve's residual is not checked per task; run with
             ``vectorize=False`` to get the ``on_fail`` warning or error).
 
@@ -72,20 +73,15 @@ class IMAML(MAML):
         inner_optimizer: str = "sgd",
         adapt_only: Sequence[str] | None = None,
         vectorize: bool | None = None,
-        hypergrad: str | None = None,
     ) -> None:
-        if hypergrad not in (None, "implicit"):
-            raise ValueError(
-                f"IMAML: the meta-gradient is the implicit one; hypergrad={hypergrad!r} cannot apply. Set the solve "
-                "with lam, cg_iterations, solver, damping, tol, on_fail; or use MAML(hypergrad=...)."
-            )
         strategy = _TrainingSurrogateImplicit(
             lam=lam, iterations=cg_iterations, solver=solver, damping=damping, tol=tol, on_fail=on_fail,
             safeguard=safeguard,
         )
-        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, loss=loss,
-                         inner_optimizer=inner_optimizer, adapt_only=adapt_only, vectorize=vectorize,
-                         hypergrad=strategy)
+        super().__init__(model, _update(type(self).__name__, inner_optimizer, inner_lr), inner_steps=inner_steps,
+                         loss=loss, adapt_only=adapt_only, hypergrad=strategy, vectorize=vectorize)
+        self.strategies = ("implicit",)
+        self.inner_optimizer = inner_optimizer
         self.lam = float(lam)
 
     def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
@@ -99,12 +95,9 @@ class IMAML(MAML):
             return super().task_loss(support_x, support_y, query_x, query_y)
         strategy: Implicit = self.hypergrad
         theta = self.initial_params(support_x, support_y)
-        names = list(theta)
-        frozen = self._frozen()
+        frozen = self.frozen_params()
         constant = {k: v.detach() for k, v in frozen.items()}
-
-        def support(p: Params, fr: Params = constant) -> Tensor:
-            return self.loss_fn(functional_forward(self.model, {**fr, **p}, support_x), support_y)
+        support = self.support_loss(support_x, support_y, constant)
 
         def query(p: Params, fr: Params = constant) -> Tensor:
             return self.loss_fn(functional_forward(self.model, {**fr, **p}, query_x), query_y)
@@ -113,22 +106,13 @@ class IMAML(MAML):
         with torch.no_grad():
             (phi,) = strategy.solve_inner(support, start, self.optimizer(), [self.inner_steps])
             v = torch.func.grad(query)(phi)
-            # Hessian-vector products by reverse over reverse (H is symmetric, so a vjp of the gradient is H x);
-            # the linearisation is built once and reused by every CG iteration
-            _, hvp = torch.func.vjp(torch.func.grad(support), phi)
-
-            def matvec(x: list[Tensor]) -> list[Tensor]:
-                (hx,) = hvp(dict(zip(names, x)))
-                return [(1.0 + strategy.damping) * xi + hx[k] / strategy.lam for k, xi in zip(names, x)]
-
-            x, residual = strategy.solve_fixed(matvec, [v[k] for k in names])
-        if not _in_transform([residual]):
+        x, residual = strategy.implicit_solve(support, phi, v, tol=0.0)
+        if not in_transform([residual]):
             strategy.check_residual(float(residual))
         out = query(phi, frozen)
-        for k, xk in zip(names, x):
+        for k, xk in x.items():
             out = out + ((theta[k] - theta[k].detach()) * xk).sum()
         if any(w.requires_grad for w in frozen.values()):
-            g = torch.func.grad(lambda p: support(p, frozen))(phi)
-            coupling = sum((g[k] * xk).sum() for k, xk in zip(names, x))
+            coupling = strategy.coupling(self.support_loss(support_x, support_y, frozen), phi, x)
             out = out - (coupling - coupling.detach()) / strategy.lam
         return out

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from allmap.learners.base import Learner, TaskModel
-from allmap.tasks.batch import TaskBatch, _shape
+from allmap.tasks.batch import TaskBatch
 from allmap.tasks.episodes import translations
 
 __all__ = ["MetricLearner"]
@@ -46,7 +46,8 @@ class MetricLearner(Learner):
     default cross-entropy of the logits). ``test_shift``: see the module docstring (images only).
     """
 
-    per_task_meta_loss = False  # meta_loss batches the tasks itself (one encoder call); see Learner.meta_backward
+    per_task_loss = False  # batch_loss embeds the whole meta-batch in one encoder call
+    labels = "support"  # labels name the support set's classes 0..N-1
 
     def __init__(self, model: nn.Module, vectorize: bool | None = None, test_shift: int = 0) -> None:
         super().__init__(loss="cross_entropy", vectorize=vectorize)
@@ -116,7 +117,7 @@ class MetricLearner(Learner):
         dims = support_x.dim() - 1
         ways, known = self._ways_in_adapt(support_y)
         if known:
-            self._check_support(support_y.unsqueeze(0))
+            self.check_support(support_x, support_y)
         onehot = F.one_hot(support_y, ways)
         z_support = self.embed(support_x, dims)
         onehot = onehot.to(z_support.dtype)
@@ -130,10 +131,9 @@ class MetricLearner(Learner):
         onehot = F.one_hot(support_y, self._ways(support_y)).to(z.dtype)
         return self.objective(z[:ns], onehot, z[ns:], query_y)
 
-    def meta_loss(self, tasks: TaskBatch) -> Tensor:
+    def batch_loss(self, tasks: TaskBatch) -> Tensor:
         """Mean training loss over the tasks: one encoder call for the whole batch unless ``vectorize`` is
         ``False`` (no ``vmap`` is involved, so BatchNorm is no obstacle: ``None`` and ``True`` both batch)."""
-        self.check_tasks(tasks)
         if self.vectorize is False:
             args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
             return torch.stack([self.task_loss(*(a[i] for a in args)) for i in range(len(tasks))]).mean()
@@ -148,35 +148,3 @@ class MetricLearner(Learner):
 
     def probe(self, x: Tensor) -> Tensor:
         return self.model(x)
-
-    # -- validation ----------------------------------------------------------------------------------
-    def _check_support(self, support_y: Tensor) -> None:
-        name = type(self).__name__
-        if support_y.is_floating_point() or support_y.dtype == torch.bool or support_y.dim() != 2:
-            raise ValueError(
-                f"{name}: expected integer class labels support_y of shape [tasks, examples], got "
-                f"{_shape(support_y)} of dtype {support_y.dtype}. Convert with .long()."
-            )
-        ways = int(support_y.max()) + 1
-        if int(support_y.min()) < 0:
-            raise ValueError(f"{name}: labels must be >= 0, got {int(support_y.min())}.")
-        present = F.one_hot(support_y, ways).sum(1) > 0  # [tasks, N]
-        if not bool(present.all()):
-            task, cls = (int(v) for v in torch.nonzero(~present)[0])
-            raise ValueError(
-                f"{name}: every class 0..{ways - 1} needs a support example, but task {task} has none of class "
-                f"{cls}. Relabel each task's classes 0..N-1."
-            )
-
-    def check_tasks(self, tasks: TaskBatch) -> None:
-        """Labels are integer classes ``0..N-1``, each present in the support set; queries within range."""
-        if not isinstance(tasks, TaskBatch):
-            raise TypeError(f"meta_loss: expected an allmap.TaskBatch, got {type(tasks).__name__}.")
-        self._check_support(tasks.support_y)
-        qy = tasks.query_y
-        ways = int(tasks.support_y.max()) + 1
-        if qy.is_floating_point() or qy.dim() != 2 or int(qy.min()) < 0 or int(qy.max()) >= ways:
-            raise ValueError(
-                f"{type(self).__name__}: expected integer query labels in [0, {ways - 1}] of shape [tasks, "
-                f"examples], got {_shape(qy)} ({qy.dtype}) with labels in [{int(qy.min())}, {int(qy.max())}]."
-            )

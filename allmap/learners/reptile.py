@@ -20,18 +20,18 @@ import torch
 from torch import Tensor, nn
 
 from allmap.inner.loop import gradient_descent, stop_gradient
-from allmap.inner.optim import InnerOptimizer, Params, adam
 from allmap.learners.base import LossFn, functional_forward
-from allmap.learners.maml import MAML
+from allmap.learners.gradient import GradientLearner
+from allmap.learners.maml import _update
 
 __all__ = ["Reptile"]
 
 
-class Reptile(MAML):
+class Reptile(GradientLearner):
     """Reptile: the meta-gradient is ``theta - theta'`` after ``inner_steps`` steps on the support set.
 
-    Args are those of :class:`MAML` except ``first_order`` and ``hypergrad`` (Reptile's meta-gradient is its
-    own, first order by construction). The meta-optimizer's learning rate plays Reptile's ``epsilon``.
+    Args are those of :class:`MAML` without ``first_order`` and ``hypergrad``: Reptile's meta-gradient is its
+    own, first order by construction. The meta-optimizer's learning rate plays Reptile's ``epsilon``.
     With ``inner_optimizer="adam"`` the inner Adam uses ``beta1 = 0`` as in the paper.
 
     Example:
@@ -51,32 +51,19 @@ class Reptile(MAML):
         inner_optimizer: str = "sgd",
         adapt_only: Sequence[str] | None = None,
         vectorize: bool | None = None,
-        first_order: bool = True,
-        hypergrad: str | None = None,
     ) -> None:
-        # first_order is accepted (either value) for configs shared with MAML: Reptile is first order anyway
-        if hypergrad not in (None, "first_order"):
-            raise ValueError(
-                f"Reptile: its meta-gradient is theta - theta' (first order by construction); hypergrad="
-                f"{hypergrad!r} cannot apply. Use MAML(hypergrad=...) for other strategies."
-            )
-        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, loss=loss,
-                         inner_optimizer=inner_optimizer, adapt_only=adapt_only, vectorize=vectorize)
-
-    def optimizer(self) -> InnerOptimizer:
-        if self.inner_optimizer == "adam":
-            return adam(self.inner_lr, betas=(0.0, 0.999))
-        return super().optimizer()
+        update = _update(type(self).__name__, inner_optimizer, inner_lr, betas=(0.0, 0.999))
+        super().__init__(model, update, inner_steps=inner_steps, loss=loss, adapt_only=adapt_only,
+                         hypergrad="first_order", vectorize=vectorize)
+        self.strategies = ("first_order",)  # its meta-gradient is its own direction, never another strategy's
+        self.inner_optimizer = inner_optimizer
 
     def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
         theta = self.initial_params(support_x, support_y)
-        frozen = self._frozen()
-
-        def support_loss(params: Params) -> Tensor:
-            return self.loss_fn(functional_forward(self.model, {**frozen, **params}, support_x), support_y)
-
+        frozen = self.frozen_params()
         with torch.no_grad():
-            adapted = gradient_descent(support_loss, stop_gradient(theta), self.optimizer(), self.inner_steps)
+            adapted = gradient_descent(self.support_loss(support_x, support_y, frozen), stop_gradient(theta),
+                                       self.optimizer(), self.inner_steps)
             value = self.loss_fn(functional_forward(self.model, {**frozen, **adapted}, query_x), query_y)
         distance = 0.5 * sum(((theta[k] - adapted[k]) ** 2).sum() for k in theta)
         return value + distance - distance.detach()

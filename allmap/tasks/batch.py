@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["TaskBatch"]
+__all__ = ["TaskBatch", "shape_str"]
 
 
-def _shape(t: Tensor) -> str:
+def shape_str(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
@@ -42,7 +42,7 @@ class TaskBatch:
                 raise TypeError(f"TaskBatch: expected {name} to be a torch.Tensor, got {type(value).__name__}.")
             if value.dim() < 2:
                 raise ValueError(
-                    f"TaskBatch: expected {name} of shape [tasks, examples, ...], got {_shape(value)}. "
+                    f"TaskBatch: expected {name} of shape [tasks, examples, ...], got {shape_str(value)}. "
                     "Add the task dimension with .unsqueeze(0) for a single task."
                 )
         sx, sy, qx, qy = (getattr(self, n) for n in names)
@@ -51,31 +51,31 @@ class TaskBatch:
             if getattr(self, name).shape[0] != b:
                 raise ValueError(
                     f"TaskBatch: every tensor needs the same number of tasks (dim 0); support_x has {b}, "
-                    f"{name} has shape {_shape(getattr(self, name))}."
+                    f"{name} has shape {shape_str(getattr(self, name))}."
                 )
         if sy.shape[1] != sx.shape[1]:
             raise ValueError(
-                f"TaskBatch: support_x {_shape(sx)} and support_y {_shape(sy)} must have the same number of "
+                f"TaskBatch: support_x {shape_str(sx)} and support_y {shape_str(sy)} must have the same number of "
                 "examples (dim 1)."
             )
         if qy.shape[1] != qx.shape[1]:
             raise ValueError(
-                f"TaskBatch: query_x {_shape(qx)} and query_y {_shape(qy)} must have the same number of "
+                f"TaskBatch: query_x {shape_str(qx)} and query_y {shape_str(qy)} must have the same number of "
                 "examples (dim 1)."
             )
         if sx.shape[2:] != qx.shape[2:]:
             raise ValueError(
-                f"TaskBatch: support_x {_shape(sx)} and query_x {_shape(qx)} must have the same example shape "
+                f"TaskBatch: support_x {shape_str(sx)} and query_x {shape_str(qx)} must have the same example shape "
                 "(dims 2 and on)."
             )
         if sy.shape[2:] != qy.shape[2:] or sy.dtype != qy.dtype:
             raise ValueError(
-                f"TaskBatch: support_y {_shape(sy)} ({sy.dtype}) and query_y {_shape(qy)} ({qy.dtype}) must "
+                f"TaskBatch: support_y {shape_str(sy)} ({sy.dtype}) and query_y {shape_str(qy)} ({qy.dtype}) must "
                 "have the same target shape and dtype."
             )
         for key, value in self.info.items():
             if value.shape[:1] != (b,):
-                raise ValueError(f"TaskBatch: info[{key!r}] must have leading dimension {b}, got {_shape(value)}.")
+                raise ValueError(f"TaskBatch: info[{key!r}] must have leading dimension {b}, got {shape_str(value)}.")
 
     def __len__(self) -> int:
         return self.support_x.shape[0]

@@ -5,7 +5,7 @@
   ``dim`` or layer width is an error naming the key, not a crash of the allocator or of the machine.
 - A trial meta-batch of one task (its own generator; RNG states restored; gradients discarded) runs the
   learner once, so a model that does not fit the tasks fails here with the learner's message.
-Every failure is a :class:`~allmap.train.config.ConfigError`.
+Every failure is a :class:`~allmap.app.config.ConfigError`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from allmap.learners.base import Learner
-from allmap.train.build import build_model
-from allmap.train.config import MAX_STEPS, ConfigError
+from allmap.app.build import build_model
+from allmap.app.config import MAX_STEPS, ConfigError
 
 __all__ = ["check_device", "memory_limit", "task_bytes", "check_sizes", "check_model_size", "trial_step"]
 

@@ -1,4 +1,5 @@
-"""Keep freed memory in the process: the CPU allocator setting behind ``retain_memory`` in run configs.
+"""Host tuning chosen at the entry point (the CLI), never as a side effect of a library call: intra-op
+threads (``threads`` in run configs) and the CPU allocator setting behind ``retain_memory``.
 
 PyTorch's CPU allocator is the C library's ``malloc``. glibc serves blocks above its mmap threshold (at most
 32 MB) with ``mmap`` and returns them to the kernel on ``free``, so every training step that allocates
@@ -17,8 +18,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+from typing import Any
 
-__all__ = ["retain_freed_memory"]
+import torch
+
+__all__ = ["retain_freed_memory", "apply_threads", "apply_host_settings"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -40,3 +44,20 @@ def retain_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def apply_threads(config: dict[str, Any]) -> None:
+    """Set torch's intra-op threads from ``config['threads']`` (null keeps torch's default). Tiny models
+    want one thread: a second one spends its time spin-waiting, and is slower still when the other core is
+    busy."""
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+
+
+def apply_host_settings(config: dict[str, Any]) -> None:
+    """This process's CPU settings from a run config: intra-op threads (:func:`apply_threads`) and, unless
+    ``retain_memory: false``, glibc's malloc keeping freed blocks (:func:`retain_freed_memory`). Process-wide:
+    ``allmap train`` and ``allmap eval`` call it; a Python program calling :func:`allmap.app.train` chooses."""
+    apply_threads(config)
+    if config.get("retain_memory", True):
+        retain_freed_memory()

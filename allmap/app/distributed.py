@@ -28,8 +28,8 @@ from torch import Tensor
 
 from allmap.learners.base import Learner
 from allmap.tasks.batch import TaskBatch
-from allmap.train.evaluate import evaluate, step_names
-from allmap.train.forked import even_shares
+from allmap.engine.evaluate import evaluate, step_names
+from allmap.engine.forked import even_shares
 
 __all__ = ["Dist", "current", "init_from_env", "shutdown", "restart_count", "backend", "reduce_step",
            "pool_summaries", "evaluate_sharded"]
@@ -188,7 +188,7 @@ def pool_summaries(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     """Combine ``{"mean", "std", "n"}`` summaries of disjoint shards into that of their union, exactly.
 
     ``mean = sum n_r m_r / N``; ``(N - 1) s^2 = sum (n_r - 1) s_r^2 + sum n_r (m_r - mean)^2``;
-    ``ci95 = 1.96 s / sqrt(N)`` (as :func:`allmap.train.evaluate.summarize`).
+    ``ci95 = 1.96 s / sqrt(N)`` (as :func:`allmap.engine.evaluate.summarize`).
     """
     parts = [p for p in parts if p["n"] > 0]
     n = sum(int(p["n"]) for p in parts)
@@ -200,7 +200,7 @@ def pool_summaries(parts: Sequence[dict[str, float]]) -> dict[str, float]:
 
 def evaluate_sharded(learner: Learner, tasks: TaskBatch, steps: Sequence[int], chunk: int,
                      ctx: Dist) -> dict[str, dict[str, float]]:
-    """:func:`~allmap.train.evaluate.evaluate` with the tasks split across ranks; every rank gets the
+    """:func:`~allmap.engine.evaluate.evaluate` with the tasks split across ranks; every rank gets the
     pooled result, equal to one process's mean ± CI over all tasks."""
     if not ctx.active:
         return evaluate(learner, tasks, steps=steps, chunk=chunk)

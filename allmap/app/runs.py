@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from allmap.learners.base import Learner
-from allmap.train.build import apply_threads, build_family, build_learner, resolve_device
-from allmap.train.checkpoint import CheckpointError, load_checkpoint
-from allmap.train.config import ConfigError, validate, with_defaults
+from allmap.app.build import build_family, build_learner, resolve_device
+from allmap.app.checkpoint import CheckpointError, load_checkpoint
+from allmap.app.config import ConfigError, validate, with_defaults
 
 __all__ = ["RunDir", "load", "read_config"]
 
@@ -71,13 +71,12 @@ def load(run_dir: str | Path, device: str | torch.device | None = None,
     """
     config = read_config(run_dir) if config is None else config
     device = resolve_device(config["device"]) if device is None else torch.device(device)
-    apply_threads(config)
     torch.manual_seed(config["seed"])
     learner = build_learner(config, build_family(config, "test"))
     state = load_checkpoint(RunDir(run_dir).checkpoint, map_location="cpu")
     if "learner" not in state:
         raise CheckpointError(f"checkpoint of {str(run_dir)!r} has no learner weights.")
-    # a run with `ema` is evaluated with its weight average (allmap.train.averaging)
+    # a run with `ema` is evaluated with its weight average (allmap.app.averaging)
     try:
         learner.load_state_dict(state["averaged"]["module"] if "averaged" in state else state["learner"])
     except RuntimeError as err:

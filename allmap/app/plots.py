@@ -16,7 +16,7 @@ from allmap.learners.base import Learner  # noqa: E402
 from allmap.tasks.batch import TaskBatch  # noqa: E402
 from allmap.tasks.episodes import Episodes  # noqa: E402
 from allmap.tasks.families import LinearRegression, Logistic2D, Sinusoid  # noqa: E402
-from allmap.train.episode_plot import plot_episode  # noqa: E402
+from allmap.app.episode_plot import plot_episode  # noqa: E402
 
 __all__ = ["plot_learning_curve", "plot_adaptation", "ADAPTATION_PLOTS"]
 
@@ -96,7 +96,7 @@ def plot_adaptation(learner: Learner, family, tasks: TaskBatch, path: str | Path
     plot = next((fn for cls, fn in ADAPTATION_PLOTS.items() if isinstance(family, cls)), None)
     if plot is None:
         return False
-    if not getattr(learner, "adapts_in_steps", False):
+    if not learner.spec.adapts_in_steps:
         steps = [0]
     n = min(n, len(tasks))
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)

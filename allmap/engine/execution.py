@@ -44,7 +44,7 @@ The automatic rule (``mode="auto"``, what ``vectorize=None`` means) follows meas
   launch-bound; not measured here) runs all tasks in one ``vmap`` call: a per-task loop is bound by Python
   and kernel-launch overhead there (sinusoid MAML, 1 step: 5-9x learn2learn's tasks/s eager, 39x compiled).
 
-Evaluation (:func:`allmap.train.evaluate.evaluate`, first order, under ``torch.inference_mode``) uses the
+Evaluation (:func:`allmap.engine.evaluate.evaluate`, first order, under ``torch.inference_mode``) uses the
 same rule without the BatchNorm exception (:func:`evaluation_vmap`). When it runs a convolution net one task
 at a time on CPU, it stores the 4-d weights and feeds the images in NHWC (``channels_last``) layout for the
 duration of the call (:func:`evaluation_layout`; NCHW max-pooling and BatchNorm are several times slower on
@@ -54,7 +54,7 @@ CPU), and its inner loop calls torch's fused ``batch_norm`` (:func:`allmap.nets.
 NCHW strides and the first, largest block ran NCHW; with that fixed, a 600-episode conv4 MAML evaluation went
 from 9.8 to 16.2 episodes/s here (19.6 with freed memory retained; ``benchmarks/peers.py``, torch 2.13, with
 the fused BatchNorm), and to 25.0 with the episodes shared among two forked one-thread processes
-(:func:`allmap.train.evaluate.evaluation_workers`).
+(:func:`allmap.engine.evaluate.evaluation_workers`).
 Training keeps the model's layout (``Conv4(channels_last=True)`` opts in): NHWC made a second-order conv4
 task (5-way 1-shot, 15 queries) about 1.15x faster, but torch's NHWC BatchNorm is less precise in float32
 and second-order meta-gradients amplify it (see :class:`allmap.nets.Conv4`).
@@ -186,8 +186,7 @@ def plan(learner: Any, tasks: int, device: torch.device | None = None, examples:
     if device is None:
         device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     small = examples is not None and examples <= SMALL_TASK
-    key = ("plan", tasks, small, device, learner.vectorize, getattr(learner, "first_order", False),
-           getattr(getattr(learner, "hypergrad", None), "vmappable", True), len(learner._modules))
+    key = ("plan", tasks, small, device, learner.vectorize, learner.spec, len(learner._modules))
     cache = compiled_cache(learner)
     if key not in cache:  # the hot loop asks every iteration; walking the modules each time is avoidable
         cache[key] = _plan(learner, ex, tasks, device, small)
@@ -211,9 +210,9 @@ def _plan(learner: Any, ex: Execution, tasks: int, device: torch.device, small: 
             mode, reason = "vmap", "small model or accelerator: batching across tasks removes per-task overhead"
     else:
         reason = "set by the user"
-    if mode == "vmap" and not getattr(getattr(learner, "hypergrad", None), "vmappable", True):
+    if mode == "vmap" and not learner.spec.vmappable:
         mode, reason = "loop", "the meta-gradient strategy has a custom backward pass that cannot run under vmap"
-    if mode == "vmap" and bn and not getattr(learner, "first_order", False):
+    if mode == "vmap" and bn and not learner.spec.first_order:
         raise ValueError(
             f"{type(learner).__name__}: vmap with BatchNorm layers would give a wrong meta-gradient (torch's vmap "
             "rule for the second derivative of batch_norm is incorrect). Use vectorize=None / execution='auto' "
@@ -230,7 +229,7 @@ def evaluation_vmap(learner: Any, device: torch.device | None = None) -> bool:
     automatically, convolution nets on CPU run one task at a time (faster, see the module docstring) and
     everything else under ``vmap``. BatchNorm is no obstacle here: evaluation is first order only.
     """
-    mode = learner.execution.mode if hasattr(learner, "execution") else "auto"
+    mode = learner.execution.mode
     if mode != "auto":
         return mode == "vmap"
     if learner.vectorize is not None:
@@ -332,8 +331,7 @@ def functional_eligible(learner: Any, p: Plan) -> bool:
     vectorised, a learner whose meta-loss is the mean of its per-task losses and without buffers (nothing
     that a forward pass could update in place)."""
     return (p.compile and p.vmap and not learner.execution_stats.get("compile_failed")
-            and getattr(learner, "per_task_meta_loss", True)
-            and getattr(getattr(learner, "hypergrad", None), "scope", "inner") != "meta_loss"
+            and learner.spec.per_task_loss and not learner.spec.whole_loss
             and next(learner.buffers(), None) is None)
 
 

@@ -5,7 +5,7 @@ steps a torch optimizer. A checkpoint holds the weights, the optimizer and every
 run ends with exactly the weights of an uninterrupted one.
 
 Under ``torchrun`` each rank adapts its shard of every meta-batch and the meta-gradients are all-reduced
-(see :mod:`allmap.train.distributed`); only rank 0 writes files. SIGINT/SIGTERM finish the current
+(see :mod:`allmap.app.distributed`); only rank 0 writes files. SIGINT/SIGTERM finish the current
 iteration, save a checkpoint and raise :class:`Interrupted`; ``resume`` continues exactly. Under
 ``torchrun --max-restarts``, a restarted worker group continues the run from its last checkpoint.
 """
@@ -25,15 +25,16 @@ import yaml
 from tqdm.auto import tqdm
 
 from allmap.learners.base import Learner
-from allmap.train.averaging import WeightAverage, averaged
-from allmap.train.build import apply_host_settings, build_family, build_learner, build_optimizer, resolve_device
-from allmap.train.checkpoint import CheckpointError, loads_checkpoint, read_verified, save_checkpoint
-from allmap.train.config import ConfigError, apply_overrides, dump_config, validate
-from allmap.train.distributed import Dist, current, evaluate_sharded, reduce_step, restart_count
-from allmap.train.evaluate import format_results, fixed_tasks
-from allmap.train.preflight import check_device, check_model_size, check_sizes, trial_step
-from allmap.train.plots import plot_adaptation, plot_learning_curve
-from allmap.train.runs import RunDir, read_config
+from allmap.app.averaging import WeightAverage, averaged
+from allmap.app.build import build_family, build_learner, build_optimizer, resolve_device
+from allmap.app.checkpoint import CheckpointError, loads_checkpoint, read_verified, save_checkpoint
+from allmap.app.config import ConfigError, apply_overrides, dump_config, validate
+from allmap.app.distributed import Dist, current, evaluate_sharded, reduce_step, restart_count
+from allmap.app.report import format_results
+from allmap.engine.evaluate import fixed_tasks
+from allmap.app.preflight import check_device, check_model_size, check_sizes, trial_step
+from allmap.app.plots import plot_adaptation, plot_learning_curve
+from allmap.app.runs import RunDir, read_config
 
 __all__ = ["train", "resume", "finish", "check_config", "NonFiniteLossError", "Interrupted", "RESUMABLE_KEYS", "MAX_CONSECUTIVE_SKIPS"]
 
@@ -91,8 +92,7 @@ class _StopSignals:
 
 def _strategy_state(learner: Learner) -> dict[str, torch.Tensor]:
     """The meta-gradient strategy's changing state (the random directions of zeroth-order estimates)."""
-    strategy = getattr(learner, "hypergrad", None)
-    return strategy.state_dict() if strategy is not None else {}
+    return learner.hypergrad.state_dict() if learner.hypergrad is not None else {}
 
 
 class _Trainer:
@@ -104,7 +104,6 @@ class _Trainer:
                               f"({ctx.world}); every rank needs at least one task. Raise meta_batch or use fewer processes.")
         self.device = ctx.device(resolve_device(config["device"]))
         check_device(self.device)
-        apply_host_settings(config)
         torch.manual_seed(config["seed"])
         self.family = build_family(config, "train")
         families = {"train": self.family, "val": build_family(config, "val"), "test": build_family(config, "test")}
@@ -120,7 +119,7 @@ class _Trainer:
         self.generator = torch.Generator().manual_seed(config["seed"])
         ev = config["eval"]
         self.val_tasks = fixed_tasks(families["val"], ev["val_tasks"], ev["seed"] + 1)
-        self.val_steps = [getattr(self.learner, "inner_steps", 0)]
+        self.val_steps = [self.learner.spec.inner_steps or 0]
         self.skip = config.get("on_nonfinite", "raise") == "skip"
         self.iteration, self.elapsed = 0, 0.0
         self.pending: list[torch.Tensor] = []  # per step: [loss, 1 if loss and gradient are finite else 0]
@@ -148,9 +147,8 @@ class _Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.generator.set_state(state["task_rng"])
             torch.set_rng_state(state["torch_rng"])
-            strategy = getattr(self.learner, "hypergrad", None)
-            if strategy is not None:
-                strategy.load_state_dict(state.get("hypergrad", {}))
+            if self.learner.hypergrad is not None:
+                self.learner.hypergrad.load_state_dict(state.get("hypergrad", {}))
             self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
             if self.average is not None:
                 self.average.load_state_dict(state["averaged"])
@@ -202,7 +200,7 @@ class _Trainer:
             tasks = tasks[ctx.shard(size)]
         tasks = tasks.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        # backward per chunk of tasks (allmap.learners.execution); scaled to this rank's share of the meta-batch
+        # backward per chunk of tasks (allmap.engine.execution); scaled to this rank's share of the meta-batch
         loss = self.learner.meta_backward(tasks, scale=len(tasks) / size if ctx.active else 1.0)
         loss, finite, stop = reduce_step(self.params, loss.detach(), stop, ctx)
         if self.skip:
@@ -281,7 +279,7 @@ class _Trainer:
 def check_config(config: dict[str, Any]) -> None:
     """Everything ``train`` checks before its first iteration, without writing anything: the config's keys
     and types, building the task families, model, learner and optimizer, sizes against this machine's
-    memory, the device, and one trial meta-batch. Raises :class:`~allmap.train.config.ConfigError`."""
+    memory, the device, and one trial meta-batch. Raises :class:`~allmap.app.config.ConfigError`."""
     validate(config)
     _Trainer(config, RunDir("."), progress=False, ctx=Dist())
 
@@ -311,7 +309,7 @@ def train(config: dict[str, Any], out_dir: str | Path, progress: bool = True,
     Under torchrun every rank calls this with the same arguments. If torchrun restarted the worker group
     (``--max-restarts``) and ``out_dir`` holds a checkpoint of this same config, the run continues from it.
     ``callback(iteration, learner)`` runs after every iteration (tests use it to interrupt a run);
-    ``allmap.train.averaging.averaged(learner)`` is the model to evaluate there (the weight average with ``ema``).
+    ``allmap.app.averaging.averaged(learner)`` is the model to evaluate there (the weight average with ``ema``).
     Returns the trained learner: the weight average when the config sets ``ema``.
     """
     ctx = current()

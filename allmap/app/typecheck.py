@@ -2,7 +2,7 @@
 
 Config values come from YAML: ``int``, ``float``, ``bool``, ``str``, ``None``, lists and mappings. A value
 that cannot be what the constructor's annotation asks for (``inner_steps: "five"``, ``inner_lr: [1]``,
-``shots: 2.5``, ``lr: .nan``) is a :class:`~allmap.train.config.ConfigError` naming the key, the expected
+``shots: 2.5``, ``lr: .nan``) is a :class:`~allmap.app.config.ConfigError` naming the key, the expected
 type and the value, instead of a traceback from deep inside torch at the first training step. Numbers
 written as YAML 1.1 reads them into strings (``1e-3``) are converted where a number is expected.
 Annotations it does not understand (tensors, modules, callables) accept anything: they are not judged.
@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from allmap.train.config import ConfigError
+from allmap.app.config import ConfigError
 
 __all__ = ["check_arguments"]
 

@@ -1,4 +1,4 @@
-"""Run configurations: YAML files (presets ship in ``allmap/train/presets``), overrides and validation.
+"""Run configurations: YAML files (presets ship in ``allmap/app/presets``), overrides and validation.
 
 A config is a nested mapping. Top-level keys and their defaults are in :data:`DEFAULTS`; the sections
 ``task``, ``model``, ``learner`` and ``optimizer`` name a registered component (``family`` or ``name``)
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from allmap.train.averaging import is_decay
+from allmap.app.averaging import is_decay
 
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "apply_overrides", "list_presets", "preset_path", "dump_config"]
 
@@ -60,7 +60,7 @@ class ConfigError(ValueError):
 
 
 def _presets_dir() -> Path:
-    return Path(str(resources.files("allmap.train") / "presets"))
+    return Path(str(resources.files("allmap.app") / "presets"))
 
 
 def list_presets() -> dict[str, str]:

@@ -13,31 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from allmap.learners import ANIL, MAML, HyperNetwork, Learner, MatchingNet, MetaSGD, ProtoNet, Siamese
-from allmap.learners import IMAML, LSTMMetaLearner, Reptile
+from allmap.learners import LEARNERS, Learner
 from allmap.nets import MLP, Conv4, MAMLConv
 from allmap.tasks.families import FAMILIES
-from allmap.train.allocator import retain_freed_memory
-from allmap.train.config import ConfigError
-from allmap.train.schedules import CosineAdam, StepDecayAdam
-from allmap.train.typecheck import check_arguments
+from allmap.app.config import ConfigError
+from allmap.app.schedules import CosineAdam, StepDecayAdam
+from allmap.app.typecheck import check_arguments
 
 __all__ = ["FAMILIES", "MODELS", "LEARNERS", "OPTIMIZERS", "build_family", "build_model", "build_learner", "build_optimizer",
-           "resolve_device", "apply_threads"]
+           "resolve_device"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "conv4": Conv4, "mamlconv": MAMLConv}
-LEARNERS: dict[str, type[Learner]] = {
-    "maml": MAML,
-    "anil": ANIL,
-    "metasgd": MetaSGD,
-    "hypernet": HyperNetwork,
-    "protonet": ProtoNet,
-    "matching": MatchingNet,
-    "siamese": Siamese,
-    "reptile": Reptile,
-    "imaml": IMAML,
-    "lstm": LSTMMetaLearner,
-}
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
@@ -123,7 +109,7 @@ def build_learner(config: dict[str, Any], family) -> Learner:
     for key, value in (("x_dim", family.x_dim), ("y_dim", family.y_dim)):
         if _takes(factory, key):
             section.setdefault(key, value)
-    execution = section.pop("execution", None)  # how tasks run: see allmap.learners.execution
+    execution = section.pop("execution", None)  # how tasks run: see allmap.engine.execution
     learner = _call("learner", LEARNERS, section, "name", model=model)
     if execution is not None:
         try:
@@ -136,26 +122,6 @@ def build_learner(config: dict[str, Any], family) -> Learner:
 def build_optimizer(config: dict[str, Any], learner: Learner) -> torch.optim.Optimizer:
     """The meta-optimizer over ``learner.parameters()``."""
     return _call("optimizer", OPTIMIZERS, config["optimizer"], "name", params=learner.parameters())
-
-
-def apply_threads(config: dict[str, Any]) -> None:
-    """Set torch's intra-op threads from ``config['threads']`` (null keeps torch's default).
-
-    Tiny models want one thread: on this project's 2-core machines a 1-40-40-1 MAML step ran 163 it/s with
-    one thread and 9.5 it/s with two while another process was busy (spin-waiting threads), and no faster
-    with two when idle.
-    """
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-
-
-def apply_host_settings(config: dict[str, Any]) -> None:
-    """This process's CPU settings from the config: intra-op threads (:func:`apply_threads`) and, unless
-    ``retain_memory: false``, glibc malloc keeping freed blocks (:mod:`allmap.train.allocator`; 1.7x faster
-    ProtoNets steps here)."""
-    apply_threads(config)
-    if config.get("retain_memory", True):
-        retain_freed_memory()
 
 
 def resolve_device(name: str) -> torch.device:

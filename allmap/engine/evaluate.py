@@ -8,14 +8,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from allmap.learners.base import Learner
-from allmap.learners.execution import evaluation_layout, evaluation_vmap
+from allmap.engine.execution import evaluation_layout, evaluation_vmap
+from allmap.engine.forked import can_fork, even_shares, run_forked
+from allmap.engine.spec import Mapping
+from allmap.engine.validate import check_tasks
 from allmap.nets.conv import nhwc
 from allmap.nets.norm import first_order_only
 from allmap.tasks.batch import TaskBatch
-from allmap.train.forked import can_fork, even_shares, run_forked
 
-__all__ = ["evaluate", "evaluation_workers", "summarize", "fixed_tasks", "format_results", "step_names"]
+__all__ = ["evaluate", "evaluation_workers", "summarize", "fixed_tasks", "step_names"]
 
 
 def fixed_tasks(family, n: int, seed: int) -> TaskBatch:
@@ -31,12 +32,12 @@ def summarize(values: Tensor) -> dict[str, float]:
     return {"mean": float(values.mean()), "ci95": 1.96 * std / math.sqrt(n), "std": std, "n": n}
 
 
-def step_names(learner: Learner, steps: Sequence[int]) -> list[str]:
+def step_names(learner: Mapping, steps: Sequence[int]) -> list[str]:
     """Metric suffixes: ``@k`` (after k inner steps) for learners that adapt in steps, else nothing."""
-    return [f"@{k}" for k in steps] if getattr(learner, "adapts_in_steps", False) else [""]
+    return [f"@{k}" for k in steps] if learner.spec.adapts_in_steps else [""]
 
 
-def _per_task(learner: Learner, steps: Sequence[int]):
+def _per_task(learner: Mapping, steps: Sequence[int]):
     def metrics(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
         rows = []
         for model in learner.adapt_path(sx, sy, steps):
@@ -49,7 +50,7 @@ def _per_task(learner: Learner, steps: Sequence[int]):
     return metrics
 
 
-def _convert_weights(learner: Learner, layout: torch.memory_format | None) -> Callable[[], None]:
+def _convert_weights(learner: Mapping, layout: torch.memory_format | None) -> Callable[[], None]:
     """Store ``learner``'s 4-d parameters in ``layout`` (the same values) and return the function that puts
     them back as they were. NHWC convolutions want NHWC weights as well as NHWC inputs: with NCHW weights
     the evaluation was no faster."""
@@ -68,7 +69,7 @@ def _convert_weights(learner: Learner, layout: torch.memory_format | None) -> Ca
 
 
 def evaluate(
-    learner: Learner,
+    learner: Mapping,
     tasks: TaskBatch,
     steps: Sequence[int] = (0, 1, 5, 10),
     chunk: int = 100,
@@ -80,13 +81,14 @@ def evaluate(
     adaptation); one-shot learners (metric, amortised) once. Adaptation computes inner gradients, but no
     meta-gradient is kept, so it runs under ``torch.inference_mode`` (``no_grad`` for learners that call
     ``torch.autograd`` while adapting). Tasks run under ``vmap`` per chunk of ``chunk`` tasks, or one at a
-    time for convolution nets on CPU, run in NHWC layout (see :func:`allmap.learners.execution.evaluation_vmap`
-    and :func:`~allmap.learners.execution.evaluation_layout`). ``workers`` processes (forked, each with one
+    time for convolution nets on CPU, run in NHWC layout (see :func:`allmap.engine.execution.evaluation_vmap`
+    and :func:`~allmap.engine.execution.evaluation_layout`). ``workers`` processes (forked, each with one
     share of the tasks and one intra-op thread; Linux, CPU) run at once, ``0`` runs here; ``"auto"`` is
     :func:`evaluation_workers`. Every setting gives the same numbers up to float rounding (the thread count
     changes the order of sums inside kernels, which can flip a near-tie prediction of an untrained model).
     Returns ``{"loss@1": {"mean", "ci95", "std", "n"}, ...}``.
     """
+    check_tasks(learner, tasks, "evaluate")
     names = step_names(learner, steps)
     steps = list(steps) if names != [""] else [0]
     n_workers = evaluation_workers(learner, len(tasks)) if workers == "auto" else workers
@@ -106,7 +108,7 @@ def evaluate(
     return results
 
 
-def evaluation_workers(learner: Learner, n_tasks: int) -> int:
+def evaluation_workers(learner: Mapping, n_tasks: int) -> int:
     """How many processes :func:`evaluate` forks by default: one per intra-op thread for convolution nets
     evaluated one task at a time on CPU, given two or more threads and at least 8 tasks per process; else 0
     (run in this process: one forked process with one thread is no faster than this one).
@@ -123,7 +125,7 @@ def evaluation_workers(learner: Learner, n_tasks: int) -> int:
     return threads if threads > 1 and n_tasks >= 8 * threads else 0
 
 
-def _values(learner: Learner, tasks: TaskBatch, steps: list[int], chunk: int) -> Tensor:
+def _values(learner: Mapping, tasks: TaskBatch, steps: list[int], chunk: int) -> Tensor:
     """``[tasks, steps, 2]``: query loss and accuracy of every task after each number of steps."""
     fn = _per_task(learner, steps)
     device = next(learner.parameters()).device
@@ -167,13 +169,3 @@ def _values(learner: Learner, tasks: TaskBatch, steps: list[int], chunk: int) ->
         restore()
         learner.train(was_training)
     return torch.cat(parts).cpu()
-
-
-def format_results(results: dict[str, dict[str, float]], protocol: str) -> str:
-    """A readable table: one line per metric, ``mean ± ci95``, under a line naming the protocol."""
-    lines = [protocol]
-    width = max(len(k) for k in results)
-    for key, r in results.items():
-        scale, unit = (100.0, "%") if key.startswith("accuracy") else (1.0, "")
-        lines.append(f"  {key:<{width}}  {r['mean'] * scale:.4f}{unit} ± {r['ci95'] * scale:.4f}{unit}")
-    return "\n".join(lines)
