@@ -32,8 +32,7 @@ def tasks():
 
 def with_strategy(learner, spec):
     """Set the strategy of a learner whose constructor does not take ``hypergrad`` (Meta-SGD)."""
-    learner.hypergrad = resolve(spec)
-    learner.first_order = learner.hypergrad.name == "first_order"
+    learner.hypergrad = resolve(spec)  # first_order and the rest of learner.spec follow from it
     learner.hypergrad.check(learner)
     return learner
 

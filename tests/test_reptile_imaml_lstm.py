@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import allmap
+from allmap.hypergrad import resolve
 from allmap.learners.lstm import preprocess
 from allmap.nets import MLP
 
@@ -90,10 +91,13 @@ def test_reptile_sgd_step_is_the_batched_reptile_update(tasks):
         assert torch.allclose(p.detach(), b + eps * (a - b), atol=1e-13)  # theta + eps (mean theta' - theta)
 
 
-def test_reptile_rejects_other_strategies_and_uses_adam_beta1_zero():
-    with pytest.raises(ValueError, match="Reptile: its meta-gradient is theta - theta'"):
+def test_reptile_takes_no_strategy_and_uses_adam_beta1_zero():
+    with pytest.raises(TypeError, match="hypergrad"):  # its meta-gradient is its own: no such argument
         allmap.Reptile(MLP([1, 2, 1]), hypergrad="unrolled")
-    assert allmap.Reptile(MLP([1, 2, 1]), first_order=False).first_order  # first order whatever is passed
+    reptile = allmap.Reptile(MLP([1, 2, 1]))
+    assert reptile.first_order and reptile.spec.strategies == ("first_order",)
+    with pytest.raises(ValueError, match="Reptile: the 'unrolled' meta-gradient strategy does not apply"):
+        resolve("unrolled").check(reptile)
     learner = allmap.Reptile(MLP([1, 2, 1]), inner_optimizer="adam")
     p = {"w": torch.zeros(1)}
     opt = learner.optimizer()
@@ -132,8 +136,9 @@ def test_imaml_forward_is_the_proximal_solution():
 
 
 def test_imaml_rejects_other_strategies():
-    with pytest.raises(ValueError, match="IMAML: the meta-gradient is the implicit one"):
+    with pytest.raises(TypeError, match="hypergrad"):  # the implicit gradient is what IMAML is
         allmap.IMAML(MLP([1, 2, 1]), hypergrad="unrolled")
+    assert allmap.IMAML(MLP([1, 2, 1])).spec.strategies == ("implicit",)
     with pytest.raises(ValueError, match="lam > 0"):
         allmap.IMAML(MLP([1, 2, 1]), lam=0.0)
 
@@ -157,8 +162,8 @@ def test_lstm_first_step_is_the_gated_update(tasks, first_order):
     learner = allmap.LSTMMetaLearner(MLP([1, 4, 1]).double(), inner_steps=1, hidden=3, inner_lr=0.1,
                                      forget_bias=3.0, first_order=first_order)
     with torch.no_grad():
-        learner.input_gate.weight.zero_()
-        learner.forget_gate.weight.zero_()
+        learner.update.input_gate.weight.zero_()
+        learner.update.forget_gate.weight.zero_()
     sx, sy = tasks.support_x[0], tasks.support_y[0]
     theta = dict(learner.model.named_parameters())
     grads = torch.func.grad(
@@ -186,11 +191,12 @@ def test_lstm_meta_gradient_reaches_every_part(tasks):
     for name, p in learner.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     names = {n for n, _ in learner.named_parameters()}
-    assert {"lstm.weight", "input_gate.bias", "forget_gate.bias", "model.head.weight"} <= names
+    assert {"update.lstm.weight", "update.input_gate.bias", "update.forget_gate.bias", "model.head.weight"} <= names
 
 
 def test_lstm_rejects_loop_strategies():
-    with pytest.raises(ValueError, match="LSTMMetaLearner: the 'checkpointed' strategy is defined for gradient"):
+    with pytest.raises(ValueError, match="LSTMMetaLearner: the 'checkpointed' meta-gradient strategy does not apply "
+                       "to the LSTMUpdate inner update"):
         allmap.LSTMMetaLearner(MLP([1, 2, 1]), hypergrad="checkpointed")
     with pytest.raises(ValueError, match="0 < inner_lr < 1"):
         allmap.LSTMMetaLearner(MLP([1, 2, 1]), inner_lr=2.0)

@@ -1,4 +1,4 @@
-"""Honest evaluation: fixed seeded test tasks, mean ± 1.96·std/sqrt(n), the protocol written beside it."""
+"""Honest evaluation: fixed seeded test tasks, scored as mean ± 1.96·std/sqrt(n) over tasks."""
 
 from __future__ import annotations
 
@@ -113,10 +113,9 @@ def evaluation_workers(learner: Mapping, n_tasks: int) -> int:
     evaluated one task at a time on CPU, given two or more threads and at least 8 tasks per process; else 0
     (run in this process: one forked process with one thread is no faster than this one).
 
-    Measured on 2 cores (``benchmarks/README.md``, session 6): two processes with one thread each score the
-    600 conv4 MAML episodes of ``peers.py``'s eval-600 1.2-1.27x faster than one process with two threads
-    (23.6-24.8 against 17.5-20.4 episodes/s). Nets that run under ``vmap`` (MLPs) stay in one process: their
-    batched kernels already fill the threads.
+    Small convolutions keep two intra-op threads only partly busy, so processes with one thread each score
+    episodes faster (``benchmarks/peers.py``, eval-600; figures on docs/results.md). Nets that run under
+    ``vmap`` (MLPs) stay in one process: their batched kernels already fill the threads.
     """
     device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     if device.type != "cpu" or evaluation_vmap(learner, device):

@@ -1,7 +1,7 @@
 """How the tasks of a meta-batch run: vectorised, in chunks, or one at a time, eager or compiled.
 
-Every mode computes the same mean query loss and the same meta-gradient as a plain per-task loop (tests in
-``tests/test_execution.py`` check this in float64); they differ only in speed and memory:
+Every mode computes the same mean query loss and the same meta-gradient as a plain per-task loop (the
+float64 tests check this); they differ only in speed and memory:
 
 =========================  ======================================================================
 ``Execution("vmap")``      all tasks in one ``torch.func.vmap`` call (small models: Python overhead
@@ -15,49 +15,39 @@ Every mode computes the same mean query loss and the same meta-gradient as a pla
                            compilation fails the learner falls back to eager with a warning)
 ``workers=2``              :meth:`Learner.meta_backward` shares the tasks between this process and
                            a forked one, each with one intra-op thread, and adds their gradients
-                           here (opt-in; CPU on Linux, else all of it runs here; see
-                           :meth:`Learner.meta_backward`)
+                           here (opt-in; CPU on Linux, else all of it runs here)
 =========================  ======================================================================
 
 With ``vmap`` and ``compile``, :meth:`Learner.meta_backward` goes further: the meta-gradient of a chunk is one
 compiled ``torch.func.grad_and_value`` of the mean loss (:func:`compiled_meta_gradient`), so no autograd graph
-is recorded and no autograd engine or compiled-autograd wrapper runs per step; the gradient is added to
-``.grad``. On sinusoid MAML (meta-batch 25, one thread) that took allmap from 12,700 to 41,100 tasks/s at one
-inner step (38.6x learn2learn's; 26.9x with the 18 s compile amortised over 70,000 iterations) and to 9,800
-tasks/s at five (41x learn2learn's). ``meta_loss(tasks).backward()`` still compiles the forward pass only.
+is recorded and no autograd engine runs per step; the gradient is added to ``.grad``.
+``meta_loss(tasks).backward()`` still compiles the forward pass only.
 
-The automatic rule (``mode="auto"``, what ``vectorize=None`` means) follows measurements on a 2-core CPU
-(issue 5's, re-measured side by side with the peers by ``benchmarks/peers.py``; see ``benchmarks/README.md``):
+The automatic rule (``mode="auto"``) follows measurements side by side with the peer libraries
+(``benchmarks/peers.py``; figures on docs/results.md):
 
-* models with ``torch.nn`` BatchNorm layers run one task at a time: ``vmap`` of the second derivative of
-  ``batch_norm`` is wrong in torch 2.13 (float64 gradcheck fails, the loop passes). MAML-family learners
-  replace affine BatchNorm layers with the exact :class:`~allmap.nets.BatchStatNorm`, so this applies only
-  to other learners and to BatchNorm without affine parameters;
+* models with ``torch.nn`` BatchNorm layers run one task at a time: torch's vmapped second derivative of
+  ``batch_norm`` is wrong (:mod:`allmap.compat`). Gradient-based learners replace affine BatchNorm layers
+  with the exact :class:`~allmap.nets.BatchStatNorm`, so this applies only to other learners and to
+  BatchNorm without affine parameters;
 * convolution nets on CPU run one task at a time, with backward per task in :meth:`meta_backward`: conv
-  kernels are compute-bound and small per-task batches stay in cache (32 tasks x 80 images take 3.65 s
-  forward+backward as 32 batches but 7.75 s as one batch; ``vmap`` in chunks of 4/8/32 ran 0.70/0.66/0.39x
-  the per-task loop's tasks/s with 2-8x its memory). Tasks of at most :data:`SMALL_TASK` examples (MAML's
-  Omniglot training episodes: 5 support + 5 query images) are the exception: one image batch per task is
-  too small, and ``vmap`` over the meta-batch ran the omniglot-5w1s-maml preset 1.7x faster than the loop
-  (0.40 against 0.68 s per iteration, one thread); at 40 examples the two were equal;
+  kernels are compute-bound, small per-task batches stay in cache, and ``vmap`` in chunks was slower at
+  several times the memory. Tasks of at most :data:`SMALL_TASK` examples (MAML's Omniglot training
+  episodes: 5 support + 5 query images) are the exception: one image batch per task is too small to keep
+  the cores busy, and ``vmap`` over the meta-batch is faster;
 * everything else (MLPs and other small models, and convolution nets on a GPU, where per-task loops become
-  launch-bound; not measured here) runs all tasks in one ``vmap`` call: a per-task loop is bound by Python
-  and kernel-launch overhead there (sinusoid MAML, 1 step: 5-9x learn2learn's tasks/s eager, 39x compiled).
+  launch-bound) runs all tasks in one ``vmap`` call: a per-task loop is bound by Python and kernel-launch
+  overhead there.
 
 Evaluation (:func:`allmap.engine.evaluate.evaluate`, first order, under ``torch.inference_mode``) uses the
 same rule without the BatchNorm exception (:func:`evaluation_vmap`). When it runs a convolution net one task
 at a time on CPU, it stores the 4-d weights and feeds the images in NHWC (``channels_last``) layout for the
 duration of the call (:func:`evaluation_layout`; NCHW max-pooling and BatchNorm are several times slower on
-CPU), and its inner loop calls torch's fused ``batch_norm`` (:func:`allmap.nets.norm.first_order_only`:
-3 steps of adaptation on a 5-image support set took 15 instead of 23 ms). One-channel images need
-:func:`allmap.nets.conv.nhwc`: they are contiguous in both layouts, so ``contiguous(channels_last)`` kept their
-NCHW strides and the first, largest block ran NCHW; with that fixed, a 600-episode conv4 MAML evaluation went
-from 9.8 to 16.2 episodes/s here (19.6 with freed memory retained; ``benchmarks/peers.py``, torch 2.13, with
-the fused BatchNorm), and to 25.0 with the episodes shared among two forked one-thread processes
-(:func:`allmap.engine.evaluate.evaluation_workers`).
-Training keeps the model's layout (``Conv4(channels_last=True)`` opts in): NHWC made a second-order conv4
-task (5-way 1-shot, 15 queries) about 1.15x faster, but torch's NHWC BatchNorm is less precise in float32
-and second-order meta-gradients amplify it (see :class:`allmap.nets.Conv4`).
+CPU), and its inner loop calls torch's fused ``batch_norm`` (:func:`allmap.nets.norm.first_order_only`).
+One-channel images need :func:`allmap.nets.conv.nhwc`: they are contiguous in both layouts, so
+``contiguous(channels_last)`` would keep their NCHW strides and the first, largest block would run NCHW.
+Training keeps the model's layout (``Conv4(channels_last=True)`` opts in): torch's NHWC BatchNorm is less
+precise in float32 and second-order meta-gradients amplify it (see :class:`allmap.nets.Conv4`).
 
 Set it per learner with ``learner.execution = Execution(...)`` (or a spec string ``"loop"``, ``"vmap(4)"``,
 ``"loop(8)+compile"``), or in a config file as ``learner: {..., execution: "vmap+compile"}``.
@@ -76,6 +66,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from allmap.compat import vmap_batch_norm_second_order_exact
 from allmap.tasks.batch import TaskBatch
 
 __all__ = ["Execution", "Plan", "resolve_execution", "plan", "task_losses", "chunk_ranges", "compiled_cache",
@@ -176,17 +167,13 @@ def examples_per_task(tasks: TaskBatch) -> int:
 
 
 def plan(learner: Any, tasks: int, device: torch.device | None = None, examples: int | None = None) -> Plan:
-    """The :class:`Plan` of ``learner.execution`` (and ``learner.vectorize``) for a meta-batch of ``tasks``
-    tasks of ``examples`` examples each (support + query; ``None``: unknown, taken as large).
-
-    ``vectorize`` (the older switch) still works: ``True`` means ``mode="vmap"``, ``False`` ``mode="loop"``;
-    an explicit ``learner.execution.mode`` other than ``"auto"`` wins over it.
-    """
+    """The :class:`Plan` of ``learner.execution`` for a meta-batch of ``tasks`` tasks of ``examples``
+    examples each (support + query; ``None``: unknown, taken as large)."""
     ex: Execution = learner.execution
     if device is None:
         device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     small = examples is not None and examples <= SMALL_TASK
-    key = ("plan", tasks, small, device, learner.vectorize, learner.spec, len(learner._modules))
+    key = ("plan", tasks, small, device, learner.spec, len(learner._modules))
     cache = compiled_cache(learner)
     if key not in cache:  # the hot loop asks every iteration; walking the modules each time is avoidable
         cache[key] = _plan(learner, ex, tasks, device, small)
@@ -195,12 +182,10 @@ def plan(learner: Any, tasks: int, device: torch.device | None = None, examples:
 
 def _plan(learner: Any, ex: Execution, tasks: int, device: torch.device, small: bool = False) -> Plan:
     mode = ex.mode
-    if mode == "auto" and learner.vectorize is not None:
-        mode = "vmap" if learner.vectorize else "loop"
-    bn = _has(learner, (nn.modules.batchnorm._BatchNorm,))
+    bn = not vmap_batch_norm_second_order_exact() and _has(learner, (nn.modules.batchnorm._BatchNorm,))
     if mode == "auto":
         if bn:
-            mode, reason = "loop", "BatchNorm: vmap's second derivative of batch_norm is wrong in torch 2.13"
+            mode, reason = "loop", "BatchNorm: torch's vmapped second derivative of batch_norm is wrong (allmap.compat)"
         elif device.type == "cpu" and _has(learner, (nn.modules.conv._ConvNd,)) and not small:
             mode, reason = "loop", "convolutions on CPU: per-task batches are faster and keep memory flat"
         elif device.type == "cpu" and _has(learner, (nn.modules.conv._ConvNd,)):
@@ -215,8 +200,8 @@ def _plan(learner: Any, ex: Execution, tasks: int, device: torch.device, small: 
     if mode == "vmap" and bn and not learner.spec.first_order:
         raise ValueError(
             f"{type(learner).__name__}: vmap with BatchNorm layers would give a wrong meta-gradient (torch's vmap "
-            "rule for the second derivative of batch_norm is incorrect). Use vectorize=None / execution='auto' "
-            "or 'loop' to run tasks one at a time."
+            "rule for the second derivative of batch_norm is incorrect). Use execution='auto' or 'loop' to run "
+            "tasks one at a time."
         )
     chunk = ex.chunk or (tasks if mode == "vmap" else 1)
     return Plan(vmap=mode == "vmap", chunk=min(chunk, max(tasks, 1)), compile=ex.compile, reason=reason)
@@ -225,15 +210,12 @@ def _plan(learner: Any, ex: Execution, tasks: int, device: torch.device, small: 
 def evaluation_vmap(learner: Any, device: torch.device | None = None) -> bool:
     """Whether evaluation (adaptation without a meta-gradient) runs the tasks of a chunk under ``vmap``.
 
-    The learner's explicit choice wins (``execution.mode`` "vmap"/"loop", else ``vectorize`` True/False);
-    automatically, convolution nets on CPU run one task at a time (faster, see the module docstring) and
+    The learner's explicit choice wins (``execution.mode`` "vmap" or "loop"); automatically, convolution nets on CPU run one task at a time (faster, see the module docstring) and
     everything else under ``vmap``. BatchNorm is no obstacle here: evaluation is first order only.
     """
     mode = learner.execution.mode
     if mode != "auto":
         return mode == "vmap"
-    if learner.vectorize is not None:
-        return bool(learner.vectorize)
     if device is None:
         device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     return not (device.type == "cpu" and _has(learner, (nn.modules.conv._ConvNd,)))
@@ -354,8 +336,7 @@ def compiled_meta_gradient(learner: Any, p: Plan, args: tuple[Tensor, ...], scal
     mean loss (detached), or ``None`` if compilation failed (the caller then runs the eager path).
 
     The whole meta-gradient (inner loop, query loss and its derivative, through ``torch.func.grad``) is one
-    compiled graph: no autograd graph is recorded and no autograd engine runs. On the sinusoid workload this
-    ran 2.5-3x the tasks/s of compiling the forward pass and calling ``backward()`` (``benchmarks/peers.py``).
+    compiled graph: no autograd graph is recorded and no autograd engine runs.
     """
     named = [(f"learner.{n}", t) for n, t in learner.named_parameters()]
     params = {n: t.detach() for n, t in named if t.requires_grad}

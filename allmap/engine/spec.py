@@ -61,7 +61,6 @@ class Mapping(Protocol):
     spec: LearnerSpec
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     execution: Any
-    vectorize: bool | None
     execution_stats: dict
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
@@ -41,8 +42,8 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
     inside ``vmap`` and would leak information between tasks. Affine BatchNorm layers become
     :class:`~allmap.nets.BatchStatNorm` holding the same ``weight`` and ``bias`` parameters (same names, so
     state dicts and optimizers are unaffected): the same function, written with ``mean`` and ``var``, whose
-    second derivative is exact under ``vmap`` (``batch_norm``'s is not in torch 2.13) and cheaper (a MAML conv4
-    step spent 21% of its time in ``batch_norm``'s double backward). The model is changed in place and returned.
+    second derivative is exact under ``vmap`` (torch's ``batch_norm`` rule is not, see
+    :mod:`allmap.compat`) and cheaper to differentiate twice. The model is changed in place and returned.
     """
     for parent in list(model.modules()):
         for name, module in list(parent.named_children()):
@@ -88,14 +89,11 @@ class Learner(nn.Module):
 
     Subclasses implement :meth:`adapt` (and :meth:`adapt_path` if they adapt in steps). ``meta_loss`` is
     the mean query loss over a :class:`~allmap.TaskBatch`; its gradient w.r.t. ``self.parameters()`` is the
-    meta-gradient. Tasks run vectorised with ``torch.func.vmap`` (``vectorize=True``) or one at a time
-    (``False``); both give the same value and gradient. ``None`` (the default) chooses per model and device:
-    one task at a time for models with ``torch.nn`` BatchNorm layers (in torch 2.13 the second derivative of
-    ``batch_norm`` under ``vmap`` is wrong: our float64 gradcheck fails on it while the per-task loop passes;
-    MAML-family learners replace them with the exact :class:`~allmap.nets.BatchStatNorm`) and for convolution
-    nets on CPU (faster and flat in memory), ``vmap`` otherwise. ``execution`` refines this (chunks,
-    ``torch.compile``); see :mod:`allmap.engine.execution`. :meth:`meta_backward` runs the backward pass
-    chunk by chunk so memory does not grow with the meta-batch.
+    meta-gradient. How the tasks run is one switch, :attr:`execution` (an
+    :class:`~allmap.engine.execution.Execution`: ``"vmap"``, ``"loop"``, chunks, compile, forked workers;
+    ``vectorize=True/False`` is shorthand for its mode). Every way gives the same value and gradient; the
+    default, ``"auto"``, chooses per model and device (see :mod:`allmap.engine.execution`).
+    :meth:`meta_backward` runs the backward pass chunk by chunk so memory does not grow with the meta-batch.
     """
 
     #: True for learners whose task model comes from inner steps (see :class:`~allmap.engine.spec.LearnerSpec`).
@@ -117,8 +115,9 @@ class Learner(nn.Module):
         super().__init__()
         self.loss_fn, self.classification = resolve_loss(loss)
         self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
-        self.vectorize = vectorize
         self.execution = execution
+        if vectorize is not None:
+            self.vectorize = vectorize
         self.execution_stats: dict[str, float | int | str] = {}  # compile time and failures (execution.py)
         self._probe_cache: dict[tuple, tuple[int, ...]] = {}
 
@@ -205,6 +204,20 @@ class Learner(nn.Module):
             self.__dict__["_execution"] = new
             compiled_cache(self).clear()
 
+    @property
+    def vectorize(self) -> bool | None:
+        """Shorthand for ``execution.mode``: ``True`` is ``"vmap"``, ``False`` ``"loop"``, ``None`` ``"auto"``;
+        assigning it changes only the mode of :attr:`execution`."""
+        mode = self.execution.mode
+        return None if mode == "auto" else mode == "vmap"
+
+    @vectorize.setter
+    def vectorize(self, value: bool | None) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{type(self).__name__}: expected vectorize to be True, False or None, got {value!r}.")
+        mode = "auto" if value is None else ("vmap" if value else "loop")
+        self.execution = dataclasses.replace(self.execution, mode=mode)
+
     def execution_plan(self, tasks: int, device: torch.device | None = None, examples: int | None = None) -> Plan:
         """The resolved plan (``vmap``, ``chunk``, ``compile``, ``reason``) for a meta-batch of ``tasks`` tasks
         of ``examples`` examples each (support + query)."""
@@ -247,4 +260,4 @@ class Learner(nn.Module):
 
     def extra_repr(self) -> str:
         ex = "" if self.execution == Execution() else f", execution={self.execution}"
-        return f"loss={self.loss_name}, vectorize={self.vectorize}{ex}"
+        return f"loss={self.loss_name}{ex}"
