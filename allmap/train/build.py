@@ -141,9 +141,9 @@ def build_optimizer(config: dict[str, Any], learner: Learner) -> torch.optim.Opt
 def apply_threads(config: dict[str, Any]) -> None:
     """Set torch's intra-op threads from ``config['threads']`` (null keeps torch's default).
 
-    Tiny models want one thread: on this project's 2-core machines a 1-40-40-1 MAML step ran 163 it/s with
-    one thread and 9.5 it/s with two while another process was busy (spin-waiting threads), and no faster
-    with two when idle.
+    Tiny models want one thread: a second thread brings them no speed when the cores are idle, and when
+    another process keeps a core busy, torch's spin-waiting threads make every step many times slower
+    (see docs/results.md).
     """
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
@@ -151,8 +151,8 @@ def apply_threads(config: dict[str, Any]) -> None:
 
 def apply_host_settings(config: dict[str, Any]) -> None:
     """This process's CPU settings from the config: intra-op threads (:func:`apply_threads`) and, unless
-    ``retain_memory: false``, glibc malloc keeping freed blocks (:mod:`allmap.train.allocator`; 1.7x faster
-    ProtoNets steps here)."""
+    ``retain_memory: false``, glibc malloc keeping freed blocks (:mod:`allmap.train.allocator`: fewer page faults
+    in steps with large activations, such as 60-way ProtoNets)."""
     apply_threads(config)
     if config.get("retain_memory", True):
         retain_freed_memory()
