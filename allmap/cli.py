@@ -1,10 +1,11 @@
-"""The ``allmap`` command: train | eval | presets | plot.
+"""The ``allmap`` command: train | eval | presets | show | plot.
 
     allmap train PRESET_OR_CONFIG_FILE [--set key=value ...] [--out DIR]
     allmap train --resume RUN_DIR [--set iterations=N]
     torchrun --nproc_per_node=N -m allmap train ...      (data-parallel over N processes)
     allmap eval RUN_DIR [--tasks N] [--shots K] [--steps 0,1,5,10] [--set key=value ...] [--json]
-    allmap presets
+    allmap presets                                       (each preset with its one-line description)
+    allmap show PRESET_OR_CONFIG_FILE [--file]           (the resolved config, notes included)
     allmap plot RUN_DIR
 """
 
@@ -18,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from allmap.app.checkpoint import CheckpointError
-from allmap.app.config import ConfigError, apply_overrides, list_presets, load_config, preset_path, validate
+from allmap.app.config import (ConfigError, apply_overrides, dump_config, list_presets, load_config, preset_path,
+                                  validate)
 from allmap.app.trainer import Interrupted, NonFiniteLossError
 
 __all__ = ["main"]
@@ -49,8 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the shipped presets")
     pl = sub.add_parser("plot", help="redraw a run's plots")
     pl.add_argument("run_dir")
-    sp = sub.add_parser("show", help="print a preset's YAML (copy it to make your own config)")
-    sp.add_argument("preset")
+    sp = sub.add_parser("show", help="print a preset's resolved config, its notes included (copy it to make your own)")
+    sp.add_argument("preset", help="preset name (see `allmap presets`) or path of a YAML config")
+    sp.add_argument("--file", action="store_true",
+                    help="print the file as written (with its `base:`) instead of the resolved config")
     return p
 
 
@@ -142,6 +146,28 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(args: argparse.Namespace) -> int:
+    """Print the resolved config (base merged in, defaults filled), or with ``--file`` the file as written."""
+    if args.file:
+        path = Path(args.preset)
+        print((path if path.is_file() else preset_path(args.preset)).read_text(), end="")
+        return 0
+    config = load_config(args.preset)
+    print(f"# {args.preset}: the resolved config (base presets merged in, defaults filled); "
+          f"the file as written: allmap show --file {args.preset}")
+    print(dump_config(config), end="")
+    return 0
+
+
+def _presets() -> int:
+    """Print each shipped preset with its one-line description."""
+    presets = list_presets()
+    width = max(map(len, presets), default=0) + 2
+    for name, desc in presets.items():
+        print(f"{name:<{width}}{desc}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -152,11 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plot":
             return _plot(args)
         if args.command == "show":
-            print(preset_path(args.preset).read_text(), end="")
-            return 0
-        for name, desc in list_presets().items():
-            print(f"{name:<28} {desc}")
-        return 0
+            return _show(args)
+        return _presets()
     except (ConfigError, CheckpointError, NonFiniteLossError) as err:
         print(f"allmap {args.command}: error: {err}", file=sys.stderr)
         return 2

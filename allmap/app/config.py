@@ -4,6 +4,18 @@ A config is a nested mapping. Top-level keys and their defaults are in :data:`DE
 ``task``, ``model``, ``learner`` and ``optimizer`` name a registered component (``family`` or ``name``)
 and pass the remaining keys to its constructor, so their valid keys are the constructor's arguments.
 Every key is checked before training starts; a wrong one is an error naming the valid ones.
+
+Two keys are text for people: ``description``, one line of at most :data:`MAX_DESCRIPTION` characters that
+``allmap presets`` lists (what it trains, on which protocol, the paper), and ``notes``, the full protocol in
+words (split, ways, shots and queries, schedule, and why a setting differs from the paper), which
+``allmap show`` prints with the rest of the config.
+
+A config may start from a preset: ``base: PRESET_NAME`` makes it the deep merge of that preset (itself
+resolved, so bases chain) with its own keys. Sections merge key by key, except that a ``task``, ``model``,
+``learner`` or ``optimizer`` section naming another component than its base's replaces the base's section
+(the keys are that component's constructor arguments and mean nothing to another one). ``description`` and
+``notes`` are not inherited: they describe the config that states them, and a config with other settings
+is another protocol.
 """
 
 from __future__ import annotations
@@ -17,10 +29,12 @@ import yaml
 
 from allmap.app.averaging import is_decay
 
-__all__ = ["DEFAULTS", "ConfigError", "load_config", "apply_overrides", "list_presets", "preset_path", "dump_config"]
+__all__ = ["DEFAULTS", "MAX_DESCRIPTION", "ConfigError", "load_config", "apply_overrides", "list_presets",
+           "preset_path", "dump_config"]
 
 DEFAULTS: dict[str, Any] = {
     "description": "",
+    "notes": "",
     "seed": 0,
     "iterations": 1000,
     "meta_batch": 25,
@@ -51,6 +65,15 @@ DEFAULTS: dict[str, Any] = {
 #: a sanity bound on inner-step counts (``eval.steps``, ``learner.inner_steps``): more is a typo, not a protocol.
 MAX_STEPS = 100_000
 
+#: the longest ``description``: one line that fits a terminal next to the preset's name.
+MAX_DESCRIPTION = 160
+
+#: keys that describe the config stating them; a config naming a ``base`` does not inherit them.
+TEXT_KEYS = ("description", "notes")
+
+#: the sections that name a registered component, and the key that names it.
+_COMPONENTS = {"task": "family", "model": "name", "learner": "name", "optimizer": "name"}
+
 _POSITIVE_INTS = ("iterations", "meta_batch", "log_every", "checkpoint_every")
 _EVAL_POSITIVE_INTS = ("tasks", "every", "val_tasks", "chunk")
 
@@ -65,11 +88,8 @@ def _presets_dir() -> Path:
 
 def list_presets() -> dict[str, str]:
     """Preset name -> its one-line description."""
-    out = {}
-    for path in sorted(_presets_dir().glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        out[path.stem] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
-    return out
+    return {path.stem: str(_read_yaml(path).get("description") or "").strip()
+            for path in sorted(_presets_dir().glob("*.yaml"))}
 
 
 def preset_path(name: str) -> Path:
@@ -79,6 +99,69 @@ def preset_path(name: str) -> Path:
         known = ", ".join(list_presets())
         raise ConfigError(f"unknown preset {name!r}; known presets: {known}. Or pass the path of a YAML config file.")
     return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds, or a :class:`ConfigError` saying why it is not one."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}.")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, mappings merged key by key at every depth, anything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merge(out[key], value) if both else copy.deepcopy(value)
+    return out
+
+
+def _inherit(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """``own`` over ``base``; a component section naming another component than the base's replaces it."""
+    merged = _deep_merge({k: v for k, v in base.items() if k not in TEXT_KEYS}, own)
+    for section, name_key in _COMPONENTS.items():
+        mine, theirs = own.get(section), base.get(section)
+        if not (isinstance(mine, dict) and isinstance(theirs, dict)):
+            continue
+        if mine.get(name_key, theirs.get(name_key)) != theirs.get(name_key):
+            merged[section] = copy.deepcopy(mine)
+    return merged
+
+
+def _resolve(data: dict[str, Any], chain: tuple[str, ...]) -> dict[str, Any]:
+    """``data`` with its ``base`` preset (resolved in turn) merged in; ``chain`` names the configs being resolved."""
+    own = {k: v for k, v in data.items() if k != "base"}
+    if "base" not in data:
+        return own
+    base = data["base"]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{chain[-1]}: 'base' must name a preset ({', '.join(list_presets())}), got {base!r}.")
+    if base in chain:
+        loop = " -> ".join((*chain[chain.index(base):], base))
+        raise ConfigError(f"{chain[-1]}: 'base: {base}' makes a cycle ({loop}); a preset's bases must not lead back "
+                          "to it. Remove the 'base' key of one of them.")
+    path = _presets_dir() / f"{base}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{chain[-1]}: 'base: {base}' is not a preset; known presets: {', '.join(list_presets())}.")
+    return _inherit(_resolve(_read_yaml(path), (*chain, base)), own)
+
+
+def _check_text(config: dict[str, Any]) -> None:
+    """``description`` is one line of at most :data:`MAX_DESCRIPTION` characters; ``notes`` is a string."""
+    desc = config["description"]
+    if not isinstance(desc, str) or "\n" in desc.strip() or len(desc.strip()) > MAX_DESCRIPTION:
+        got = (f"{len(desc.strip())} characters on {len(desc.strip().splitlines())} line(s)"
+               if isinstance(desc, str) else repr(desc))
+        raise ConfigError(f"config key 'description' must be one line of at most {MAX_DESCRIPTION} characters (what "
+                          f"it trains, on which protocol, the paper), got {got}; put the full protocol in 'notes', a "
+                          "multi-line string that `allmap show` prints.")
+    if not isinstance(config["notes"], str):
+        raise ConfigError(f"config key 'notes' must be a string (the protocol in words), got {config['notes']!r}.")
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -97,21 +180,20 @@ def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(preset_or_file: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a preset name or a YAML file, apply ``key=value`` overrides, fill defaults, and validate."""
+    """Read a preset name or a YAML file, merge in its ``base``, apply ``key=value`` overrides, fill defaults and
+    validate."""
     path = Path(preset_or_file)
     if not path.suffix and not path.exists():
-        path = preset_path(str(preset_or_file))
+        name = str(preset_or_file)
+        path = preset_path(name)
     elif not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass a preset name ({', '.join(list_presets())}) "
                           "or the path of a YAML file.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}.")
-    config = with_defaults(data)
+    else:
+        name = str(path)
+    config = with_defaults(_resolve(_read_yaml(path), (name,)))
     config = apply_overrides(config, overrides or [])
+    _check_text(config)
     validate(config)
     return config
 
@@ -194,6 +276,17 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError(f"config key 'device' must be a string such as 'auto', 'cpu' or 'cuda', got {config['device']!r}.")
 
 
+class _Dumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` writing multi-line strings (``notes``) as literal blocks, line for line."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 def dump_config(config: dict[str, Any]) -> str:
-    """The config as YAML text (written to the run folder)."""
-    return yaml.safe_dump(config, sort_keys=False)
+    """The config as YAML text (written to the run folder, printed by ``allmap show``)."""
+    return yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=200)

@@ -4,11 +4,10 @@ threads (``threads`` in run configs) and the CPU allocator setting behind ``reta
 PyTorch's CPU allocator is the C library's ``malloc``. glibc serves blocks above its mmap threshold (at most
 32 MB) with ``mmap`` and returns them to the kernel on ``free``, so every training step that allocates
 activations of that size (a conv4 layer on a 60-way ProtoNets episode is 72 MB) maps fresh pages and the
-kernel zeroes each one on first touch. Measured on a 2-core machine here (``benchmarks/allocator.py``): a
-ProtoNets 60-way training step spent 0.20 of its 0.30 s in the kernel, about 105,000 page faults per step.
-With ``mmap`` off and trimming off, freed blocks are reused and the step took 0.17 s (0.11 s with
-``channels_last``), at 7-35% more peak RSS: memory the process has used once stays with it. This is
-what jemalloc or tcmalloc would do, without preloading a library.
+kernel zeroes each one on first touch: such a step can spend most of its time in page faults. With
+``mmap`` off and trimming off, freed blocks are reused, at the cost of a higher peak RSS: memory the
+process has used once stays with it. This is what jemalloc or tcmalloc would do, without preloading a
+library. ``benchmarks/allocator.py`` measures both settings; docs/results.md has the figures.
 
 Only glibc has these knobs (``mallopt``); elsewhere :func:`retain_freed_memory` does nothing and says so.
 """

@@ -53,7 +53,7 @@ def _per_task(learner: Mapping, steps: Sequence[int]):
 def _convert_weights(learner: Mapping, layout: torch.memory_format | None) -> Callable[[], None]:
     """Store ``learner``'s 4-d parameters in ``layout`` (the same values) and return the function that puts
     them back as they were. NHWC convolutions want NHWC weights as well as NHWC inputs: with NCHW weights
-    the evaluation was no faster."""
+    the layout brings the evaluation no speed."""
     if layout is None:
         return lambda: None
     saved = [(p, p.data) for p in learner.parameters() if p.dim() == 4 and not p.is_contiguous(memory_format=layout)]
@@ -113,9 +113,9 @@ def evaluation_workers(learner: Mapping, n_tasks: int) -> int:
     evaluated one task at a time on CPU, given two or more threads and at least 8 tasks per process; else 0
     (run in this process: one forked process with one thread is no faster than this one).
 
-    Small convolutions keep two intra-op threads only partly busy, so processes with one thread each score
-    episodes faster (``benchmarks/peers.py``, eval-600; figures on docs/results.md). Nets that run under
-    ``vmap`` (MLPs) stay in one process: their batched kernels already fill the threads.
+    Small convolutions keep several intra-op threads only partly busy, so processes with one thread each
+    score conv4 episodes faster than one process with as many threads (see docs/results.md). Nets that run
+    under ``vmap`` (MLPs) stay in one process: their batched kernels already fill the threads.
     """
     device = next((p.device for p in learner.parameters()), torch.device("cpu"))
     if device.type != "cpu" or evaluation_vmap(learner, device):

@@ -2,7 +2,7 @@
 
 On a few CPU cores, small convolutions (a 5-image support set, a 75-image query set) keep two intra-op
 threads only partly busy; two processes with one thread each, every one working through its own share of
-the evaluation episodes, keep both cores busy (``benchmarks/peers.py``). ``torch.func``
+the evaluation episodes, keep both cores busy (see docs/results.md). ``torch.func``
 transforms cannot run in two Python threads at once, so processes it is. ``fork`` shares the learner
 copy-on-write: nothing is pickled but the results.
 """

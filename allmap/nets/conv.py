@@ -44,8 +44,8 @@ def nhwc(x: Tensor) -> Tensor:
     """``x [N, C, H, W]`` in NHWC (``channels_last``) memory layout, with NHWC strides even where the layout
     is ambiguous. A one-channel batch is contiguous in both layouts, so ``x.contiguous(channels_last)``
     leaves its NCHW strides, and a convolution whose weight is not NHWC either (MAML's adapted weights
-    ``theta - lr * g`` are not) then runs NCHW: the first conv4 block, the largest, ran NCHW and its
-    BatchNorm and max-pooling took several times as long."""
+    ``theta - lr * g`` are not) then runs NCHW: the first conv4 block, the largest, would run its
+    BatchNorm and max-pooling in NCHW, several times slower than in NHWC."""
     if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
         return x
     return x.clone(memory_format=torch.channels_last)  # NHWC strides for one channel too
@@ -59,8 +59,8 @@ class _Blocks(nn.Module):
         for i in range(blocks):
             cin = in_channels if i == 0 else hidden
             layers += [nn.Conv2d(cin, hidden, 3, stride=1 if pool else 2, padding=1), nn.BatchNorm2d(hidden)]
-            # max-pool before ReLU: the same function (ReLU is monotone, so they commute) with a 4x smaller
-            # ReLU, about 10% of a conv4 training step on CPU.
+            # max-pool before ReLU: the same function (ReLU is monotone, so they commute) with a ReLU over
+            # a quarter of the elements, a saving on CPU where elementwise ops are a share of the step.
             layers += [nn.MaxPool2d(2), nn.ReLU()] if pool else [nn.ReLU()]
         self.layers = nn.Sequential(*layers)
         self.pool = pool
@@ -94,16 +94,16 @@ class Conv4(nn.Module):
         flat_features: size of the flattened body output, needed for the head when images are not 28x28
             (``hidden * 25`` for 84x84); default ``hidden`` (28x28 inputs).
         channels_last: store the weights and run the convolutions in NHWC memory layout (the same
-            function; not applied under ``torch.func.vmap``). On CPU it made a 60-way ProtoNets step (360
-            images) 1.5x faster here and a second-order MAML task (5-way 1-shot, 15 queries) 1.15x;
-            20-way 1-shot 5-step MAML tasks ran the same in both. Off by default: torch's NHWC BatchNorm
-            on CPU accumulates its statistics less precisely in float32 (relative 1e-5 against 5e-8), and
-            second-order meta-gradients amplify it (conv4 MAML, 20-way 5 steps: 12% from the float64
-            meta-gradient in NHWC, 0.9% in NCHW; ``benchmarks/peers.py``).
+            function; not applied under ``torch.func.vmap``). NHWC is faster for small convolutions on
+            CPU, such as a ProtoNets episode's or a second-order MAML task's (see docs/results.md). Off by
+            default: torch's NHWC BatchNorm on CPU accumulates its statistics less precisely in float32,
+            and second-order meta-gradients amplify that error (``benchmarks/peers.py`` compares both
+            layouts with the float64 meta-gradient).
         precision: ``"float32"`` (default) or ``"bfloat16"``: mixed precision, the blocks under
-            ``torch.autocast`` with bfloat16 (about 8 significant bits), weights and output in float32. On a
-            CPU with AVX-512 BF16 it made the 60-way ProtoNets step 1.6x faster here
-            (``benchmarks/mixed_precision.py``); it changes results at the level of bfloat16 rounding.
+            ``torch.autocast`` with bfloat16 (about 8 significant bits), weights and output in float32.
+            Faster on CPUs with native bfloat16 (such as AVX-512 BF16; ``benchmarks/mixed_precision.py``
+            measures it), slow where bfloat16 is emulated; it changes results at the level of bfloat16
+            rounding.
 
     Example:
         >>> import torch

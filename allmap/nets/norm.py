@@ -29,8 +29,8 @@ def first_order_only() -> Iterator[None]:
     """Declare that no second derivative is taken inside this block (evaluation's inner loop is such a
     block): :class:`BatchStatNorm` then calls torch's fused ``batch_norm`` inside ``torch.func.grad`` too,
     except under ``vmap``. A speed hint only: outside ``vmap`` both forms are exact to any order, but the
-    fused one is faster for a first derivative (a conv4 MAML evaluation adapted 1.5x faster) and slower for
-    a second."""
+    fused one is faster for a first derivative (such as evaluation's adaptation) and slower for a
+    second."""
     token = _FIRST_ORDER.set(True)
     try:
         yield
@@ -73,7 +73,7 @@ class BatchStatNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.dim % x.dim() == 1 and _fused():
             # outside torch.func transforms (e.g. the query pass of a per-task loop) nothing will take the
-            # second derivative under vmap, and torch's fused kernel is faster for the first (2.5x on 75 images)
+            # second derivative under vmap, and torch's fused kernel is faster for the first
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         dim = self.dim % x.dim()
         reduce = [d for d in range(x.dim()) if d != dim]

@@ -112,7 +112,7 @@ class Sinusoid(TaskFamily):
 class LinearRegression(TaskFamily):
     """``y = w.x + b + eps`` with ``w ~ N(0, I_d)``, ``b ~ N(0, 1)``, ``x ~ N(0, I_d)``, ``eps ~ N(0, noise^2)``.
 
-    The worked example of seed 000 (a hypernetwork maps the data set to ``(w, b)``).
+    The worked example of the mapping learner (:class:`allmap.HyperNetwork` maps the data set to ``(w, b)``).
     """
 
     def __init__(self, dim: int = 8, shots: int | Sequence[int] = 10, queries: int = 10, noise: float = 0.1) -> None:
@@ -137,7 +137,7 @@ class LinearRegression(TaskFamily):
 
 class Logistic2D(TaskFamily):
     """2-D binary classification: ``P(y = 1 | x) = sigmoid(scale * (w.x + b))`` with ``w ~ N(0, I_2)``,
-    ``b ~ N(0, 0.25)``, ``x ~ N(0, I_2)``; labels are drawn from that probability (seed 004's example).
+    ``b ~ N(0, 0.25)``, ``x ~ N(0, I_2)``; labels are drawn from that probability.
 
     ``scale`` sets how clean the boundary is (large: nearly separable).
     """
