@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 import torch
 
+from allmap.checks import check_int
+
 __all__ = ["StepDecayAdam", "CosineAdam"]
 
 
@@ -20,8 +22,7 @@ class StepDecayAdam(torch.optim.Adam):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, every: int = 2000, gamma: float = 0.5, **kwargs) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"StepDecayAdam: expected every to be a positive integer, got {every!r}.")
+        check_int("StepDecayAdam", "every", every)
         if not 0 < gamma <= 1:
             raise ValueError(f"StepDecayAdam: expected 0 < gamma <= 1, got {gamma!r}.")
         super().__init__(params, lr=lr, **kwargs)
@@ -46,8 +47,7 @@ class CosineAdam(StepDecayAdam):
     constant afterwards: ``lr_t = lr * (final + (1 - final) * (1 + cos(pi * min(t, total) / total)) / 2)``."""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, total: int = 10000, final: float = 0.01, **kwargs) -> None:
-        if not isinstance(total, int) or total < 1:
-            raise ValueError(f"CosineAdam: expected total to be a positive integer, got {total!r}.")
+        check_int("CosineAdam", "total", total)
         super().__init__(params, lr=lr, every=1, gamma=1.0, **kwargs)
         for group in self.param_groups:
             group["total"], group["final"] = total, float(final)

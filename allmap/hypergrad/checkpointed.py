@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from allmap.checks import check_int
 from allmap.compat import in_transform
 from allmap.hypergrad.base import InnerStrategy, register
 from allmap.inner.loop import gradient_descent, inner_step
@@ -81,9 +82,7 @@ class Checkpointed(InnerStrategy):
     vmappable = False
 
     def __init__(self, every: int = 1) -> None:
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"checkpointed: expected every (steps per segment) to be an integer >= 1, got {every!r}.")
-        self.every = every
+        self.every = check_int("checkpointed", "every", every, what="steps per segment")
 
     def run(
         self,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from allmap.checks import check_int
 from allmap.hypergrad.base import WholeLossStrategy, register
 from allmap.inner.optim import Params
 
@@ -60,9 +61,7 @@ class Forward(WholeLossStrategy):
     name = "forward"
 
     def __init__(self, max_entries: int = 4096) -> None:
-        if not isinstance(max_entries, int) or max_entries < 1:
-            raise ValueError(f"forward: expected max_entries to be a positive integer, got {max_entries!r}.")
-        self.max_entries = max_entries
+        self.max_entries = check_int("forward", "max_entries", max_entries)
 
     def meta_gradient(self, fn: Callable[[Params], Tensor], params: Params) -> tuple[Tensor, Params, dict]:
         value, grads = hypergradient(fn, params)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from allmap.checks import check_int
 from allmap.hypergrad.base import InnerStrategy, register
 from allmap.compat import in_transform
 from allmap.inner.loop import gradient_descent, monotone_descent
@@ -180,8 +181,7 @@ class Implicit(InnerStrategy):
     ) -> None:
         if not lam > 0:
             raise ValueError(f"implicit: expected the regularisation lam > 0, got {lam!r}.")
-        if not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"implicit: expected iterations to be an integer >= 1, got {iterations!r}.")
+        check_int("implicit", "iterations", iterations)
         if solver not in self.SOLVERS:
             raise ValueError(f"implicit: unknown solver {solver!r}; expected one of {', '.join(self.SOLVERS)}.")
         if on_fail not in self.ON_FAIL:

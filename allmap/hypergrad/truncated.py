@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from allmap.checks import check_int
 from allmap.hypergrad.base import InnerStrategy, register
 from allmap.inner.loop import inner_step, unroll
 from allmap.inner.optim import InnerOptimizer, Params
@@ -37,9 +38,7 @@ class Truncated(InnerStrategy):
     name = "truncated"
 
     def __init__(self, k: int = 1) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"truncated: expected k (differentiated steps) to be an integer >= 0, got {k!r}.")
-        self.k = k
+        self.k = check_int("truncated", "k", k, minimum=0, what="differentiated steps")
 
     def run(
         self,

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from allmap.checks import check_int
 from allmap.compat import in_transform
 from allmap.hypergrad import Strategy, resolve
 from allmap.inner.optim import InnerOptimizer, Params
@@ -30,9 +31,7 @@ __all__ = ["GradientLearner", "adapted_names", "check_steps"]
 
 def check_steps(owner: str, inner_steps: Any, minimum: int = 0) -> int:
     """``inner_steps`` as an int, or a clear error naming ``owner``."""
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < minimum:
-        raise ValueError(f"{owner}: expected inner_steps to be an integer >= {minimum}, got {inner_steps!r}.")
-    return inner_steps
+    return check_int(owner, "inner_steps", inner_steps, minimum)
 
 
 def adapted_names(owner: str, model: nn.Module, adapt_only: str | Sequence[str] | None) -> list[str]:

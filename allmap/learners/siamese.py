@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from allmap.checks import check_int
 from allmap.learners.metric import MetricLearner
 
 __all__ = ["Siamese"]
@@ -46,8 +47,7 @@ class Siamese(MetricLearner):
     def __init__(self, model: nn.Module, features: int = 64, vectorize: bool | None = None,
                  test_shift: int = 0) -> None:
         super().__init__(model, vectorize=vectorize, test_shift=test_shift)
-        if not isinstance(features, int) or features < 1:
-            raise ValueError(f"Siamese: expected features (the embedding size) to be a positive integer, got {features!r}.")
+        check_int("Siamese", "features", features, what="the embedding size")
         self.similarity = nn.Linear(features, 1)
 
     def pair_logits(self, z_support: Tensor, z_query: Tensor) -> Tensor:

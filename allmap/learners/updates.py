@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from allmap.checks import check_int
 from allmap.hypergrad import STRATEGIES
 from allmap.inner.optim import InnerOptimizer, Params, adam, sgd
 
@@ -134,8 +135,7 @@ class LSTMUpdate(InnerUpdate):
         super().__init__()
         if not 0 < inner_lr < 1:
             raise ValueError(f"LSTMMetaLearner: expected 0 < inner_lr < 1 (the initial input gate), got {inner_lr}.")
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"LSTMMetaLearner: expected hidden to be a positive integer, got {hidden!r}.")
+        check_int("LSTMMetaLearner", "hidden", hidden)
         self.hidden, self.lr, self.forget_bias = hidden, float(inner_lr), float(forget_bias)
 
     def setup(self, params: Params) -> None:

@@ -17,17 +17,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from allmap.checks import check_int
 from allmap.nets.norm import under_vmap
 
 __all__ = ["Conv4", "MAMLConv", "nhwc"]
 
 
 def _check(owner: str, in_channels: int, hidden: int, out_features: int | None) -> None:
-    for name, value in (("in_channels", in_channels), ("hidden", hidden)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{owner}: expected {name} to be a positive integer, got {value!r}.")
-    if out_features is not None and (not isinstance(out_features, int) or out_features < 1):
-        raise ValueError(f"{owner}: expected out_features to be None (embedding only) or a positive integer, got {out_features!r}.")
+    check_int(owner, "in_channels", in_channels)
+    check_int(owner, "hidden", hidden)
+    if out_features is not None:
+        check_int(owner, "out_features", out_features, what="None for an embedding only")
 
 
 PRECISIONS = ("float32", "bfloat16")

@@ -30,7 +30,7 @@ class MLP(nn.Module):
                  init: str = "torch") -> None:
         super().__init__()
         sizes = list(sizes)
-        if len(sizes) < 2 or any(not isinstance(s, int) or s < 1 for s in sizes):
+        if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
             raise ValueError(f"MLP: expected sizes as a list of at least two positive integers, got {sizes!r}.")
         if activation not in ACTIVATIONS:
             raise ValueError(f"MLP: unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}.")

@@ -26,15 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from allmap.checks import check_int
 from allmap.tasks.batch import TaskBatch
 
 __all__ = ["ClassImages", "Episodes", "EpisodeStream", "gaussian_classes", "translate", "translations", "warp", "affine"]
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: expected {name} to be a positive integer, got {value!r}.")
-    return value
+    return check_int(owner, name, value)
 
 
 def translate(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:

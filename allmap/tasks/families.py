@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from allmap.checks import check_int
 from allmap.tasks.batch import TaskBatch
 from allmap.tasks.imagefolder import ImageFolder
 from allmap.tasks.omniglot import Omniglot
@@ -21,9 +22,7 @@ __all__ = ["TaskFamily", "Sinusoid", "LinearRegression", "Logistic2D", "FAMILIES
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: expected {name} to be a positive integer, got {value!r}.")
-    return value
+    return check_int(owner, name, value)
 
 
 def _shot_range(owner: str, value: object) -> tuple[int, int]:
