@@ -91,6 +91,26 @@ def test_official_layout_folder_and_zip_give_the_same_tensors(data, tmp_path):
     assert torch.equal(again.images, folder.images)
 
 
+def test_cache_keeps_one_copy_of_the_same_release_read_from_two_paths(data, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("ALLMAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ALLMAP_CACHE_LIMIT", raising=False)
+    _write_release(tmp_path / "a", PICKS)
+    shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copyfile)  # new modification times
+    # hidden entries (a notebook's checkpoints, macOS resource forks) are not part of the release
+    hidden = tmp_path / "b" / "images_background" / ".ipynb_checkpoints" / "character01"
+    hidden.mkdir(parents=True)
+    (hidden / "0001_01.png").write_bytes(b"not an image")
+    (tmp_path / "b" / "images_evaluation" / "._0965_01.png").write_bytes(b"\x00\x05\x16\x07")
+    a = load_omniglot(tmp_path / "a", complete=False)
+    b = load_omniglot(tmp_path / "b", complete=False)
+    assert torch.equal(a.images, b.images) and a.numbers.tolist() == sum(PICKS.values(), [])
+    assert len(list((tmp_path / "cache").glob("omniglot-*.pt"))) == 1
+    load_omniglot(tmp_path / "b", complete=False, size=14)  # other preprocessing: its own entry
+    assert len(list((tmp_path / "cache").glob("omniglot-*.pt"))) == 2
+
+
 def test_partial_or_wrong_folders_fail_clearly(tmp_path):
     _write_release(tmp_path / "r", {"background": [1], "evaluation": [965]})
     with pytest.raises(ValueError, match="partial"):

@@ -21,7 +21,7 @@ from allmap.app.schedules import CosineAdam, StepDecayAdam
 from allmap.app.typecheck import check_arguments
 
 __all__ = ["FAMILIES", "MODELS", "LEARNERS", "OPTIMIZERS", "build_family", "build_model", "build_learner", "build_optimizer",
-           "resolve_device"]
+           "resolve_device", "check_disjoint", "check_held_out"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "conv4": Conv4, "mamlconv": MAMLConv}
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -74,20 +74,48 @@ def build_family(config: dict[str, Any], split: str = "train"):
     return _call("task family", FAMILIES, section, "family")
 
 
-def check_disjoint(train_family, test_family) -> None:
+def check_disjoint(train_family, test_family, phase: str = "test", hint: str | None = None) -> None:
     """Raise :class:`ConfigError` if ``test_family`` has classes (by name) that ``train_family`` trains on:
     evaluating a run on another protocol (``allmap eval RUN --set task.protocol=...``) must not score it on
-    characters it has seen. Families without class names (sinusoids, ...) are not checked."""
+    characters it has seen. ``phase`` names the held-out family in the message (``test`` or ``val``) and
+    ``hint`` says which config keys to change. Families without class names (sinusoids, ...) are not checked."""
     names = [getattr(getattr(f, "data", None), "names", None) for f in (train_family, test_family)]
     if not all(names):
         return
     seen = set(names[1]) & set(names[0])
     if seen:
+        what = "test" if phase == "test" else "validation"
+        hint = hint or ("Evaluate with the run's own task.protocol / split, or train a run on the protocol you "
+                        "want to test.")
         raise ConfigError(
-            f"the test classes overlap the classes this run was trained on ({len(seen)} of {len(names[1])}, "
-            f"e.g. {sorted(seen)[0]!r}): its accuracy there would not measure few-shot learning. Evaluate with "
-            "the run's own task.protocol / split, or train a run on the protocol you want to test."
+            f"the {what} classes overlap the classes this run was trained on ({len(seen)} of {len(names[1])}, "
+            f"e.g. {sorted(seen)[0]!r}): its accuracy there would not measure few-shot learning. {hint}"
         )
+
+
+def _held_out_hint(config: dict[str, Any], phase: str) -> str:
+    """Which config keys give a run held-out ``phase`` classes."""
+    task = config["task"]
+    if "split" in task:
+        return (f"task.split = {task['split']!r} gives every phase (train, val, test) the same classes; remove "
+                "task.split, so that each phase reads its own classes.")
+    if task["family"] == "omniglot":
+        return f"Choose a task.protocol whose {phase} characters are held out of training (e.g. standard-holdout)."
+    if task["family"] == "imagefolder":
+        return (f"Change task.root: the class folders of {phase}/ must not repeat the names of those in train/ "
+                "(or use a flat folder ROOT/CLASS/*.png, whose classes are split for you).")
+    return f"Change the task section so that the {phase} classes are not training classes."
+
+
+def check_held_out(config: dict[str, Any], families: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError`, before training starts, if the test or validation classes of a run
+    overlap its training classes (by name), naming the config keys to change. A validation family that
+    says ``overlaps_training`` (Omniglot's protocols that validate on training characters, by design) may
+    overlap; test classes never may."""
+    for phase in ("test", "val"):
+        if phase == "val" and getattr(families[phase], "overlaps_training", False):
+            continue
+        check_disjoint(families["train"], families[phase], phase, _held_out_hint(config, phase))
 
 
 def _takes(factory: Callable[..., Any] | None, arg: str) -> bool:

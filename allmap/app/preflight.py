@@ -3,6 +3,10 @@
 - Sizes: a meta-batch, the validation and the test tasks, and the model (built on the ``meta`` device,
   which allocates nothing) must fit in this machine's memory; an absurd ``meta_batch``, ``shots``,
   ``dim`` or layer width is an error naming the key, not a crash of the allocator or of the machine.
+- Images: the model's first convolution must take the tasks' channels, the images must be large enough
+  for its downsampling, and a linear head must fit the features of its body, each checked on two blank
+  images before the trial step, with an error naming the key to set (``task.size``, ``model.in_channels``,
+  ``task.channels``, ``model.flat_features``).
 - A trial meta-batch of one task (its own generator; RNG states restored; gradients discarded) runs the
   learner once, so a model that does not fit the tasks fails here with the learner's message.
 Every failure is a :class:`~allmap.app.config.ConfigError`.
@@ -10,17 +14,20 @@ Every failure is a :class:`~allmap.app.config.ConfigError`.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from allmap.learners.base import Learner
-from allmap.app.build import build_model
+from allmap.app.build import FAMILIES, build_model
 from allmap.app.config import MAX_STEPS, ConfigError
 
-__all__ = ["check_device", "memory_limit", "task_bytes", "check_sizes", "check_model_size", "trial_step"]
+__all__ = ["check_device", "memory_limit", "task_bytes", "check_sizes", "check_model_size", "check_model_input",
+           "trial_step"]
 
 
 def check_device(device: torch.device) -> None:
@@ -97,6 +104,77 @@ def check_model_size(config: dict[str, Any]) -> None:
             raise ConfigError(f"learner.inner_steps = {steps} unrolled over meta_batch = {config['meta_batch']} tasks "
                               f"keeps at least {_gib(graph)} of adapted parameters, more than half of this machine's "
                               "memory. Lower inner_steps or meta_batch, or use first_order: true.")
+
+
+def _runs(net: nn.Module, channels: int, side: tuple[int, int]) -> Tensor | None:
+    """``net``'s output on one blank ``channels x side`` image, or ``None`` if it raises."""
+    try:
+        with torch.no_grad():
+            return net(torch.zeros(1, channels, *side))
+    except Exception:
+        return None
+
+
+def _smallest_side(net: nn.Module, channels: int, start: int) -> int | None:
+    """The smallest square side (above ``start``, up to 512) on which ``net`` runs, or ``None``."""
+    hi = start
+    while _runs(net, channels, (hi, hi)) is None:
+        if hi >= 512:
+            return None
+        hi *= 2
+    lo = start  # fails at lo, runs at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _runs(net, channels, (mid, mid)) is not None else (mid, hi)
+    return hi
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def check_model_input(config: dict[str, Any], family) -> None:
+    """Raise if the convolutional model of ``config`` cannot take the images of ``family``: other channels,
+    too small for its downsampling, or a linear head sized for other images; the message names the key to
+    set. The model is built on the CPU in eval mode with the RNG state restored; models without a
+    ``Conv2d`` and families without images ``[C, H, W]`` are not checked here (the trial step still is)."""
+    shape = tuple(getattr(family, "x_shape", ()) or ())
+    if len(shape) != 3:
+        return
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config).eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        return
+    name, factory = config["model"]["name"], FAMILIES.get(config["task"]["family"])
+    channels, side = shape[0], shape[1:]
+    if convs[0].in_channels != channels:
+        takes = convs[0].in_channels
+        other = {1: "grey", 3: "RGB"}.get(takes)
+        can_set = factory is not None and "channels" in inspect.signature(factory).parameters
+        also = f", or task.channels: {takes} to read the images as {other}" if can_set and other else ""
+        raise ConfigError(f"the task's images have {channels} channel(s) but model {name!r} takes {takes} "
+                          f"(model.in_channels); set model.in_channels: {channels}{also}.")
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *shape))
+        return
+    except Exception as err:
+        failure = _first_line(err)
+    body = getattr(model, "body", None)
+    body = body if isinstance(body, nn.Module) else None
+    features = _runs(body, channels, side) if body is not None else None
+    head = getattr(model, "head", None)
+    if features is not None and isinstance(head, nn.Linear) and features.shape[-1] != head.in_features:
+        raise ConfigError(f"model {name!r}: on {side[0]}x{side[1]} images its body gives {features.shape[-1]} "
+                          f"features but its head takes {head.in_features}; set model.flat_features: "
+                          f"{features.shape[-1]}.")
+    smallest = _smallest_side(body or model, channels, max(side)) if features is None else None
+    if smallest is not None:
+        raise ConfigError(f"the task's images are {side[0]}x{side[1]}, too small for model {name!r}: its "
+                          f"downsampling needs at least {smallest}x{smallest}. Raise task.size to {smallest} or more.")
+    raise ConfigError(f"model {name!r} cannot take the task's images {list(shape)}: {failure}. Check the model "
+                      "section against task.size and task.channels.")
 
 
 def trial_step(learner: Learner, family, device: torch.device) -> None:

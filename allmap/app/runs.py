@@ -4,6 +4,7 @@
     RUN_DIR/metrics.jsonl      one JSON object per log step (training loss, validation metrics, seconds)
     RUN_DIR/checkpoint.pt      weights, optimizer and RNG state (+ checkpoint.pt.sha256)
     RUN_DIR/results.json       the final test evaluation (mean ± 95% CI) with its protocol
+    RUN_DIR/classes.json       class datasets: the class names of each phase (train, val, test), and their source
     RUN_DIR/learning_curve.png, RUN_DIR/adaptation.png
 """
 
@@ -33,6 +34,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.checkpoint = self.path / "checkpoint.pt"
         self.results = self.path / "results.json"
+        self.classes = self.path / "classes.json"
         self.curve = self.path / "learning_curve.png"
         self.adaptation = self.path / "adaptation.png"
 

@@ -26,15 +26,15 @@ from tqdm.auto import tqdm
 
 from allmap.learners.base import Learner
 from allmap.app.averaging import WeightAverage, averaged
-from allmap.app.build import build_family, build_learner, build_optimizer, resolve_device
+from allmap.app.build import build_family, build_learner, build_optimizer, check_held_out, resolve_device
 from allmap.app.checkpoint import CheckpointError, loads_checkpoint, read_verified, save_checkpoint
 from allmap.app.config import ConfigError, apply_overrides, dump_config, validate
 from allmap.app.distributed import Dist, current, evaluate_sharded, reduce_step, restart_count
-from allmap.app.report import format_results
-from allmap.engine.evaluate import fixed_tasks
-from allmap.app.preflight import check_device, check_model_size, check_sizes, trial_step
 from allmap.app.plots import plot_adaptation, plot_learning_curve
+from allmap.app.preflight import check_device, check_model_input, check_model_size, check_sizes, trial_step
+from allmap.app.report import format_results
 from allmap.app.runs import RunDir, read_config
+from allmap.engine.evaluate import fixed_tasks
 
 __all__ = ["train", "resume", "finish", "check_config", "NonFiniteLossError", "Interrupted", "RESUMABLE_KEYS", "MAX_CONSECUTIVE_SKIPS"]
 
@@ -107,8 +107,11 @@ class _Trainer:
         torch.manual_seed(config["seed"])
         self.family = build_family(config, "train")
         families = {"train": self.family, "val": build_family(config, "val"), "test": build_family(config, "test")}
+        check_held_out(config, families)  # validation and test classes are not training classes
+        self.families = families
         check_sizes(config, families)  # before anything big is allocated
         check_model_size(config)
+        check_model_input(config, self.family)
         self.learner = build_learner(config, self.family).to(self.device)
         trial_step(self.learner, self.family, self.device)
         ctx.broadcast_tensors(list(self.learner.state_dict().values()))  # as DDP does: rank 0's weights
@@ -325,6 +328,7 @@ def train(config: dict[str, Any], out_dir: str | Path, progress: bool = True,
         run.path.mkdir(parents=True, exist_ok=True)
         run.config.write_text(dump_config(config))
         run.metrics.write_text("")
+        _write_classes(run, trainer.families)
         return b"new"
 
     trainer = _Trainer(config, run, progress, ctx)  # every check runs before the run folder is made
@@ -367,6 +371,16 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bo
     trainer.fit(callback)
     finish(run.path, trainer.model, config, ctx)
     return trainer.model
+
+
+def _write_classes(run: RunDir, families: dict[str, Any]) -> None:
+    """``RUN_DIR/classes.json``: the class names of each phase and where they came from, for class datasets
+    (families whose data have names); nothing for the others."""
+    names = {phase: getattr(getattr(f, "data", None), "names", None) for phase, f in families.items()}
+    if not all(names.values()):
+        return
+    sources = {phase: f.describe() for phase, f in families.items() if callable(getattr(f, "describe", None))}
+    run.classes.write_text(json.dumps({"sources": sources, **{p: list(n) for p, n in names.items()}}, indent=1) + "\n")
 
 
 def protocol(config: dict[str, Any], family, n: int) -> str:

@@ -13,7 +13,8 @@ invert so ink is 1.0 and paper 0.0, then resize 105x105 -> 28x28 with an antiali
 Pillow's Lanczos with ``resize="lanczos"``).
 Rotations by 90/180/270 degrees are applied at sampling time (see :mod:`allmap.tasks.episodes`), so they
 cost no memory. The preprocessed tensor is cached on disk (``cache_dir``), keyed by the source files'
-size and modification time, so a second start takes well under a second.
+bytes and the preprocessing parameters (see :mod:`allmap.tasks.cache`), so a second start takes well under
+a second and one copy of the data is cached however many paths it is read from.
 
 Splits of the 1,623 characters, numbered as in the official release (1-based):
 
@@ -52,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from allmap.tasks.cache import default_cache_dir, files_digest, load_entry, store_entry
 from allmap.tasks.episodes import ClassImages, Episodes
 
 __all__ = [
@@ -115,11 +117,6 @@ PROTOCOLS: dict[str, dict[str, str]] = {
 }
 
 _PNG = re.compile(r"^(\d{4})_(\d{2})\.png$")
-
-
-def default_cache_dir() -> Path:
-    """``$ALLMAP_CACHE`` if set, else ``~/.cache/allmap``."""
-    return Path(os.environ.get("ALLMAP_CACHE", Path.home() / ".cache" / "allmap"))
 
 
 def shuffled_order() -> np.ndarray:
@@ -251,6 +248,12 @@ def _read_npz(path: Path, which: str) -> tuple[np.ndarray, np.ndarray]:
     return images, np.arange(first, first + count)
 
 
+def _hidden(key: str) -> bool:
+    """A path with a hidden part (``.ipynb_checkpoints/``, macOS ``._*`` resource forks, ``__MACOSX/`` of zips
+    made on macOS): not part of the release."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in key.split("/"))
+
+
 class _Folder:
     """A directory or a zip file with the official layout, read through one interface."""
 
@@ -259,9 +262,10 @@ class _Folder:
         self.zip = zipfile.ZipFile(path) if path.is_file() else None
         if self.zip is not None:
             names = [n for n in self.zip.namelist() if n.lower().endswith(".png")]
-            self.files = {n: n for n in names}
+            self.files = {n: n for n in names if not _hidden(n)}
         else:
-            self.files = {str(p.relative_to(path)).replace(os.sep, "/"): p for p in path.rglob("*.png")}
+            found = {str(p.relative_to(path)).replace(os.sep, "/"): p for p in path.rglob("*.png")}
+            self.files = {k: p for k, p in found.items() if not _hidden(k)}
 
     def read(self, key: str) -> bytes:
         if self.zip is not None:
@@ -349,17 +353,24 @@ def _sources(root: Path) -> tuple[str, dict[str, Path]]:
     )
 
 
-def _fingerprint(files: dict[str, Path], size: int, complete: bool, resize: str) -> str:
-    h = hashlib.sha256(f"v{PREPROCESS_VERSION}|{size}|{complete}".encode())
-    if resize != "bilinear":  # keeps the names of caches written before the option existed
-        h.update(f"|{resize}".encode())
+def _cache_key(kind: str, files: dict[str, Path], size: int, complete: bool, resize: str, cache: Path) -> str:
+    """A hash of the sources' bytes (and, for release folders, the images' names, which number the
+    characters) and of the preprocessing parameters: the name of the cache entry."""
+    h = hashlib.sha256(f"omniglot|{kind}|v{PREPROCESS_VERSION}|{size}|{complete}|{resize}".encode())
     for name in sorted(files):
         path = files[name]
-        paths = [path] if path.is_file() else sorted(path.rglob("*"))
-        for p in paths:
-            st = p.stat()
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+        if path.is_file():
+            sources = [path]
+        else:
+            found = {str(p.relative_to(path)).replace(os.sep, "/"): p for p in path.rglob("*.png")}
+            keys = sorted(k for k in found if not _hidden(k))
+            h.update("\n".join(keys).encode())
+            sources = [found[k] for k in keys]
+        h.update(f"|{name}|{files_digest(sources, cache)}".encode())
+    table = next(iter(files.values())).parent / "alphabets.json"  # the archives' alphabet names
+    if kind == "npz" and table.is_file():
+        h.update(f"|alphabets|{files_digest([table], cache)}".encode())
+    return h.hexdigest()[:24]
 
 
 def load_omniglot(
@@ -396,13 +407,10 @@ def load_omniglot(
         raise ValueError(f"load_omniglot: unknown resize filter {resize!r}; expected one of {', '.join(RESIZE_FILTERS)}.")
     kind, files = _sources(root)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_file = cache / f"omniglot-{kind}-{_fingerprint(files, size, complete, resize)}.pt"
-    if cache_file.is_file():
-        try:
-            saved = torch.load(cache_file, weights_only=True)
-            return OmniglotData(saved["images"], saved["numbers"], saved["alphabet"], tuple(saved["alphabets"]))
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            cache_file.unlink(missing_ok=True)
+    cache_file = cache / f"omniglot-{_cache_key(kind, files, size, complete, resize, cache)}.pt"
+    saved = load_entry(cache_file)
+    if isinstance(saved, dict) and {"images", "numbers", "alphabet", "alphabets"} <= set(saved):
+        return OmniglotData(saved["images"], saved["numbers"], saved["alphabet"], tuple(saved["alphabets"]))
     raws, numbers, names = [], [], []
     if kind == "npz":
         table = _alphabet_table(root)
@@ -426,17 +434,18 @@ def load_omniglot(
         torch.tensor([alphabets.index(n) for n in names], dtype=torch.long),
         alphabets,
     )
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save(
-            {"images": data.images, "numbers": data.numbers, "alphabet": data.alphabet, "alphabets": list(alphabets)},
-            tmp,
-        )
-        tmp.replace(cache_file)
-    except OSError:  # a read-only cache location only costs speed
-        pass
+    store_entry(cache_file, {"images": data.images, "numbers": data.numbers, "alphabet": data.alphabet,
+                             "alphabets": list(alphabets)})
     return data
+
+
+def _members(name: str) -> set[int]:
+    """The character numbers of a named split."""
+    if name in SHUFFLED_SPLITS:
+        start, stop = SHUFFLED_SPLITS[name]
+        return set(shuffled_order()[start:stop].tolist())
+    lo, hi = SPLITS[name]
+    return set(range(lo, hi + 1))
 
 
 _MEMORY: dict[tuple, OmniglotData] = {}
@@ -478,6 +487,8 @@ class Omniglot(Episodes):
             see :class:`~allmap.tasks.Episodes`); training episodes only.
 
     Loaded data are also kept in memory per process, so a training and a test family share them.
+    ``overlaps_training`` is True for the validation phase of a protocol whose validation characters are
+    part of its training side (``standard``, ``lake``, ``shuffled``).
 
     Example:
         >>> family = Omniglot("../shared/data/omniglot", split="test", ways=5, shots=1, queries=15)
@@ -516,6 +527,9 @@ class Omniglot(Episodes):
             )
         data = _MEMORY[key].split(name)
         self.split, self.protocol = name, protocol
+        # standard, lake and shuffled validate on characters of their training side, by design: that tracks
+        # fitting, and a run may start with it (any other overlap with the training classes is refused)
+        self.overlaps_training = split == "val" and _members(name) <= _members(PROTOCOLS[protocol]["train"])
         super().__init__(data.classes(), ways, shots, queries, rotations, within_group=within_alphabet, shift=shift,
                          rotate=rotate, scale=scale)
 
