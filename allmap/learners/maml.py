@@ -10,6 +10,7 @@ shared across tasks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,15 @@ from allmap.tasks.batch import TaskBatch
 __all__ = ["MAML", "ANIL"]
 
 INNER_OPTIMIZERS = {"sgd": sgd, "adam": adam}
+
+
+def _finite_non_negative(value: Any) -> bool:
+    """Whether ``value`` reads as a finite number >= 0 (a Python number, numpy scalar or 0-d tensor)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return math.isfinite(number) and number >= 0
 
 
 class MAML(Learner):
@@ -70,6 +80,10 @@ class MAML(Learner):
         super().__init__(loss=loss, vectorize=vectorize)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__}: expected model to be a torch.nn.Module, got {type(model).__name__}.")
+        if isinstance(inner_lr, bool) or not _finite_non_negative(inner_lr):
+            raise ValueError(f"{type(self).__name__}: inner_lr must be a finite number >= 0 (the inner step size; "
+                             f"0 keeps theta), got {inner_lr!r}. A negative step climbs the support loss instead "
+                             "of lowering it.")
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"{type(self).__name__}: expected inner_steps to be an integer >= 0, got {inner_steps!r}.")
         if inner_optimizer not in INNER_OPTIMIZERS:
