@@ -85,8 +85,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from allmap.train.build import apply_host_settings, build_family, check_disjoint
     from allmap.train.evaluate import evaluate, format_results, fixed_tasks
-    from allmap.train.loop import protocol
-    from allmap.train.runs import load, read_config
+    from allmap.train.loop import DivergedError, protocol
+    from allmap.train.runs import load, read_config, results_record, to_json
 
     trained = read_config(args.run_dir)
     extra = list(args.overrides)
@@ -106,10 +106,16 @@ def _eval(args: argparse.Namespace) -> int:
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
     results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"])
     text = protocol(config, family, len(tasks))
+    record = results_record(text, results)  # a NaN or infinite metric: status "failed", written as null
     if args.json:
-        print(json.dumps({"run": str(args.run_dir), "protocol": text, "metrics": results}, indent=2))
-    else:
+        print(to_json({"run": str(args.run_dir), **record}, indent=2))
+    elif record["status"] == "ok":
         print(format_results(results, text))
+    if record["status"] != "ok":
+        inner = config["learner"].get("inner_lr")
+        fix = (f"Evaluate with a lower learner.inner_lr (now {inner}) or fewer --steps, or retrain with a lower "
+               "optimizer.lr" if inner is not None else "Retrain with a lower optimizer.lr")
+        raise DivergedError(f"the evaluation failed: {record['reason']}; these numbers are not a result. {fix}.")
     return 0
 
 
