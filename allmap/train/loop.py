@@ -320,7 +320,7 @@ class _Trainer:
         bar = tqdm(total=total, initial=self.iteration, disable=not self.progress, desc="meta-train",
                    dynamic_ncols=True, unit="it")
         start = time.perf_counter() - self.elapsed
-        with _StopSignals() as signals:
+        with bar, _StopSignals() as signals:  # the bar is closed before any error reaches the user
             while self.iteration < total:
                 stop = self.step(signals.received is not None)
                 self.iteration += 1
@@ -422,7 +422,7 @@ def _fit_and_finish(trainer: _Trainer, callback: Callable[[int, Learner], None] 
         trainer.fit(callback)
     except NonFiniteLossError as err:
         if trainer.ctx.is_main:
-            trainer.run.write_results({"status": "failed", "reason": str(err), "iteration": trainer.iteration,
+            trainer.run.write_results({"status": "failed", "reason": str(err), "stopped_after_iteration": trainer.iteration,
                                        "protocol": None, "metrics": None})
         raise
     finish(trainer.run.path, trainer.model, trainer.config, trainer.ctx)
