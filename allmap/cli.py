@@ -107,9 +107,9 @@ def _eval(args: argparse.Namespace) -> int:
     from allmap.app.build import build_family, check_disjoint
     from allmap.app.host import apply_host_settings
     from allmap.app.report import format_results
+    from allmap.app.runs import load, read_config, results_record, to_json
+    from allmap.app.trainer import DivergedError, protocol
     from allmap.engine.evaluate import evaluate, fixed_tasks
-    from allmap.app.trainer import protocol
-    from allmap.app.runs import load, read_config
 
     trained = read_config(args.run_dir)
     extra = list(args.overrides)
@@ -129,10 +129,16 @@ def _eval(args: argparse.Namespace) -> int:
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
     results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"])
     text = protocol(config, family, len(tasks))
+    record = results_record(text, results)  # a NaN or infinite metric: status "failed", written as null
     if args.json:
-        print(json.dumps({"run": str(args.run_dir), "protocol": text, "metrics": results}, indent=2))
-    else:
+        print(to_json({"run": str(args.run_dir), **record}, indent=2))
+    elif record["status"] == "ok":
         print(format_results(results, text))
+    if record["status"] != "ok":
+        inner = config["learner"].get("inner_lr")
+        fix = (f"Evaluate with a lower learner.inner_lr (now {inner}) or fewer --steps, or retrain with a lower "
+               "optimizer.lr" if inner is not None else "Retrain with a lower optimizer.lr")
+        raise DivergedError(f"the evaluation failed: {record['reason']}; these numbers are not a result. {fix}.")
     return 0
 
 

@@ -127,6 +127,7 @@ def test_hostile_set_overrides_are_refused_with_a_config_error_or_run(preset, ov
     (("task.shots", 2.5), r"option 'shots' expects .*, got 2.5 \(float\)"),
     (("learner.inner_lr", "fast"), r"option 'inner_lr' expects a finite number, got 'fast'"),
     (("learner.inner_lr", float("nan")), r"option 'inner_lr' expects a finite number, got nan"),
+    (("learner.inner_lr", -0.01), r"inner_lr must be a finite number >= 0 .*got -0.01\. A negative step climbs"),
     (("learner.first_order", "yes please"), r"option 'first_order' expects true/false"),
     (("task.bogus", 1), r"has no option\(s\) \['bogus'\]"),
     (("bogus", 1), r"unknown config key\(s\) \['bogus'\]"),

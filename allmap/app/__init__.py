@@ -3,11 +3,11 @@
 from allmap.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from allmap.app.config import ConfigError, list_presets, load_config
 from allmap.engine.evaluate import evaluate, fixed_tasks, summarize
-from allmap.app.trainer import Interrupted, NonFiniteLossError, check_config, resume, train
+from allmap.app.trainer import DivergedError, Interrupted, NonFiniteLossError, check_config, resume, train
 from allmap.app.runs import RunDir, load
 
 __all__ = [
     "train", "resume", "load", "evaluate", "summarize", "fixed_tasks", "load_config", "list_presets",
-    "check_config", "ConfigError", "CheckpointError", "NonFiniteLossError", "Interrupted", "save_checkpoint",
-    "load_checkpoint", "RunDir",
+    "check_config", "ConfigError", "CheckpointError", "NonFiniteLossError", "DivergedError", "Interrupted",
+    "save_checkpoint", "load_checkpoint", "RunDir",
 ]

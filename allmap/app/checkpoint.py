@@ -3,7 +3,11 @@
 A checkpoint is a ``torch.save`` file of tensors and plain containers only, loaded with
 ``torch.load(weights_only=True)`` (a crafted pickle is refused), written to a temporary file, flushed to
 disk and renamed over the old one, so a crash mid-write leaves the previous checkpoint intact. The
-SHA-256 of the bytes is kept beside it (``checkpoint.pt.sha256``) and checked on load.
+SHA-256 of the bytes is kept beside it (``checkpoint.pt.sha256``) and checked on load; a checkpoint whose
+checksum file is missing still loads (as tensors only), with a warning that it could not be verified.
+
+A file that fails to load is named for what it is: *damaged* (checksum mismatch, truncated, not a zip
+archive) or *refused* (its pickle names code or objects other than tensors, which is never run).
 
 Kill-safe ordering: the checksum file and the checkpoint cannot be replaced in one atomic step, so a save
 first writes a checksum file listing the new digest *and* the old one, then replaces the checkpoint,
@@ -17,6 +21,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,10 @@ __all__ = ["save_checkpoint", "load_checkpoint", "read_verified", "loads_checkpo
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged or not a safe checkpoint file."""
+
+
+#: what to do about a damaged checkpoint (said after every "is damaged")
+_DAMAGED_ADVICE = "Resume from another copy of the run folder, or train again."
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,22 +93,44 @@ def read_verified(path: str | Path) -> bytes:
         raise CheckpointError(f"no checkpoint at {str(path)!r}; a run folder holds checkpoint.pt after its first save.")
     data = path.read_bytes()
     sums = _sums_path(path)
-    if sums.is_file():
-        expected = sums.read_text().split()
-        if hashlib.sha256(data).hexdigest() not in expected:
-            raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its SHA-256 does not match {sums.name}.")
+    if not sums.is_file():
+        warnings.warn(f"{sums.name} is missing, so checkpoint {str(path)!r} cannot be verified against damage; "
+                      "loading it anyway (as tensors only).", UserWarning, stacklevel=2)
+        return data
+    if hashlib.sha256(data).hexdigest() not in sums.read_text().split():
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its SHA-256 does not match {sums.name}. "
+                              f"{_DAMAGED_ADVICE}")
     return data
+
+
+def _damage(data: bytes) -> str:
+    """What is wrong with bytes that torch could not read as a checkpoint archive."""
+    if not data:
+        return "the file is empty"
+    if not data.startswith(b"PK\x03\x04"):
+        return "it is not a zip archive, which is what torch.save writes"
+    return "it is truncated or its zip archive is corrupt"
+
+
+def _refusal(err: pickle.UnpicklingError) -> str:
+    """Why torch's weights-only unpickler refused a file, without its advice to load it unsafely."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+    return f": it refers to {found.group(1)}" if found else ""
 
 
 def loads_checkpoint(data: bytes, name: str = "checkpoint", map_location: Any = None) -> dict[str, Any]:
     """Decode checkpoint bytes with ``torch.load(weights_only=True)``: tensors and plain containers only."""
     try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError variants
+        with warnings.catch_warnings():  # torch's note on pickle protocols says nothing about our files
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # the weights-only unpickler met something it will not build
         raise CheckpointError(
-            f"checkpoint {name!r} could not be loaded safely (only tensors and plain containers are "
-            f"allowed): {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+            f"checkpoint {name!r} refused: not a weights file (it contains code or objects other than tensors"
+            f"{_refusal(err)}); nothing in it was run. Load only checkpoints that allmap wrote."
         ) from None
+    except Exception:  # torch raises RuntimeError / EOFError / KeyError / ValueError on broken bytes
+        raise CheckpointError(f"checkpoint {name!r} is damaged ({_damage(data)}). {_DAMAGED_ADVICE}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {name!r} holds a {type(state).__name__}, not a checkpoint mapping.")
     return state

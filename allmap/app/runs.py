@@ -3,7 +3,8 @@
     RUN_DIR/config.yaml        the resolved config (copy it to start a new run)
     RUN_DIR/metrics.jsonl      one JSON object per log step (training loss, validation metrics, seconds)
     RUN_DIR/checkpoint.pt      weights, optimizer and RNG state (+ checkpoint.pt.sha256)
-    RUN_DIR/results.json       the final test evaluation (mean ± 95% CI) with its protocol
+    RUN_DIR/results.json       "status" ("ok" or "failed", with the "reason"), the final test evaluation
+                               (mean ± 95% CI) and its protocol
     RUN_DIR/classes.json       class datasets: the class names of each phase (train, val, test), and their source
     RUN_DIR/learning_curve.png, RUN_DIR/adaptation.png
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,40 @@ from allmap.app.build import build_family, build_learner, resolve_device
 from allmap.app.checkpoint import CheckpointError, load_checkpoint
 from allmap.app.config import ConfigError, validate, with_defaults
 
-__all__ = ["RunDir", "load", "read_config"]
+__all__ = ["RunDir", "load", "read_config", "to_json", "results_record", "non_finite_metrics"]
+
+
+def _nulls(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nulls(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nulls(v) for v in value]
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON text of ``value``: NaN and infinities become null (bare ``NaN`` is not JSON)."""
+    return json.dumps(_nulls(value), indent=indent, allow_nan=False)
+
+
+def non_finite_metrics(metrics: dict[str, dict[str, float]]) -> list[str]:
+    """Names of the metrics whose mean, CI or std is NaN or infinite."""
+    return [name for name, r in metrics.items()
+            if any(isinstance(v, float) and not math.isfinite(v) for v in r.values())]
+
+
+def results_record(protocol: str, metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """An evaluation as written to ``results.json`` and ``allmap eval --json``: ``status`` "ok", or "failed"
+    with a ``reason`` when a metric is not finite (written as null: such a number is not a result)."""
+    bad = non_finite_metrics(metrics)
+    record: dict[str, Any] = {"status": "failed" if bad else "ok"}
+    if bad:
+        record["reason"] = (f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite (NaN or infinite, "
+                            "written as null): the model or its adaptation diverged")
+    return {**record, "protocol": protocol, "metrics": _nulls(metrics)}
 
 
 class RunDir:
@@ -37,6 +72,10 @@ class RunDir:
         self.classes = self.path / "classes.json"
         self.curve = self.path / "learning_curve.png"
         self.adaptation = self.path / "adaptation.png"
+
+    def write_results(self, record: dict[str, Any]) -> None:
+        """Write ``results.json`` (strict JSON)."""
+        self.results.write_text(to_json(record, indent=2) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.is_file():

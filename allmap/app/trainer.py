@@ -8,11 +8,16 @@ Under ``torchrun`` each rank adapts its shard of every meta-batch and the meta-g
 (see :mod:`allmap.app.distributed`); only rank 0 writes files. SIGINT/SIGTERM finish the current
 iteration, save a checkpoint and raise :class:`Interrupted`; ``resume`` continues exactly. Under
 ``torchrun --max-restarts``, a restarted worker group continues the run from its last checkpoint.
+
+A run that diverges fails instead of reporting numbers: a NaN or infinite meta-loss or meta-gradient
+(:class:`NonFiniteLossError`), a meta-loss that rises far above its start, or a non-finite validation or
+final test (:class:`DivergedError`). The run folder's ``results.json`` then records ``status: failed`` and
+the reason, and the error names the rates to lower.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import signal
 import threading
 import time
@@ -33,10 +38,11 @@ from allmap.app.distributed import Dist, current, evaluate_sharded, reduce_step,
 from allmap.app.plots import plot_adaptation, plot_learning_curve
 from allmap.app.preflight import check_device, check_model_input, check_model_size, check_sizes, trial_step
 from allmap.app.report import format_results
-from allmap.app.runs import RunDir, read_config
+from allmap.app.runs import RunDir, read_config, results_record, to_json
 from allmap.engine.evaluate import fixed_tasks
 
-__all__ = ["train", "resume", "finish", "check_config", "NonFiniteLossError", "Interrupted", "RESUMABLE_KEYS", "MAX_CONSECUTIVE_SKIPS"]
+__all__ = ["train", "resume", "finish", "check_config", "NonFiniteLossError", "DivergedError", "Interrupted",
+           "RESUMABLE_KEYS", "MAX_CONSECUTIVE_SKIPS", "DIVERGENCE_FACTOR", "RECENT_STEPS", "lower_rates"]
 
 #: keys that ``--resume`` may change; anything else would make the resumed run a different run.
 RESUMABLE_KEYS = ("iterations", "log_every", "checkpoint_every", "device", "eval", "on_nonfinite")
@@ -44,9 +50,28 @@ RESUMABLE_KEYS = ("iterations", "log_every", "checkpoint_every", "device", "eval
 #: with ``on_nonfinite: skip``, this many non-finite meta-batches in a row stop the run (it has diverged).
 MAX_CONSECUTIVE_SKIPS = 10
 
+#: training has diverged when, at a check (every log, checkpoint and validation step, and the end), the mean
+#: meta-loss of the last RECENT_STEPS meta-batches exceeds DIVERGENCE_FACTOR times the size of the first
+#: meta-batch's loss (the loss of the initial weights, which no update has touched yet)
+DIVERGENCE_FACTOR = 1e3
+RECENT_STEPS = 10
+
 
 class NonFiniteLossError(FloatingPointError):
     """The meta-loss or a meta-gradient became NaN or infinite; the message names the iteration."""
+
+
+class DivergedError(NonFiniteLossError):
+    """Training diverged: the meta-loss rose far above its start (see :data:`DIVERGENCE_FACTOR`), or the
+    validation or final test gave a NaN or infinite metric. The message says what to lower."""
+
+
+def lower_rates(config: dict[str, Any]) -> str:
+    """The settings to lower when a run diverges, with their values: ``optimizer.lr (now 3.0) or ...``."""
+    rates = [f"{key} (now {value})" for key, value in (("optimizer.lr", config["optimizer"].get("lr")),
+                                                       ("learner.inner_lr", config["learner"].get("inner_lr")))
+             if value is not None]
+    return " or ".join(rates) or "optimizer.lr or learner.inner_lr"
 
 
 class Interrupted(Exception):
@@ -125,8 +150,13 @@ class _Trainer:
         self.val_steps = [self.learner.spec.inner_steps or 0]
         self.skip = config.get("on_nonfinite", "raise") == "skip"
         self.iteration, self.elapsed = 0, 0.0
-        self.pending: list[torch.Tensor] = []  # per step: [loss, 1 if loss and gradient are finite else 0]
+        # per step since the last logged loss: [loss, 1 if loss and gradient are finite else 0]; the first
+        # `checked` of them have been verified
+        self.pending: list[torch.Tensor] = []
+        self.checked = 0
         self.skipped, self.consecutive = 0, 0
+        self.first_loss: float | None = None  # the first meta-batch's loss: the start of the divergence rule
+        self.saved_at: int | None = None  # the iteration of the checkpoint on disk
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -141,6 +171,7 @@ class _Trainer:
             "hypergrad": _strategy_state(self.learner),
             "pending": pending,
             "skipped": self.skipped,
+            "first_loss": self.first_loss,
             **({"averaged": self.average.state_dict()} if self.average is not None else {}),
         }
 
@@ -159,41 +190,78 @@ class _Trainer:
             raise CheckpointError(f"checkpoint {str(self.run.checkpoint)!r} does not fit this run's config: "
                                   f"{str(err).splitlines()[0]}") from None
         self.pending = [row.to(self.device) for row in state.get("pending", torch.zeros(0, 2))]
+        self.checked = len(self.pending)  # verified before they were saved
         self.skipped = int(state.get("skipped", 0))
+        self.first_loss = state.get("first_loss")
+        self.saved_at = self.iteration
         if self.ctx.is_main:
-            rows = [r for r in self.run.read_metrics() if r["iteration"] <= self.iteration]
-            self.run.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            rows = self.continued_log(self.run.read_metrics())
+            self.run.metrics.write_text("".join(to_json(r) + "\n" for r in rows))
+
+    def continued_log(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The log rows up to the checkpoint. When the run goes on past the end of a finished one, that end's
+        row keeps only what is on the schedule (``log_every``, ``eval.every``): an uninterrupted run logs no
+        loss or validation there, and its loss row averages the whole window (the checkpoint kept its steps)."""
+        rows = [r for r in rows if r["iteration"] <= self.iteration]
+        it, cfg = self.iteration, self.config
+        if not rows or rows[-1]["iteration"] != it or cfg["iterations"] <= it:
+            return rows
+        last = dict(rows.pop())
+        if it % cfg["log_every"]:
+            last.pop("loss", None)
+        if it % cfg["eval"]["every"]:
+            last = {k: v for k, v in last.items() if not k.startswith("val_")}
+        if set(last) - {"iteration", "seconds", "skipped"}:
+            rows.append(last)
+        return rows
 
     # -- the loop ------------------------------------------------------------------------------------
+    def checkpoint_note(self) -> str:
+        """What is on disk after a failure: the last checkpoint, or that none was written."""
+        if self.saved_at is None:
+            return "No checkpoint was written before it, so there is nothing to resume."
+        return f"The last checkpoint (iteration {self.saved_at}, {self.run.checkpoint}) is intact."
+
     def verify_pending(self) -> torch.Tensor | None:
-        """Raise if a loss or gradient since the last check was non-finite (one host sync); return the rows."""
+        """Raise if a loss or gradient not yet checked was non-finite (one host sync), or if the meta-loss
+        has diverged (:data:`DIVERGENCE_FACTOR`); return the rows of the steps since the last logged loss."""
         if not self.pending:
             return None
         rows = torch.stack(self.pending).cpu()
-        bad = (rows[:, 1] == 0).nonzero()
+        bad = (rows[self.checked:, 1] == 0).nonzero()
         if len(bad):
-            i = int(bad[0])
+            i = self.checked + int(bad[0])
             it = self.iteration - len(self.pending) + 1 + i
             loss = float(rows[i, 0])
             what = (f"the meta-loss was {loss}" if not torch.isfinite(rows[i, 0])
                     else f"the meta-loss was finite ({loss:.6g}) but a meta-gradient entry was NaN or infinite")
             raise NonFiniteLossError(
-                f"{what} at iteration {it}; training stopped. The last good checkpoint ({self.run.checkpoint}) is "
-                "intact. Lower optimizer.lr or learner.inner_lr, then start again or `allmap train --resume` it; "
-                "or set on_nonfinite: skip to skip such meta-batches."
+                f"{what} at iteration {it}; training stopped. Lower {lower_rates(self.config)} and start again, "
+                f"or set on_nonfinite: skip to skip such meta-batches. {self.checkpoint_note()}"
             )
+        self.checked = len(rows)
+        if self.first_loss is None:
+            self.first_loss = float(rows[0, 0])
+        self.check_divergence(rows[-RECENT_STEPS:, 0])
         return rows
 
-    def check_pending(self) -> float | None:
-        """Verify the steps since the last check and return their mean loss."""
-        rows = self.verify_pending()
-        self.pending = []
-        return None if rows is None else float(rows[:, 0].mean())
+    def check_divergence(self, recent: torch.Tensor) -> None:
+        """Raise :class:`DivergedError` if the mean of ``recent`` losses exceeds DIVERGENCE_FACTOR times the
+        size of the first meta-batch's loss."""
+        mean, first = float(recent.double().mean()), self.first_loss
+        if first and mean > DIVERGENCE_FACTOR * abs(first):
+            n = len(recent)
+            raise DivergedError(
+                f"training diverged at iteration {self.iteration}: the mean meta-loss of the last "
+                f"{f'{n} meta-batches' if n > 1 else 'meta-batch'} is {mean:.4g}, more than "
+                f"{DIVERGENCE_FACTOR:g} times the size of the first meta-batch's loss ({first:.4g}); training "
+                f"stopped. Lower {lower_rates(self.config)} and start again. {self.checkpoint_note()}"
+            )
 
     def log(self, row: dict[str, Any]) -> None:
         if self.ctx.is_main:
             with open(self.run.metrics, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(to_json(row) + "\n")
 
     def step(self, stop: bool) -> bool:
         """One meta-batch; returns whether any rank was asked to stop."""
@@ -214,8 +282,8 @@ class _Trainer:
                 if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
                     raise NonFiniteLossError(
                         f"{self.consecutive} meta-batches in a row (iterations {self.iteration - self.consecutive + 2}"
-                        f"-{self.iteration + 1}) had a non-finite loss or gradient; the run has diverged. The last "
-                        f"good checkpoint ({self.run.checkpoint}) is intact. Lower optimizer.lr or learner.inner_lr."
+                        f"-{self.iteration + 1}) had a non-finite loss or gradient; the run has diverged. Lower "
+                        f"{lower_rates(self.config)} and start again. {self.checkpoint_note()}"
                     )
                 return stop
             self.consecutive = 0
@@ -231,12 +299,21 @@ class _Trainer:
         return averaged(self.learner)
 
     def validate(self) -> dict[str, float]:
+        """Validation metrics; raises :class:`DivergedError` if one is NaN or infinite."""
         res = evaluate_sharded(self.model, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx)
-        return {f"val_{k.split('@')[0]}": v["mean"] for k, v in res.items()}
+        metrics = {f"val_{k.split('@')[0]}": v["mean"] for k, v in res.items()}
+        bad = [f"{k} = {v}" for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise DivergedError(
+                f"training diverged at iteration {self.iteration}: validation gave {', '.join(bad)}; training "
+                f"stopped. Lower {lower_rates(self.config)} and start again. {self.checkpoint_note()}"
+            )
+        return metrics
 
     def save(self) -> None:
         if self.ctx.is_main:
             save_checkpoint(self.state(), self.run.checkpoint)
+        self.saved_at = self.iteration
 
     def fit(self, callback: Callable[[int, Learner], None] | None = None) -> None:
         cfg = self.config
@@ -244,21 +321,24 @@ class _Trainer:
         bar = tqdm(total=total, initial=self.iteration, disable=not self.progress, desc="meta-train",
                    dynamic_ncols=True, unit="it")
         start = time.perf_counter() - self.elapsed
-        with _StopSignals() as signals:
+        with bar, _StopSignals() as signals:  # the bar is closed before any error reaches the user
             while self.iteration < total:
                 stop = self.step(signals.received is not None)
                 self.iteration += 1
                 it = self.iteration
                 bar.update(1)
-                at_log = it % cfg["log_every"] == 0 or it == total
-                at_ckpt = it % cfg["checkpoint_every"] == 0 or it == total
-                at_val = it % cfg["eval"]["every"] == 0 or it == total
+                end = it == total
+                at_log = it % cfg["log_every"] == 0
+                at_ckpt = it % cfg["checkpoint_every"] == 0 or end
+                at_val = it % cfg["eval"]["every"] == 0 or end
                 if at_log or at_ckpt or at_val:
-                    mean = self.check_pending()
+                    rows = self.verify_pending()
+                    if at_log:  # the next loss row averages the next window (an end off the schedule keeps it)
+                        self.pending, self.checked = [], 0
                     self.elapsed = time.perf_counter() - start
                     row: dict[str, Any] = {"iteration": it, "seconds": round(self.elapsed, 3)}
-                    if mean is not None and at_log:
-                        row["loss"] = mean
+                    if rows is not None and (at_log or end):
+                        row["loss"] = float(rows[:, 0].mean())
                     if at_val:
                         row.update(self.validate())
                     if len(row) > 2:
@@ -334,9 +414,20 @@ def train(config: dict[str, Any], out_dir: str | Path, progress: bool = True,
     trainer = _Trainer(config, run, progress, ctx)  # every check runs before the run folder is made
     if _from_main(ctx, prepare) == b"resume":
         return resume(out_dir, progress=progress, callback=callback)
-    trainer.fit(callback)
-    finish(run.path, trainer.model, config, ctx)
+    _fit_and_finish(trainer, callback)
     return trainer.model
+
+
+def _fit_and_finish(trainer: _Trainer, callback: Callable[[int, Learner], None] | None) -> None:
+    """Train, then test; a run that fails in training records ``status: failed`` and why in results.json."""
+    try:
+        trainer.fit(callback)
+    except NonFiniteLossError as err:
+        if trainer.ctx.is_main:
+            trainer.run.write_results({"status": "failed", "reason": str(err), "stopped_after_iteration": trainer.iteration,
+                                       "protocol": None, "metrics": None})
+        raise
+    finish(trainer.run.path, trainer.model, trainer.config, trainer.ctx)
 
 
 def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True,
@@ -360,16 +451,19 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bo
         raise ConfigError(f"--resume can change only {', '.join(RESUMABLE_KEYS)}; changing {changed} would make it a "
                           "different run. Start a new run with --out instead.")
 
-    def checkpoint_bytes() -> bytes:
-        data = read_verified(run.checkpoint)
-        run.config.write_text(dump_config(config))
-        return data
-
-    state = loads_checkpoint(_from_main(ctx, checkpoint_bytes), str(run.checkpoint), map_location="cpu")
+    state = loads_checkpoint(_from_main(ctx, lambda: read_verified(run.checkpoint)), str(run.checkpoint),
+                             map_location="cpu")
+    done = state.get("iteration")
+    if isinstance(done, int) and config["iterations"] < done:
+        raise ConfigError(f"--resume: {str(run.path)!r} has trained {done} iterations, and "
+                          f"iterations={config['iterations']} would leave its weights past the end of its config. "
+                          f"Pass iterations >= {done} "
+                          f"(iterations={done} repeats only the final test), or start a new run with --out.")
     trainer = _Trainer(config, run, progress, ctx)
     trainer.restore(state)
-    trainer.fit(callback)
-    finish(run.path, trainer.model, config, ctx)
+    if ctx.is_main:  # the config changes only once the resumed run starts
+        run.config.write_text(dump_config(config))
+    _fit_and_finish(trainer, callback)
     return trainer.model
 
 
@@ -396,7 +490,8 @@ def protocol(config: dict[str, Any], family, n: int) -> str:
 
 def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: Dist | None = None) -> dict[str, Any]:
     """Final test evaluation (``results.json``) and plots of a run; sharded across ranks under torchrun,
-    written by rank 0."""
+    written by rank 0. A NaN or infinite test metric is written as null with ``status: failed`` and raises
+    :class:`DivergedError`: it is not a result."""
     ctx = current() if ctx is None else ctx
     run = RunDir(run_dir)
     ev = config["eval"]
@@ -404,13 +499,18 @@ def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: D
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
     results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx)
     text = protocol(config, family, len(tasks))
+    record = results_record(text, results)
     if ctx.is_main:
-        run.results.write_text(json.dumps({"protocol": text, "metrics": results}, indent=2) + "\n")
+        run.write_results(record)
         plot_learning_curve(run.read_metrics(), run.curve,
                             title=f"{type(learner).__name__} on {config['task']['family']} ({run.path.name})")
-        shown = fixed_tasks(family, 4, ev["seed"]).to(next(learner.parameters()).device)
-        plot_adaptation(learner, family, shown, run.adaptation, steps=sorted({0, 1, max(ev["steps"])}))
+        if record["status"] == "ok":  # a diverged model has nothing to draw
+            shown = fixed_tasks(family, 4, ev["seed"]).to(next(learner.parameters()).device)
+            plot_adaptation(learner, family, shown, run.adaptation, steps=sorted({0, 1, max(ev["steps"])}))
     ctx.barrier()
+    if record["status"] != "ok":
+        raise DivergedError(f"the final test failed: {record['reason']}. Lower {lower_rates(config)} and train "
+                            f"again; {run.results} records status \"failed\".")
     return {"protocol": text, "metrics": results}
 
 

@@ -10,6 +10,7 @@ shared across tasks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -86,14 +87,14 @@ def _update(owner: str, inner_optimizer: str, inner_lr: float, betas: tuple[floa
 
 
 def _rate(owner: str, inner_lr: Any) -> float:
-    """``inner_lr`` as a finite number >= 0, or a clear error."""
+    """``inner_lr`` as a finite number >= 0, or a clear error naming the option."""
     try:
         rate = float(inner_lr)
-    except (TypeError, ValueError):
-        raise TypeError(f"{owner}: expected inner_lr to be a number, got {inner_lr!r}.") from None
-    if not rate >= 0 or rate == float("inf"):
-        raise ValueError(f"{owner}: expected inner_lr to be a finite number >= 0, got {inner_lr!r}. A negative "
-                         "step size ascends the support loss; use a small positive one such as 0.01.")
+    except (TypeError, ValueError, RuntimeError):
+        rate = float("nan")
+    if isinstance(inner_lr, bool) or not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"{owner}: inner_lr must be a finite number >= 0 (the inner step size; 0 keeps theta), got "
+                         f"{inner_lr!r}. A negative step climbs the support loss instead of lowering it.")
     return rate
 
 
