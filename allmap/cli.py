@@ -6,6 +6,10 @@
     allmap eval RUN_DIR [--tasks N] [--shots K] [--steps 0,1,5,10] [--set key=value ...] [--json]
     allmap presets
     allmap plot RUN_DIR
+    allmap --version
+
+Errors are one line on stderr (exit status 2); Ctrl-C exits with 130, a closed pipe (``allmap presets |
+head``) quietly with 141, as the shell's 128 + signal number.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from allmap import __version__
 from allmap.train.checkpoint import CheckpointError
 from allmap.train.config import ConfigError, apply_overrides, list_presets, load_config, preset_path, validate
 from allmap.train.loop import Interrupted, NonFiniteLossError
@@ -27,6 +34,7 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="allmap", description="Meta-learning on PyTorch: every meta-learner is a map "
                                 "from a task's support set to a model for that task.")
+    p.add_argument("--version", action="version", version=f"allmap {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="meta-train from a preset or a YAML config file")
@@ -45,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluate on another protocol, e.g. --set task.ways=20 --set eval.seed=7")
     e.add_argument("--json", action="store_true", help="print JSON: each metric with mean and ci95")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("presets", help="list the shipped presets")
     pl = sub.add_parser("plot", help="redraw a run's plots")
@@ -64,6 +73,8 @@ def _train(args: argparse.Namespace) -> int:
     if not args.resume and not args.config:
         raise ConfigError("allmap train needs a preset name or config file (see `allmap presets`), or --resume RUN_DIR.")
     config = None if args.resume else load_config(args.config, args.overrides)  # checked before joining the group
+    if config is not None:
+        _check_out_dir(Path(args.out or Path("runs") / Path(args.config).stem))
     owns_group = distributed.init_from_env()  # under torchrun: join the process group (gloo / NCCL)
     try:
         if args.resume:
@@ -82,6 +93,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a run folder (a file, or a place where no folder can be
+    made) before any work, with what to do instead."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; expected a folder for the run (new, or without a "
+                          "run in it). Choose another --out.")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file, not a folder. "
+                          "Choose another --out.")
+    try:  # the one sure test: make a folder there (root may write where os.access says no, and vice versa)
+        os.rmdir(tempfile.mkdtemp(prefix=".allmap-", dir=parent))
+    except OSError as err:
+        raise ConfigError(f"--out {str(out)!r} cannot be created: no folder can be made in {str(parent)!r} "
+                          f"({err.strerror}). Choose a writable --out.") from None
+
+
+def _steps(text: str) -> list[int]:
+    """``--steps 0,1,5`` as ``[0, 1, 5]``, or a ``ConfigError`` saying what the option takes."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ConfigError(f"--steps expects comma-separated inner step counts such as 0,1,5,10, got {text!r}.")
+    return [int(part) for part in parts]
+
+
 def _eval(args: argparse.Namespace) -> int:
     from allmap.train.build import apply_host_settings, build_family, check_disjoint
     from allmap.train.evaluate import evaluate, format_results, fixed_tasks
@@ -94,8 +132,8 @@ def _eval(args: argparse.Namespace) -> int:
         extra.append(f"eval.tasks={args.tasks}")
     if args.shots is not None:
         extra.append(f"eval.shots={args.shots}")
-    if args.steps:
-        extra.append(f"eval.steps=[{args.steps}]")
+    if args.steps is not None:
+        extra.append(f"eval.steps={_steps(args.steps)}")
     config = apply_overrides(trained, extra)  # a copy: ``trained`` stays the run's own config
     validate(config)
     apply_host_settings(config)
@@ -123,21 +161,27 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "plot":
+        return _plot(args)
+    if args.command == "show":
+        print(preset_path(args.preset).read_text(), end="")
+        return 0
+    for name, desc in list_presets().items():
+        print(f"{name:<28} {desc}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "plot":
-            return _plot(args)
-        if args.command == "show":
-            print(preset_path(args.preset).read_text(), end="")
-            return 0
-        for name, desc in list_presets().items():
-            print(f"{name:<28} {desc}")
-        return 0
+        status = _run(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is handled below
+        return status
     except (ConfigError, CheckpointError, NonFiniteLossError) as err:
         print(f"allmap {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -145,9 +189,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the group
             print(f"allmap {args.command}: {err}", file=sys.stderr)
         return 128 + err.signum
-    except KeyboardInterrupt:
-        print("allmap: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # before or after training (during it, the first Ctrl-C is Interrupted)
+        print(f"allmap {args.command}: {str(err) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`allmap presets | head`): stop quietly, as cat and ls do
+        _silence_stdout()
+        return 128 + getattr(signal, "SIGPIPE", 13)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is left at exit raises no second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (stdout replaced, as by pytest)
+        pass
 
 
 if __name__ == "__main__":
