@@ -122,7 +122,7 @@ def _steps(text: str) -> list[int]:
 
 def _eval(args: argparse.Namespace) -> int:
     from allmap.train.build import apply_host_settings, build_family, check_disjoint
-    from allmap.train.evaluate import evaluate, format_results, fixed_tasks
+    from allmap.train.evaluate import TaskProgress, evaluate, format_results, fixed_tasks
     from allmap.train.loop import protocol
     from allmap.train.runs import load, read_config
 
@@ -142,7 +142,8 @@ def _eval(args: argparse.Namespace) -> int:
     check_disjoint(build_family(trained, "train"), family)
     ev = config["eval"]
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
-    results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"])
+    with TaskProgress("test", enabled=not args.no_progress, total=len(tasks)) as bar:
+        results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"], progress=bar)
     text = protocol(config, family, len(tasks))
     if args.json:
         print(json.dumps({"run": str(args.run_dir), "protocol": text, "metrics": results}, indent=2))
@@ -155,7 +156,7 @@ def _plot(args: argparse.Namespace) -> int:
     from allmap.train.loop import finish
     from allmap.train.runs import RunDir, load, read_config
 
-    finish(args.run_dir, load(args.run_dir), read_config(args.run_dir))
+    finish(args.run_dir, load(args.run_dir), read_config(args.run_dir), progress=True)
     run = RunDir(args.run_dir)
     print("\n".join(str(p) for p in (run.curve, run.adaptation) if p.exists()))
     return 0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from allmap.learners.base import Learner
 from allmap.learners.execution import evaluation_layout, evaluation_vmap
@@ -15,7 +17,42 @@ from allmap.nets.norm import first_order_only
 from allmap.tasks.batch import TaskBatch
 from allmap.train.forked import can_fork, even_shares, run_forked
 
-__all__ = ["evaluate", "evaluation_workers", "summarize", "fixed_tasks", "format_results", "step_names"]
+__all__ = ["evaluate", "evaluation_workers", "summarize", "fixed_tasks", "format_results", "step_names",
+           "progress_bar", "TaskProgress"]
+
+#: ``progress(done, total)``: ``done`` of the ``total`` tasks this process evaluates are finished.
+Progress = Callable[[int, int], None]
+
+
+def progress_bar(enabled: bool, **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr: off when ``enabled`` is False (``--no-progress``) or stderr is not a terminal
+    (a log file gets no carriage-return updates)."""
+    return tqdm(disable=None if enabled else True, dynamic_ncols=True, **kwargs)
+
+
+class TaskProgress:
+    """A bar counting evaluated tasks, to pass as :func:`evaluate`'s ``progress``; removed when closed.
+
+    Example:
+        >>> with TaskProgress("test", enabled=False) as bar:
+        ...     results = evaluate(learner, tasks, progress=bar)  # doctest: +SKIP
+    """
+
+    def __init__(self, desc: str, enabled: bool = True, total: int | None = None) -> None:
+        self.bar = progress_bar(enabled, desc=desc, total=total, unit="task", leave=False)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> TaskProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def fixed_tasks(family, n: int, seed: int) -> TaskBatch:
@@ -73,6 +110,7 @@ def evaluate(
     steps: Sequence[int] = (0, 1, 5, 10),
     chunk: int = 100,
     workers: int | str = "auto",
+    progress: Progress | None = None,
 ) -> dict[str, dict[str, float]]:
     """Loss (and accuracy for classification) of ``learner`` on ``tasks``, as mean ± 95% CI over tasks.
 
@@ -85,6 +123,8 @@ def evaluate(
     share of the tasks and one intra-op thread; Linux, CPU) run at once, ``0`` runs here; ``"auto"`` is
     :func:`evaluation_workers`. Every setting gives the same numbers up to float rounding (the thread count
     changes the order of sums inside kernels, which can flip a near-tie prediction of an untrained model).
+    ``progress(done, total)``, if given, is called as tasks finish: after each chunk here, after each
+    worker's share with workers (e.g. a :class:`TaskProgress` bar); it changes no number.
     Returns ``{"loss@1": {"mean", "ci95", "std", "n"}, ...}``.
     """
     names = step_names(learner, steps)
@@ -93,11 +133,14 @@ def evaluate(
     if not isinstance(n_workers, int) or n_workers < 0:
         raise ValueError(f"evaluate: workers must be 'auto' or a number of processes >= 0, got {workers!r}.")
     n_workers = min(n_workers, len(tasks)) if can_fork() else 0
+    counted = _counter(progress, len(tasks))
     if n_workers:
-        shares = [tasks[lo:hi] for lo, hi in even_shares(len(tasks), n_workers)]
-        values = torch.cat(run_forked(lambda share: _values(learner, share, steps, chunk), shares))
+        bounds = even_shares(len(tasks), n_workers)
+        shares = [tasks[lo:hi] for lo, hi in bounds]
+        values = torch.cat(run_forked(lambda share: _values(learner, share, steps, chunk), shares,
+                                      done=lambda i: counted(bounds[i][1] - bounds[i][0])))
     else:
-        values = _values(learner, tasks, steps, chunk)
+        values = _values(learner, tasks, steps, chunk, counted)
     results = {}
     for j, suffix in enumerate(names):
         results[f"loss{suffix}"] = summarize(values[:, j, 0])
@@ -123,8 +166,22 @@ def evaluation_workers(learner: Learner, n_tasks: int) -> int:
     return threads if threads > 1 and n_tasks >= 8 * threads else 0
 
 
-def _values(learner: Learner, tasks: TaskBatch, steps: list[int], chunk: int) -> Tensor:
-    """``[tasks, steps, 2]``: query loss and accuracy of every task after each number of steps."""
+def _counter(progress: Progress | None, total: int) -> Callable[[int], None]:
+    """``add(n)``: ``n`` more tasks are done; tells ``progress`` the running count (nothing without one)."""
+    done = [0]
+
+    def add(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0], total)
+
+    return add
+
+
+def _values(learner: Learner, tasks: TaskBatch, steps: list[int], chunk: int,
+            done: Callable[[int], None] = lambda n: None) -> Tensor:
+    """``[tasks, steps, 2]``: query loss and accuracy of every task after each number of steps;
+    ``done(n)`` after each chunk of ``n`` tasks."""
     fn = _per_task(learner, steps)
     device = next(learner.parameters()).device
     use_vmap = evaluation_vmap(learner, device)
@@ -153,6 +210,7 @@ def _values(learner: Learner, tasks: TaskBatch, steps: list[int], chunk: int) ->
                             parts.append(batched(*args))
                         else:
                             parts.append(torch.stack([fn(*one_task(args, i)) for i in range(len(part))]))
+                    done(len(part))
                     break
                 except RuntimeError as err:
                     if layout[0] is not None:  # e.g. a model calling .view() on a convolution's output
@@ -169,11 +227,20 @@ def _values(learner: Learner, tasks: TaskBatch, steps: list[int], chunk: int) ->
     return torch.cat(parts).cpu()
 
 
+def _digits4(x: float) -> str:
+    """``x`` with 4 significant digits, trailing zeros kept (``0.3900``, ``12.35``, ``1235``, ``1.235e+05``)."""
+    return f"{x:#.4g}".rstrip(".")
+
+
 def format_results(results: dict[str, dict[str, float]], protocol: str) -> str:
-    """A readable table: one line per metric, ``mean ± ci95``, under a line naming the protocol."""
+    """A readable table: one line per metric, ``mean ± ci95``, under a line naming the protocol. Accuracies
+    in percent with 2 decimals (``98.97% ± 0.18%``), losses with 4 significant digits (``0.1234 ± 0.005678``)."""
     lines = [protocol]
     width = max(len(k) for k in results)
     for key, r in results.items():
-        scale, unit = (100.0, "%") if key.startswith("accuracy") else (1.0, "")
-        lines.append(f"  {key:<{width}}  {r['mean'] * scale:.4f}{unit} ± {r['ci95'] * scale:.4f}{unit}")
+        if key.startswith("accuracy"):
+            value = f"{100 * r['mean']:.2f}% ± {100 * r['ci95']:.2f}%"
+        else:
+            value = f"{_digits4(r['mean'])} ± {_digits4(r['ci95'])}"
+        lines.append(f"  {key:<{width}}  {value}")
     return "\n".join(lines)

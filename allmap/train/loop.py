@@ -12,17 +12,18 @@ iteration, save a checkpoint and raise :class:`Interrupted`; ``resume`` continue
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from allmap.learners.base import Learner
 from allmap.train.averaging import WeightAverage, averaged
@@ -30,12 +31,13 @@ from allmap.train.build import apply_host_settings, build_family, build_learner,
 from allmap.train.checkpoint import CheckpointError, loads_checkpoint, read_verified, save_checkpoint
 from allmap.train.config import ConfigError, apply_overrides, dump_config, validate
 from allmap.train.distributed import Dist, current, evaluate_sharded, reduce_step, restart_count
-from allmap.train.evaluate import format_results, fixed_tasks
+from allmap.train.evaluate import TaskProgress, format_results, fixed_tasks, progress_bar
 from allmap.train.preflight import check_device, check_model_size, check_sizes, trial_step
 from allmap.train.plots import plot_adaptation, plot_learning_curve
 from allmap.train.runs import RunDir, read_config
 
-__all__ = ["train", "resume", "finish", "check_config", "NonFiniteLossError", "Interrupted", "RESUMABLE_KEYS", "MAX_CONSECUTIVE_SKIPS"]
+__all__ = ["train", "resume", "finish", "check_config", "NonFiniteLossError", "Interrupted", "StoppedAtOnce",
+           "RESUMABLE_KEYS", "MAX_CONSECUTIVE_SKIPS"]
 
 #: keys that ``--resume`` may change; anything else would make the resumed run a different run.
 RESUMABLE_KEYS = ("iterations", "log_every", "checkpoint_every", "device", "eval", "on_nonfinite")
@@ -58,21 +60,52 @@ class Interrupted(Exception):
                          f"exactly with `allmap train --resume {checkpoint.parent}`.")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM while training was stopping (finishing its iteration or validating): it stopped
+    at once, without saving (a save under way is finished first); the message names the checkpoint on disk
+    and its iteration."""
+
+
 class _StopSignals:
-    """Within ``with``: the first SIGINT/SIGTERM is recorded (training stops at the end of the iteration);
-    a second one raises ``KeyboardInterrupt`` at once. Handlers are restored on exit."""
+    """Within ``with``: the first SIGINT/SIGTERM is recorded (training stops at the end of the iteration and
+    saves) and, with ``notice``, says so on stderr; a second one raises :class:`StoppedAtOnce` at once, with
+    the message ``left(signum)``: no save then, since the iteration under way may be half done. A save under
+    way (``with signals.saving():``) finishes first, so the message can say which checkpoint is on disk.
+    Handlers are restored on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, left: Callable[[int], str] = lambda signum: "", notice: bool = False) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._left, self._notice = left, notice
+        self._saving, self._held = False, None
+
+    def _stop_at_once(self, signum: int) -> None:
+        self._restore()
+        raise StoppedAtOnce(self._left(signum))
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
-            self._restore()
-            raise KeyboardInterrupt
+            if self._saving:  # raised when the save is done
+                self._held = signum
+                return
+            self._stop_at_once(signum)
         self.received = signum
+        if self._notice:  # os.write: print() could re-enter a stream the main thread is writing to
+            os.write(2, f"\n{signal.Signals(signum).name} received: stopping after this iteration and saving a "
+                        "checkpoint; press Ctrl-C again to stop at once without saving.\n".encode())
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Within: a second signal waits until the block is done (a checkpoint is written whole)."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+        if self._held is not None:
+            self._stop_at_once(self._held)
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -125,6 +158,7 @@ class _Trainer:
         self.iteration, self.elapsed = 0, 0.0
         self.pending: list[torch.Tensor] = []  # per step: [loss, 1 if loss and gradient are finite else 0]
         self.skipped, self.consecutive = 0, 0
+        self.saved: int | None = None  # the iteration of the checkpoint on disk, once there is one
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -157,6 +191,7 @@ class _Trainer:
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {str(self.run.checkpoint)!r} does not fit this run's config: "
                                   f"{str(err).splitlines()[0]}") from None
+        self.saved = self.iteration
         self.pending = [row.to(self.device) for row in state.get("pending", torch.zeros(0, 2))]
         self.skipped = int(state.get("skipped", 0))
         if self.ctx.is_main:
@@ -230,26 +265,38 @@ class _Trainer:
         return averaged(self.learner)
 
     def validate(self) -> dict[str, float]:
-        res = evaluate_sharded(self.model, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx)
+        with TaskProgress("validation", enabled=self.progress, total=len(self.val_tasks)) as bar:
+            res = evaluate_sharded(self.model, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx,
+                                   progress=bar)
         return {f"val_{k.split('@')[0]}": v["mean"] for k, v in res.items()}
 
     def save(self) -> None:
         if self.ctx.is_main:
             save_checkpoint(self.state(), self.run.checkpoint)
+        self.saved = self.iteration
+
+    def left_behind(self, signum: int) -> str:
+        """What a second Ctrl-C leaves: the message of :class:`StoppedAtOnce`."""
+        name = signal.Signals(signum).name
+        if self.saved is None:
+            return (f"{name} received again: stopped at once, without saving; no checkpoint was written yet "
+                    f"(iteration {self.iteration}). Start the run again.")
+        return (f"{name} received again: stopped at once, without saving; {self.run.checkpoint} holds iteration "
+                f"{self.saved}. Continue from there with `allmap train --resume {self.run.path}`.")
 
     def fit(self, callback: Callable[[int, Learner], None] | None = None) -> None:
         cfg = self.config
         total = cfg["iterations"]
-        bar = tqdm(total=total, initial=self.iteration, disable=not self.progress, desc="meta-train",
-                   dynamic_ncols=True, unit="it")
+        bar = progress_bar(self.progress, total=total, initial=self.iteration, desc="meta-train", unit="it")
+        log_every = _log_interval(cfg["log_every"], total)
         start = time.perf_counter() - self.elapsed
-        with _StopSignals() as signals:
+        with _StopSignals(self.left_behind, notice=self.ctx.is_main) as signals:
             while self.iteration < total:
                 stop = self.step(signals.received is not None)
                 self.iteration += 1
                 it = self.iteration
                 bar.update(1)
-                at_log = it % cfg["log_every"] == 0 or it == total
+                at_log = it % log_every == 0 or it == total
                 at_ckpt = it % cfg["checkpoint_every"] == 0 or it == total
                 at_val = it % cfg["eval"]["every"] == 0 or it == total
                 if at_log or at_ckpt or at_val:
@@ -266,16 +313,24 @@ class _Trainer:
                         self.log(row)
                         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("iteration", "seconds")})
                     if at_ckpt:
-                        self.save()
+                        with signals.saving():
+                            self.save()
                 if callback is not None:
                     callback(it, self.learner)
                 if stop and self.iteration < total:
                     self.verify_pending()  # never save weights that a non-finite step produced
                     self.elapsed = time.perf_counter() - start
-                    self.save()
+                    with signals.saving():
+                        self.save()
                     bar.close()
                     raise Interrupted(signals.received or signal.SIGTERM, it, self.run.checkpoint)
         bar.close()
+
+
+def _log_interval(log_every: int, iterations: int) -> int:
+    """Iterations between log rows: ``log_every``, or for a run shorter than that, a tenth of the run (so a
+    short run's learning curve has points, not one dot at its end)."""
+    return log_every if iterations >= log_every else max(1, iterations // 10)
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -333,7 +388,7 @@ def train(config: dict[str, Any], out_dir: str | Path, progress: bool = True,
     if _from_main(ctx, prepare) == b"resume":
         return resume(out_dir, progress=progress, callback=callback)
     trainer.fit(callback)
-    finish(run.path, trainer.model, config, ctx)
+    finish(run.path, trainer.model, config, ctx, progress=trainer.progress)
     return trainer.model
 
 
@@ -367,7 +422,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bo
     trainer = _Trainer(config, run, progress, ctx)
     trainer.restore(state)
     trainer.fit(callback)
-    finish(run.path, trainer.model, config, ctx)
+    finish(run.path, trainer.model, config, ctx, progress=trainer.progress)
     return trainer.model
 
 
@@ -382,15 +437,17 @@ def protocol(config: dict[str, Any], family, n: int) -> str:
             f"test tasks (seed {config['eval']['seed']}); mean ± 95% CI (1.96·std/sqrt(n))")
 
 
-def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: Dist | None = None) -> dict[str, Any]:
+def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: Dist | None = None,
+           progress: bool = False) -> dict[str, Any]:
     """Final test evaluation (``results.json``) and plots of a run; sharded across ranks under torchrun,
-    written by rank 0."""
+    written by rank 0. ``progress``: a bar counting test tasks on rank 0's stderr (if it is a terminal)."""
     ctx = current() if ctx is None else ctx
     run = RunDir(run_dir)
     ev = config["eval"]
     family = build_family(config, "test")
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
-    results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx)
+    with TaskProgress("test", enabled=progress and ctx.is_main, total=len(tasks)) as bar:
+        results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx, progress=bar)
     text = protocol(config, family, len(tasks))
     if ctx.is_main:
         run.results.write_text(json.dumps({"protocol": text, "metrics": results}, indent=2) + "\n")
