@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + err.signum
     except KeyboardInterrupt as err:  # before or after training (during it, the first Ctrl-C is Interrupted)
         print(f"allmap {args.command}: {str(err) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
-        return 130
+        return 128 + getattr(err, "signum", signal.SIGINT)  # StoppedAtOnce names its signal
     except BrokenPipeError:  # the reader went away (`allmap presets | head`): stop quietly, as cat and ls do
         _silence_stdout()
         return 128 + getattr(signal, "SIGPIPE", 13)

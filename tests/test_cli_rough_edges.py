@@ -24,6 +24,7 @@ from allmap.cli import main
 from allmap.nets import MLP
 from allmap.tasks import ClassImages, Episodes
 from allmap.train import ConfigError, load_config, train
+from allmap.train.config import read_yaml
 from allmap.train.build import build_family
 from allmap.train.checkpoint import load_checkpoint
 from allmap.train.episode_plot import RIGHT, SUPPORT, WRONG, class_names, episodes_figure, plot_episode
@@ -157,6 +158,8 @@ def test_duplicate_keys_are_refused_with_the_key_and_lines(tmp_path, capsys):
     assert "sets key 'tasks' twice (line 2 and line 4); keep one of them." in capsys.readouterr().err
     path.write_text("iterations: 5\neval: {tasks: 5}\ntask: {family: sinusoid}\n")  # same key in two mappings: fine
     assert load_config(path)["iterations"] == 5
+    path.write_text("task: &t {family: sinusoid, shots: 5}\nmodel:\n  <<: *t\n  shots: 7\n")  # a merge overrides
+    assert read_yaml(path)["model"] == {"family": "sinusoid", "shots": 7}
 
 
 @pytest.mark.parametrize("steps", ["", "1,,2", "a", "-1"])

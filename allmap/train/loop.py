@@ -65,6 +65,10 @@ class StoppedAtOnce(KeyboardInterrupt):
     at once, without saving (a save under way is finished first); the message names the checkpoint on disk
     and its iteration."""
 
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 class _StopSignals:
     """Within ``with``: the first SIGINT/SIGTERM is recorded (training stops at the end of the iteration and
@@ -83,7 +87,7 @@ class _StopSignals:
 
     def _stop_at_once(self, signum: int) -> None:
         self._restore()
-        raise StoppedAtOnce(self._left(signum))
+        raise StoppedAtOnce(self._left(signum), signum)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
