@@ -92,7 +92,7 @@ def read_yaml(path: str | Path) -> Any:
     key and its lines if one mapping sets a key twice."""
     path = Path(path)
     try:
-        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no code runs
     except _DuplicateKey as dup:
         raise ConfigError(f"config file {str(path)!r} sets key {dup.key!r} twice (line {dup.first} and line "
                           f"{dup.line}); keep one of them.") from None
