@@ -2,6 +2,10 @@
 
 import sys
 
-from allmap.cli import main
+try:
+    from allmap.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the command's modules load: a line, not an import traceback
+    print("allmap: interrupted (Ctrl-C) while starting", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

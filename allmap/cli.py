@@ -7,6 +7,10 @@
     allmap presets                                       (each preset with its one-line description)
     allmap show PRESET_OR_CONFIG_FILE [--file]           (the resolved config, notes included)
     allmap plot RUN_DIR
+    allmap --version
+
+Errors are one line on stderr (exit status 2); Ctrl-C exits with 130, a closed pipe (``allmap presets |
+head``) quietly with 141, as the shell's 128 + signal number.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from allmap import __version__
 from allmap.app.checkpoint import CheckpointError
 from allmap.app.config import (ConfigError, apply_overrides, dump_config, list_presets, load_config, preset_path,
-                                  validate)
+                               validate)
 from allmap.app.trainer import Interrupted, NonFiniteLossError
 
 __all__ = ["main"]
@@ -29,6 +36,7 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="allmap", description="Meta-learning on PyTorch: every meta-learner is a map "
                                 "from a task's support set to a model for that task.")
+    p.add_argument("--version", action="version", version=f"allmap {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="meta-train from a preset or a YAML config file")
@@ -47,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluate on another protocol, e.g. --set task.ways=20 --set eval.seed=7")
     e.add_argument("--json", action="store_true", help="print JSON: each metric with mean and ci95")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("presets", help="list the shipped presets")
     pl = sub.add_parser("plot", help="redraw a run's plots")
@@ -84,6 +93,8 @@ def _train(args: argparse.Namespace) -> int:
     if not args.resume and not args.config:
         raise ConfigError("allmap train needs a preset name or config file (see `allmap presets`), or --resume RUN_DIR.")
     config = None if args.resume else load_config(args.config, args.overrides)  # checked before joining the group
+    if config is not None:
+        _check_out_dir(Path(args.out or Path("runs") / Path(args.config).stem))
     _host_settings(config, args.resume)
     owns_group = distributed.init_from_env()  # under torchrun: join the process group (gloo / NCCL)
     try:
@@ -103,9 +114,37 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a run folder (a file, or a place where no folder can be
+    made) before any work, with what to do instead."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; expected a folder for the run (new, or without a "
+                          "run in it). Choose another --out.")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file, not a folder. "
+                          "Choose another --out.")
+    try:  # the one sure test: make a folder there (root may write where os.access says no, and vice versa)
+        os.rmdir(tempfile.mkdtemp(prefix=".allmap-", dir=parent))
+    except OSError as err:
+        raise ConfigError(f"--out {str(out)!r} cannot be created: no folder can be made in {str(parent)!r} "
+                          f"({err.strerror}). Choose a writable --out.") from None
+
+
+def _steps(text: str) -> list[int]:
+    """``--steps 0,1,5`` as ``[0, 1, 5]``, or a ``ConfigError`` saying what the option takes."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ConfigError(f"--steps expects comma-separated inner step counts such as 0,1,5,10, got {text!r}.")
+    return [int(part) for part in parts]
+
+
 def _eval(args: argparse.Namespace) -> int:
     from allmap.app.build import build_family, check_disjoint
     from allmap.app.host import apply_host_settings
+    from allmap.app.progress import TaskProgress
     from allmap.app.report import format_results
     from allmap.app.runs import load, read_config, results_record, to_json
     from allmap.app.trainer import DivergedError, protocol
@@ -117,8 +156,8 @@ def _eval(args: argparse.Namespace) -> int:
         extra.append(f"eval.tasks={args.tasks}")
     if args.shots is not None:
         extra.append(f"eval.shots={args.shots}")
-    if args.steps:
-        extra.append(f"eval.steps=[{args.steps}]")
+    if args.steps is not None:
+        extra.append(f"eval.steps={_steps(args.steps)}")
     config = apply_overrides(trained, extra)  # a copy: ``trained`` stays the run's own config
     validate(config)
     apply_host_settings(config)
@@ -127,7 +166,8 @@ def _eval(args: argparse.Namespace) -> int:
     check_disjoint(build_family(trained, "train"), family)
     ev = config["eval"]
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
-    results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"])
+    with TaskProgress("test", enabled=not args.no_progress, total=len(tasks)) as bar:
+        results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"], progress=bar)
     text = protocol(config, family, len(tasks))
     record = results_record(text, results)  # a NaN or infinite metric: status "failed", written as null
     if args.json:
@@ -146,7 +186,7 @@ def _plot(args: argparse.Namespace) -> int:
     from allmap.app.trainer import finish
     from allmap.app.runs import RunDir, load, read_config
 
-    finish(args.run_dir, load(args.run_dir), read_config(args.run_dir))
+    finish(args.run_dir, load(args.run_dir), read_config(args.run_dir), progress=True)
     run = RunDir(args.run_dir)
     print("\n".join(str(p) for p in (run.curve, run.adaptation) if p.exists()))
     return 0
@@ -171,21 +211,27 @@ def _presets() -> int:
     width = max(map(len, presets), default=0) + 2
     for name, desc in presets.items():
         print(f"{name:<{width}}{desc}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "plot":
+        return _plot(args)
+    if args.command == "show":
+        return _show(args)
+    return _presets()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "plot":
-            return _plot(args)
-        if args.command == "show":
-            return _show(args)
-        return _presets()
+        status = _run(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is handled below
+        return status
     except (ConfigError, CheckpointError, NonFiniteLossError) as err:
         print(f"allmap {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -193,9 +239,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the group
             print(f"allmap {args.command}: {err}", file=sys.stderr)
         return 128 + err.signum
-    except KeyboardInterrupt:
-        print("allmap: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # before or after training (during it, the first Ctrl-C is Interrupted)
+        print(f"allmap {args.command}: {str(err) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        return 128 + getattr(err, "signum", signal.SIGINT)  # StoppedAtOnce names its signal
+    except BrokenPipeError:  # the reader went away (`allmap presets | head`): stop quietly, as cat and ls do
+        _silence_stdout()
+        return 128 + getattr(signal, "SIGPIPE", 13)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is left at exit raises no second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (stdout replaced, as by pytest)
+        pass
 
 
 if __name__ == "__main__":

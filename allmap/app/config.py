@@ -21,6 +21,7 @@ is another protocol.
 from __future__ import annotations
 
 import copy
+import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ import yaml
 
 from allmap.app.averaging import is_decay
 
-__all__ = ["DEFAULTS", "MAX_DESCRIPTION", "ConfigError", "load_config", "apply_overrides", "list_presets",
-           "preset_path", "dump_config"]
+__all__ = ["DEFAULTS", "MAX_DESCRIPTION", "ConfigError", "load_config", "read_yaml", "apply_overrides",
+           "list_presets", "preset_path", "dump_config"]
 
 DEFAULTS: dict[str, Any] = {
     "description": "",
@@ -82,6 +83,57 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says which key and what it accepts."""
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, line: int) -> None:
+        super().__init__(key, first, line)
+        self.key, self.first, self.line = key, first, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a key twice (plain YAML keeps the last one silently,
+    so a config that sets ``iterations`` twice would run with whichever came last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base``: keys written here override those
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader raises its own error for it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``; a ``ConfigError`` naming the file if it is not valid YAML, or naming the
+    key and its lines if one mapping sets a key twice."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no code runs
+    except _DuplicateKey as dup:
+        raise ConfigError(f"config file {str(path)!r} sets key {dup.key!r} twice (line {dup.first} and line "
+                          f"{dup.line}); keep one of them.") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}. Fix the file there "
+                          "(`allmap show PRESET` prints a valid config).") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what the YAML parser found and where (``expected ',' or ']' ... (line 3, column 1)``)."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(err, "context", None)
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
 def _presets_dir() -> Path:
     return Path(str(resources.files("allmap.app") / "presets"))
 
@@ -96,17 +148,16 @@ def preset_path(name: str) -> Path:
     """Path of a shipped preset, or a clear error listing the known ones."""
     path = _presets_dir() / f"{name}.yaml"
     if not path.is_file():
-        known = ", ".join(list_presets())
-        raise ConfigError(f"unknown preset {name!r}; known presets: {known}. Or pass the path of a YAML config file.")
+        known = list(list_presets())
+        raise ConfigError(f"unknown preset {name!r}; {_did_you_mean(name, known)}known presets: {', '.join(known)}. "
+                          "Or pass the path of a YAML config file.")
     return path
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    """The mapping a YAML config file holds, or a :class:`ConfigError` saying why it is not one."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    """The mapping a YAML config file holds (:func:`read_yaml`), or a :class:`ConfigError` saying why it is not
+    one."""
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}.")
     return data
@@ -164,6 +215,12 @@ def _check_text(config: dict[str, Any]) -> None:
         raise ConfigError(f"config key 'notes' must be a string (the protocol in words), got {config['notes']!r}.")
 
 
+def _did_you_mean(name: str, known: list[str]) -> str:
+    """``did you mean 'x'? `` for the name in ``known`` closest to ``name`` (empty if none is close)."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
@@ -187,8 +244,9 @@ def load_config(preset_or_file: str | Path, overrides: list[str] | None = None) 
         name = str(preset_or_file)
         path = preset_path(name)
     elif not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass a preset name ({', '.join(list_presets())}) "
-                          "or the path of a YAML file.")
+        known = list(list_presets())
+        raise ConfigError(f"config file {str(path)!r} does not exist; {_did_you_mean(path.stem, known)}pass a preset "
+                          f"name ({', '.join(known)}) or the path of a YAML file.")
     else:
         name = str(path)
     config = with_defaults(_resolve(_read_yaml(path), (name,)))

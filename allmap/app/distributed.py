@@ -28,7 +28,7 @@ from torch import Tensor
 
 from allmap.learners.base import Learner
 from allmap.tasks.batch import TaskBatch
-from allmap.engine.evaluate import evaluate, step_names
+from allmap.engine.evaluate import Progress, evaluate, step_names
 from allmap.engine.forked import even_shares
 
 __all__ = ["Dist", "current", "init_from_env", "shutdown", "restart_count", "backend", "reduce_step",
@@ -199,18 +199,18 @@ def pool_summaries(parts: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 def evaluate_sharded(learner: Learner, tasks: TaskBatch, steps: Sequence[int], chunk: int,
-                     ctx: Dist) -> dict[str, dict[str, float]]:
+                     ctx: Dist, progress: Progress | None = None) -> dict[str, dict[str, float]]:
     """:func:`~allmap.engine.evaluate.evaluate` with the tasks split across ranks; every rank gets the
-    pooled result, equal to one process's mean ± CI over all tasks."""
+    pooled result, equal to one process's mean ± CI over all tasks. ``progress`` counts this rank's tasks."""
     if not ctx.active:
-        return evaluate(learner, tasks, steps=steps, chunk=chunk)
+        return evaluate(learner, tasks, steps=steps, chunk=chunk, progress=progress)
     keys = []
     for suffix in step_names(learner, steps):
         keys.append(f"loss{suffix}")
         if learner.classification:
             keys.append(f"accuracy{suffix}")
     part = tasks[ctx.shard(len(tasks))]
-    local = evaluate(learner, part, steps=steps, chunk=chunk) if len(part) else {}
+    local = evaluate(learner, part, steps=steps, chunk=chunk, progress=progress) if len(part) else {}
     row = torch.tensor([[local[k]["n"], local[k]["mean"], local[k]["std"]] if k in local else [0.0, 0.0, 0.0]
                         for k in keys], dtype=torch.float64)
     gathered = ctx.all_gather(row)

@@ -10,40 +10,52 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 from allmap.learners.base import Learner  # noqa: E402
 from allmap.tasks.batch import TaskBatch  # noqa: E402
 from allmap.tasks.episodes import Episodes  # noqa: E402
 from allmap.tasks.families import LinearRegression, Logistic2D, Sinusoid  # noqa: E402
-from allmap.app.episode_plot import plot_episode  # noqa: E402
+from allmap.app.episode_plot import plot_episode, plot_episodes  # noqa: E402
 
-__all__ = ["plot_learning_curve", "plot_adaptation", "ADAPTATION_PLOTS"]
+__all__ = ["plot_learning_curve", "learning_curve_figure", "plot_adaptation", "ADAPTATION_PLOTS"]
 
 
-def plot_learning_curve(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Training loss (and validation metrics where logged) against meta-iterations."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+def learning_curve_figure(rows: Sequence[dict[str, Any]], title: str = ""):
+    """The figure of :func:`plot_learning_curve`: every logged row is drawn (a short run's few points get
+    markers, so one logged point shows as a dot, not as an invisible line)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
     train = [r for r in rows if "loss" in r]
-    ax.plot([r["iteration"] for r in train], [r["loss"] for r in train], label="train (query loss)", lw=1)
+    marker = "o" if len(train) <= 50 else None
+    ax.plot([r["iteration"] for r in train], [r["loss"] for r in train], marker=marker, ms=3, lw=1,
+            label="train (query loss)")
     val = [r for r in rows if "val_loss" in r]
     if val:
         ax.plot([r["iteration"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label="validation loss")
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("loss")
-    if train and min(r["loss"] for r in train) > 0:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers, even over a short run
+    losses = [r["loss"] for r in train] + [r["val_loss"] for r in val]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 10:  # log scale only where it helps
         ax.set_yscale("log")
     acc = [r for r in rows if "val_accuracy" in r]
+    top = ax
     if acc:
-        ax2 = ax.twinx()
-        ax2.plot([r["iteration"] for r in acc], [100 * r["val_accuracy"] for r in acc], "s--", ms=3, color="C2",
+        top = ax.twinx()
+        top.plot([r["iteration"] for r in acc], [100 * r["val_accuracy"] for r in acc], "s--", ms=3, color="C2",
                  label="validation accuracy")
-        ax2.set_ylabel("accuracy (%)")
-        ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
+        top.set_ylabel("accuracy (%)")
+    handles = [h for a in dict.fromkeys([ax, top]) for h in a.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)  # hides no point
     ax.set_title(title or "learning curve")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    return fig
+
+
+def plot_learning_curve(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Training loss (and validation metrics where logged) against meta-iterations, saved as a PNG."""
+    fig = learning_curve_figure(rows, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -98,6 +110,9 @@ def plot_adaptation(learner: Learner, family, tasks: TaskBatch, path: str | Path
         return False
     if not learner.spec.adapts_in_steps:
         steps = [0]
+    if isinstance(family, Episodes):  # image episodes: a grid of episodes, one row per class
+        plot_episodes(learner, family, tasks, path, steps, n)
+        return True
     n = min(n, len(tasks))
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
     for i, ax in enumerate(axes[0]):

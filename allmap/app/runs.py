@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from allmap.learners.base import Learner
 from allmap.app.build import build_family, build_learner, resolve_device
 from allmap.app.checkpoint import CheckpointError, load_checkpoint
-from allmap.app.config import ConfigError, validate, with_defaults
+from allmap.app.config import ConfigError, read_yaml, validate, with_defaults
 
 __all__ = ["RunDir", "load", "read_config", "to_json", "results_record", "non_finite_metrics"]
 
@@ -89,7 +88,7 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     if not run.config.is_file():
         raise ConfigError(f"{str(run.path)!r} is not a run folder: it has no config.yaml. Train one with "
                           "`allmap train PRESET --out DIR`.")
-    data = yaml.safe_load(run.config.read_text())
+    data = read_yaml(run.config)
     if not isinstance(data, dict):
         raise ConfigError(f"{str(run.config)!r} must hold a mapping of config keys, got {type(data).__name__}.")
     config = with_defaults(data)  # a run written before a key existed gets that key's default

@@ -17,17 +17,19 @@ the reason, and the error names the rates to lower.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from allmap.learners.base import Learner
 from allmap.app.averaging import WeightAverage, averaged
@@ -37,12 +39,14 @@ from allmap.app.config import ConfigError, apply_overrides, dump_config, validat
 from allmap.app.distributed import Dist, current, evaluate_sharded, reduce_step, restart_count
 from allmap.app.plots import plot_adaptation, plot_learning_curve
 from allmap.app.preflight import check_device, check_model_input, check_model_size, check_sizes, trial_step
+from allmap.app.progress import TaskProgress, progress_bar
 from allmap.app.report import format_results
 from allmap.app.runs import RunDir, read_config, results_record, to_json
 from allmap.engine.evaluate import fixed_tasks
 
 __all__ = ["train", "resume", "finish", "check_config", "NonFiniteLossError", "DivergedError", "Interrupted",
-           "RESUMABLE_KEYS", "MAX_CONSECUTIVE_SKIPS", "DIVERGENCE_FACTOR", "RECENT_STEPS", "lower_rates"]
+           "StoppedAtOnce", "RESUMABLE_KEYS", "MAX_CONSECUTIVE_SKIPS", "DIVERGENCE_FACTOR", "RECENT_STEPS",
+           "lower_rates"]
 
 #: keys that ``--resume`` may change; anything else would make the resumed run a different run.
 RESUMABLE_KEYS = ("iterations", "log_every", "checkpoint_every", "device", "eval", "on_nonfinite")
@@ -84,21 +88,56 @@ class Interrupted(Exception):
                          f"exactly with `allmap train --resume {checkpoint.parent}`.")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM while training was stopping (finishing its iteration or validating): it stopped
+    at once, without saving (a save under way is finished first); the message names the checkpoint on disk
+    and its iteration."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 class _StopSignals:
-    """Within ``with``: the first SIGINT/SIGTERM is recorded (training stops at the end of the iteration);
-    a second one raises ``KeyboardInterrupt`` at once. Handlers are restored on exit."""
+    """Within ``with``: the first SIGINT/SIGTERM is recorded (training stops at the end of the iteration and
+    saves) and, with ``notice``, says so on stderr; a second one raises :class:`StoppedAtOnce` at once, with
+    the message ``left(signum)``: no save then, since the iteration under way may be half done. A save under
+    way (``with signals.saving():``) finishes first, so the message can say which checkpoint is on disk.
+    Handlers are restored on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, left: Callable[[int], str] = lambda signum: "", notice: bool = False) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._left, self._notice = left, notice
+        self._saving, self._held = False, None
+
+    def _stop_at_once(self, signum: int) -> None:
+        self._restore()
+        raise StoppedAtOnce(self._left(signum), signum)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
-            self._restore()
-            raise KeyboardInterrupt
+            if self._saving:  # raised when the save is done
+                self._held = signum
+                return
+            self._stop_at_once(signum)
         self.received = signum
+        if self._notice:  # os.write: print() could re-enter a stream the main thread is writing to
+            os.write(2, f"\n{signal.Signals(signum).name} received: stopping after this iteration and saving a "
+                        "checkpoint; press Ctrl-C again to stop at once without saving.\n".encode())
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Within: a second signal waits until the block is done (a checkpoint is written whole)."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+        if self._held is not None:
+            self._stop_at_once(self._held)
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -156,7 +195,7 @@ class _Trainer:
         self.checked = 0
         self.skipped, self.consecutive = 0, 0
         self.first_loss: float | None = None  # the first meta-batch's loss: the start of the divergence rule
-        self.saved_at: int | None = None  # the iteration of the checkpoint on disk
+        self.saved_at: int | None = None  # the iteration of the checkpoint on disk, once there is one
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -207,7 +246,7 @@ class _Trainer:
         if not rows or rows[-1]["iteration"] != it or cfg["iterations"] <= it:
             return rows
         last = dict(rows.pop())
-        if it % cfg["log_every"]:
+        if it % _log_interval(cfg["log_every"], cfg["iterations"]):
             last.pop("loss", None)
         if it % cfg["eval"]["every"]:
             last = {k: v for k, v in last.items() if not k.startswith("val_")}
@@ -300,7 +339,9 @@ class _Trainer:
 
     def validate(self) -> dict[str, float]:
         """Validation metrics; raises :class:`DivergedError` if one is NaN or infinite."""
-        res = evaluate_sharded(self.model, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx)
+        with TaskProgress("validation", enabled=self.progress, total=len(self.val_tasks)) as bar:
+            res = evaluate_sharded(self.model, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx,
+                                   progress=bar)
         metrics = {f"val_{k.split('@')[0]}": v["mean"] for k, v in res.items()}
         bad = [f"{k} = {v}" for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
@@ -315,20 +356,30 @@ class _Trainer:
             save_checkpoint(self.state(), self.run.checkpoint)
         self.saved_at = self.iteration
 
+    def left_behind(self, signum: int) -> str:
+        """What a second Ctrl-C leaves: the message of :class:`StoppedAtOnce`."""
+        name = signal.Signals(signum).name
+        if self.saved_at is None:
+            return (f"{name} received again: stopped at once, without saving; no checkpoint was written yet "
+                    f"(iteration {self.iteration}). Start the run again.")
+        return (f"{name} received again: stopped at once, without saving; {self.run.checkpoint} holds iteration "
+                f"{self.saved_at}. Continue from there with `allmap train --resume {self.run.path}`.")
+
     def fit(self, callback: Callable[[int, Learner], None] | None = None) -> None:
         cfg = self.config
         total = cfg["iterations"]
-        bar = tqdm(total=total, initial=self.iteration, disable=not self.progress, desc="meta-train",
-                   dynamic_ncols=True, unit="it")
+        bar = progress_bar(self.progress, total=total, initial=self.iteration, desc="meta-train", unit="it")
+        log_every = _log_interval(cfg["log_every"], total)
         start = time.perf_counter() - self.elapsed
-        with bar, _StopSignals() as signals:  # the bar is closed before any error reaches the user
+        # the bar is closed before any error reaches the user
+        with bar, _StopSignals(self.left_behind, notice=self.ctx.is_main) as signals:
             while self.iteration < total:
                 stop = self.step(signals.received is not None)
                 self.iteration += 1
                 it = self.iteration
                 bar.update(1)
                 end = it == total
-                at_log = it % cfg["log_every"] == 0
+                at_log = it % log_every == 0
                 at_ckpt = it % cfg["checkpoint_every"] == 0 or end
                 at_val = it % cfg["eval"]["every"] == 0 or end
                 if at_log or at_ckpt or at_val:
@@ -347,16 +398,24 @@ class _Trainer:
                         self.log(row)
                         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("iteration", "seconds")})
                     if at_ckpt:
-                        self.save()
+                        with signals.saving():
+                            self.save()
                 if callback is not None:
                     callback(it, self.learner)
                 if stop and self.iteration < total:
                     self.verify_pending()  # never save weights that a non-finite step produced
                     self.elapsed = time.perf_counter() - start
-                    self.save()
+                    with signals.saving():
+                        self.save()
                     bar.close()
                     raise Interrupted(signals.received or signal.SIGTERM, it, self.run.checkpoint)
         bar.close()
+
+
+def _log_interval(log_every: int, iterations: int) -> int:
+    """Iterations between log rows: ``log_every``, or for a run shorter than that, a tenth of the run (so a
+    short run's learning curve has points, not one dot at its end)."""
+    return log_every if iterations >= log_every else max(1, iterations // 10)
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -427,7 +486,7 @@ def _fit_and_finish(trainer: _Trainer, callback: Callable[[int, Learner], None] 
             trainer.run.write_results({"status": "failed", "reason": str(err), "stopped_after_iteration": trainer.iteration,
                                        "protocol": None, "metrics": None})
         raise
-    finish(trainer.run.path, trainer.model, trainer.config, trainer.ctx)
+    finish(trainer.run.path, trainer.model, trainer.config, trainer.ctx, progress=trainer.progress)
 
 
 def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True,
@@ -488,16 +547,19 @@ def protocol(config: dict[str, Any], family, n: int) -> str:
             f"test tasks (seed {config['eval']['seed']}); mean ± 95% CI (1.96·std/sqrt(n))")
 
 
-def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: Dist | None = None) -> dict[str, Any]:
+def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: Dist | None = None,
+           progress: bool = False) -> dict[str, Any]:
     """Final test evaluation (``results.json``) and plots of a run; sharded across ranks under torchrun,
     written by rank 0. A NaN or infinite test metric is written as null with ``status: failed`` and raises
-    :class:`DivergedError`: it is not a result."""
+    :class:`DivergedError`: it is not a result. ``progress``: a bar counting test tasks on rank 0's stderr
+    (if it is a terminal)."""
     ctx = current() if ctx is None else ctx
     run = RunDir(run_dir)
     ev = config["eval"]
     family = build_family(config, "test")
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
-    results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx)
+    with TaskProgress("test", enabled=progress and ctx.is_main, total=len(tasks)) as bar:
+        results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx, progress=bar)
     text = protocol(config, family, len(tasks))
     record = results_record(text, results)
     if ctx.is_main:

@@ -16,7 +16,10 @@ from allmap.nets.conv import nhwc
 from allmap.nets.norm import first_order_only
 from allmap.tasks.batch import TaskBatch
 
-__all__ = ["evaluate", "evaluation_workers", "summarize", "fixed_tasks", "step_names"]
+__all__ = ["evaluate", "evaluation_workers", "summarize", "fixed_tasks", "step_names", "Progress"]
+
+#: ``progress(done, total)``: ``done`` of the ``total`` tasks this process evaluates are finished.
+Progress = Callable[[int, int], None]
 
 
 def fixed_tasks(family, n: int, seed: int) -> TaskBatch:
@@ -74,6 +77,7 @@ def evaluate(
     steps: Sequence[int] = (0, 1, 5, 10),
     chunk: int = 100,
     workers: int | str = "auto",
+    progress: Progress | None = None,
 ) -> dict[str, dict[str, float]]:
     """Loss (and accuracy for classification) of ``learner`` on ``tasks``, as mean ± 95% CI over tasks.
 
@@ -86,6 +90,8 @@ def evaluate(
     share of the tasks and one intra-op thread; Linux, CPU) run at once, ``0`` runs here; ``"auto"`` is
     :func:`evaluation_workers`. Every setting gives the same numbers up to float rounding (the thread count
     changes the order of sums inside kernels, which can flip a near-tie prediction of an untrained model).
+    ``progress(done, total)``, if given, is called as tasks finish: after each chunk here, after each
+    worker's share with workers (e.g. the CLI's progress bar); it changes no number.
     Returns ``{"loss@1": {"mean", "ci95", "std", "n"}, ...}``.
     """
     check_tasks(learner, tasks, "evaluate")
@@ -95,11 +101,14 @@ def evaluate(
     if not isinstance(n_workers, int) or n_workers < 0:
         raise ValueError(f"evaluate: workers must be 'auto' or a number of processes >= 0, got {workers!r}.")
     n_workers = min(n_workers, len(tasks)) if can_fork() else 0
+    counted = _counter(progress, len(tasks))
     if n_workers:
-        shares = [tasks[lo:hi] for lo, hi in even_shares(len(tasks), n_workers)]
-        values = torch.cat(run_forked(lambda share: _values(learner, share, steps, chunk), shares))
+        bounds = even_shares(len(tasks), n_workers)
+        shares = [tasks[lo:hi] for lo, hi in bounds]
+        values = torch.cat(run_forked(lambda share: _values(learner, share, steps, chunk), shares,
+                                      done=lambda i: counted(bounds[i][1] - bounds[i][0])))
     else:
-        values = _values(learner, tasks, steps, chunk)
+        values = _values(learner, tasks, steps, chunk, counted)
     results = {}
     for j, suffix in enumerate(names):
         results[f"loss{suffix}"] = summarize(values[:, j, 0])
@@ -124,8 +133,22 @@ def evaluation_workers(learner: Mapping, n_tasks: int) -> int:
     return threads if threads > 1 and n_tasks >= 8 * threads else 0
 
 
-def _values(learner: Mapping, tasks: TaskBatch, steps: list[int], chunk: int) -> Tensor:
-    """``[tasks, steps, 2]``: query loss and accuracy of every task after each number of steps."""
+def _counter(progress: Progress | None, total: int) -> Callable[[int], None]:
+    """``add(n)``: ``n`` more tasks are done; tells ``progress`` the running count (nothing without one)."""
+    done = [0]
+
+    def add(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0], total)
+
+    return add
+
+
+def _values(learner: Mapping, tasks: TaskBatch, steps: list[int], chunk: int,
+            done: Callable[[int], None] = lambda n: None) -> Tensor:
+    """``[tasks, steps, 2]``: query loss and accuracy of every task after each number of steps;
+    ``done(n)`` after each chunk of ``n`` tasks."""
     fn = _per_task(learner, steps)
     device = next(learner.parameters()).device
     use_vmap = evaluation_vmap(learner, device)
@@ -154,6 +177,7 @@ def _values(learner: Mapping, tasks: TaskBatch, steps: list[int], chunk: int) ->
                             parts.append(batched(*args))
                         else:
                             parts.append(torch.stack([fn(*one_task(args, i)) for i in range(len(part))]))
+                    done(len(part))
                     break
                 except RuntimeError as err:
                     if layout[0] is not None:  # e.g. a model calling .view() on a convolution's output

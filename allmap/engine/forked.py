@@ -105,7 +105,8 @@ def _one_thread(fn: Callable[[Any], T], piece: Any) -> T:
         torch.set_num_threads(threads)
 
 
-def run_forked(fn: Callable[[Any], T], pieces: Sequence[Any], here: bool = False) -> list[T]:
+def run_forked(fn: Callable[[Any], T], pieces: Sequence[Any], here: bool = False,
+               done: Callable[[int], None] | None = None) -> list[T]:
     """``[fn(p) for p in pieces]``, each piece in a forked child process, all at once, every child with one
     intra-op thread (GNU OpenMP's thread pool does not survive ``fork``: a child that starts a parallel
     region after its parent has used the pool waits forever at its barrier; with one thread there is no
@@ -114,7 +115,8 @@ def run_forked(fn: Callable[[Any], T], pieces: Sequence[Any], here: bool = False
     the caches this process has already paid for (a forked child pays them again) serve that piece.
     Results come back in order; an error in a child is raised here as ``RuntimeError`` with the child's
     traceback (an error of the piece computed here, as itself, after the children are stopped). ``fn``'s
-    results must pickle. Call only where :func:`can_fork` holds.
+    results must pickle. ``done(i)``, if given, is called here as the result of piece ``i`` arrives (in
+    order; e.g. to advance a progress bar). Call only where :func:`can_fork` holds.
     """
     _CHILDREN_PEAK_MB.clear()
     here = here and len(pieces) > 0
@@ -129,6 +131,8 @@ def run_forked(fn: Callable[[Any], T], pieces: Sequence[Any], here: bool = False
             os.close(write_fd)
             children.append((pid, read_fd))
         results = [_one_thread(fn, pieces[0])] if here else []
+        if here and done is not None:
+            done(0)
         while children:
             pid, read_fd = children.pop(0)
             try:
@@ -143,6 +147,8 @@ def run_forked(fn: Callable[[Any], T], pieces: Sequence[Any], here: bool = False
                 raise RuntimeError(f"forked worker {pid} failed:\n{value}")
             results.append(value[0])
             _CHILDREN_PEAK_MB.append(value[1])
+            if done is not None:
+                done(len(results) - 1)
         return results
     finally:
         for pid, read_fd in children:  # an error or Ctrl-C here: stop the others, leave no zombies
