@@ -1,4 +1,4 @@
-"""How fast could evaluating conv4 MAML on Omniglot episodes be on this CPU? (issue 5)
+"""How fast could evaluating conv4 MAML on Omniglot episodes be on this CPU?
 
 Counts the floating-point operations of one evaluation episode of the ``eval-600`` workload of
 ``peers.py`` (conv4 64 filters, 5-way 1-shot 15 queries, accuracy after 0/1/3 first-order steps) with
@@ -12,7 +12,7 @@ rates of allmap and of a learn2learn clone/adapt loop.
 
 The FLOPs of an episode are the same for every implementation (the same convolutions on the same images).
 An implementation's "achieved GFLOP/s" far below the convolution's rate means its time goes elsewhere:
-pooling, BatchNorm, the small support batches, Python. Here oneDNN's 3x3 convolution ran faster than MKL's
+pooling, BatchNorm, the small support batches, Python. oneDNN's 3x3 convolution can run faster than MKL's
 matmul (it counts direct-convolution FLOPs; oneDNN may compute fewer), so the matmul is no upper bound.
 """
 

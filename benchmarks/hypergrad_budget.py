@@ -1,4 +1,4 @@
-"""Learners at equal training time: MAML against Reptile, iMAML and the LSTM meta-learner (issue 4).
+"""Learners at equal training time: MAML against Reptile, iMAML and the LSTM meta-learner.
 
 Each preset is trained with the real training loop; at each mark (minutes of training wall-clock after the
 first iteration, evaluation excluded; ``--clock cpu``: process CPU minutes) the learner is scored on the same fixed test tasks (``eval.seed`` of the preset), and the row

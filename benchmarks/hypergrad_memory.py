@@ -1,6 +1,6 @@
 """Peak memory and time of one meta-gradient against the number of inner steps, per strategy.
 
-Protocol (issue 4): MAML on conv4 (4 x [conv3x3 64, BatchNorm, ReLU, maxpool], linear head), Omniglot
+Protocol: MAML on conv4 (4 x [conv3x3 64, BatchNorm, ReLU, maxpool], linear head), Omniglot
 5-way 5-shot, 5 queries per class, meta-batch 2, float32, inner SGD with lr 0.4, tasks one at a time
 (``vectorize=False``), strategies unrolled, checkpointed, truncated(k=5) and implicit (lam=2, 5 CG
 iterations), inner steps 1, 5, 10, 20, 50.

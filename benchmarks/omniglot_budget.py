@@ -1,7 +1,7 @@
 """Accuracy against training time: run a preset with the real training loop and, at given minutes of
 training time, score the learner on fixed test episodes (evaluation time is not counted as training).
 
-    flock /tmp/allmap-bench.lock python benchmarks/omniglot_budget.py omniglot-5w1s-protonet \
+    flock /tmp/allmap-bench.lock python benchmarks/omniglot_budget.py omniglot-5w1s-protonet \\
         --minutes 5 10 20 30 40 50 60 --protocols 5:1:15 20:1:5 --out runs/bench-protonet
 
 Writes OUT/budget.json (one row per checkpoint: training minutes (wall clock, evaluation excluded), process

@@ -92,7 +92,7 @@ def _omniglot(ways: int, shots: int, queries: int, n: int, seed: int, split: str
 
 
 def workloads(smoke: bool) -> dict[str, Workload]:
-    """The issue's workloads (full size), or tiny versions of them (``smoke``)."""
+    """The benchmark's workloads (full size), or tiny versions of them (``smoke``)."""
     h = 8 if smoke else 64
     b = (lambda full: 2) if smoke else (lambda full: full)
     rand = smoke

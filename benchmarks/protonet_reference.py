@@ -1,4 +1,4 @@
-"""An independent reference for the ProtoNets preset: a plain PyTorch script as issue 3 describes its own
+"""An independent reference for the ProtoNets preset: a plain PyTorch script of the ProtoNets recipe
 (conv4-64, 60-way 1-shot 5-query training episodes, Adam 1e-3 halved every 2,000 episodes), written without
 allmap's learner, training loop or episode sampler. Only the preprocessed Omniglot tensor and the 600 fixed
 test episodes (seed 1000, as the preset's) come from allmap, so both score the same images.

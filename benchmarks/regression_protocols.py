@@ -1,4 +1,4 @@
-"""Issue-2 figures: MAML's sinusoid protocol, Meta-SGD against MAML, the mapping learner against MAML.
+"""The regression presets' figures: MAML's sinusoid protocol, Meta-SGD and the mapping learner against MAML.
 
     python benchmarks/regression_protocols.py --runs runs/bench           # full presets (about 25 min on 2 cores)
     python benchmarks/regression_protocols.py --runs /tmp/smoke --smoke   # seconds; what the tests call
