@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import sys
+import types
+from pathlib import Path
+
 import torch
 
 import allmap
@@ -23,3 +28,43 @@ def assert_vmap_equals_loop(learner: allmap.Learner, tasks: allmap.TaskBatch, gr
     torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=grad_rtol, atol=1e-12)
+
+
+def as_function(learner: allmap.Learner, tasks: allmap.TaskBatch):
+    """``(f, params)``: the meta-loss as a function ``f(*params)`` of the learner's trainable meta-parameters
+    (through ``torch.func.functional_call``), and detached copies of their current values, for ``gradcheck``."""
+    names = [n for n, p in learner.named_parameters() if p.requires_grad]
+    base = {n: p.detach() for n, p in learner.named_parameters()}
+
+    def f(*params: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(learner, {**base, **dict(zip(names, params))}, (tasks,))
+
+    return f, tuple(base[n].clone().requires_grad_() for n in names)
+
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
+_BLOCK = re.compile(r"^```(\w+)[ \t]+file=(\S+)[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+
+
+def guide_files(path: Path = GUIDE) -> dict[str, tuple[str, int]]:
+    """The fenced blocks of a guide marked ```` ```LANG file=NAME ````: ``NAME -> (text, first line)``."""
+    text = path.read_text()
+    return {m.group(2): (m.group(3), text.count("\n", 0, m.start(3)) + 1) for m in _BLOCK.finditer(text)}
+
+
+def guide_module(file: str = "ridge_head.py", path: Path = GUIDE) -> types.ModuleType:
+    """The guide's learner file as the module of its file name (once per process, like an import: its
+    ``@allmap.register`` line runs once). Compiled against the guide itself, so a traceback names the line of
+    docs/extending.md."""
+    name = file.removesuffix(".py")
+    if name not in sys.modules:
+        code, first = guide_files(path)[file]
+        module = types.ModuleType(name)
+        module.__file__ = str(path)
+        sys.modules[name] = module
+        try:
+            exec(compile("\n" * (first - 1) + code, str(path), "exec"), module.__dict__)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]

@@ -6,6 +6,7 @@ the constructor's signature, so a misspelt key is an error that lists the valid 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from allmap.app.schedules import CosineAdam, StepDecayAdam
 from allmap.app.typecheck import check_arguments
 
 __all__ = ["FAMILIES", "MODELS", "LEARNERS", "OPTIMIZERS", "build_family", "build_model", "build_learner", "build_optimizer",
-           "resolve_device", "check_disjoint", "check_held_out"]
+           "resolve_device", "check_disjoint", "check_held_out", "import_modules"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "conv4": Conv4, "mamlconv": MAMLConv}
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -55,6 +56,24 @@ def _call(kind: str, registry: dict[str, Callable[..., Any]], section: dict[str,
         raise ConfigError(f"{kind} {name!r}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from err
 
 
+def import_modules(config: dict[str, Any]) -> None:
+    """Import the modules listed in ``config['imports']``, so that the components they register (for example a
+    learner under ``@allmap.register("name")``) are known before the config's names are resolved. A module
+    imports once per process; a failure is a :class:`ConfigError` naming the module and what went wrong."""
+    for name in config.get("imports") or []:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
+                raise ConfigError(f"imports: importing {name!r} failed: {err}") from err
+            raise ConfigError(
+                f"imports: no module named {name!r} on the Python path. Put the folder that holds {name}.py on "
+                f"PYTHONPATH (e.g. `export PYTHONPATH=$PWD` in that folder) or install its package."
+            ) from None
+        except Exception as err:  # anything the module raises while it runs: its own error, with its name
+            raise ConfigError(f"imports: importing {name!r} failed: {type(err).__name__}: {err}") from err
+
+
 def build_family(config: dict[str, Any], split: str = "train"):
     """The task family of ``config['task']`` for ``split`` (train, val or test).
 
@@ -62,6 +81,7 @@ def build_family(config: dict[str, Any], split: str = "train"):
     augmentation (``shift``, ``rotate``, ``scale``); families with a ``split`` argument
     (class datasets) receive it, so test tasks come from held-out classes.
     """
+    import_modules(config)
     section = dict(config["task"])
     if split != "train":
         for key in ("shots", "queries", "ways"):
@@ -124,14 +144,20 @@ def _takes(factory: Callable[..., Any] | None, arg: str) -> bool:
 
 def build_model(config: dict[str, Any]) -> nn.Module:
     """The model of ``config['model']`` (build it under ``torch.device("meta")`` to size it for free)."""
+    import_modules(config)
     return _call("model", MODELS, config["model"], "name")
 
 
 def build_learner(config: dict[str, Any], family) -> Learner:
-    """The learner of ``config['learner']`` around the model of ``config['model']``."""
+    """The learner of ``config['learner']`` around the model of ``config['model']`` (after importing the
+    config's ``imports``, which may register it)."""
     model = build_model(config)
     section = dict(config["learner"])
-    factory = LEARNERS.get(section["name"])
+    if section["name"] not in LEARNERS:
+        raise ConfigError(f"unknown learner {section['name']!r}; known: {', '.join(sorted(LEARNERS))}. A learner of "
+                          "your own joins with @allmap.register(NAME) in a module listed under the config's "
+                          "'imports' key (see docs/extending.md).")
+    factory = LEARNERS[section["name"]]
     if _takes(factory, "loss"):
         section.setdefault("loss", "cross_entropy" if family.classification else "mse")
     for key, value in (("x_dim", family.x_dim), ("y_dim", family.y_dim)):

@@ -3,7 +3,9 @@
 A config is a nested mapping. Top-level keys and their defaults are in :data:`DEFAULTS`; the sections
 ``task``, ``model``, ``learner`` and ``optimizer`` name a registered component (``family`` or ``name``)
 and pass the remaining keys to its constructor, so their valid keys are the constructor's arguments.
-Every key is checked before training starts; a wrong one is an error naming the valid ones.
+Every key is checked before training starts; a wrong one is an error naming the valid ones. ``imports``
+lists modules to import before those names are resolved, such as a file defining a learner registered with
+``@allmap.register("name")`` (see docs/extending.md).
 
 Two keys are text for people: ``description``, one line of at most :data:`MAX_DESCRIPTION` characters that
 ``allmap presets`` lists (what it trains, on which protocol, the paper), and ``notes``, the full protocol in
@@ -36,6 +38,7 @@ __all__ = ["DEFAULTS", "MAX_DESCRIPTION", "ConfigError", "load_config", "read_ya
 DEFAULTS: dict[str, Any] = {
     "description": "",
     "notes": "",
+    "imports": [],
     "seed": 0,
     "iterations": 1000,
     "meta_batch": 25,
@@ -282,6 +285,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_module_name(name: str) -> bool:
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
+
+
 def validate(config: dict[str, Any]) -> None:
     """Check top-level keys and value types; section keys are checked against constructors in ``build``."""
     unknown = sorted(set(config) - set(DEFAULTS))
@@ -290,7 +297,7 @@ def validate(config: dict[str, Any]) -> None:
     for key in _POSITIVE_INTS:
         if not _is_int(config[key]) or config[key] < 1:
             raise ConfigError(f"config key {key!r} must be a positive integer, got {config[key]!r}.")
-    missing = sorted(set(DEFAULTS) - set(config) - {"on_nonfinite", "ema"})
+    missing = sorted(set(DEFAULTS) - set(config) - {"on_nonfinite", "ema", "imports"})
     if missing:
         raise ConfigError(f"config key(s) {missing} are missing; start from a preset (`allmap show NAME`).")
     ev = config["eval"]
@@ -325,6 +332,11 @@ def validate(config: dict[str, Any]) -> None:
     if config.get("on_nonfinite", "raise") not in ("raise", "skip"):
         raise ConfigError(f"config key 'on_nonfinite' must be 'raise' (stop with an error naming the iteration) or "
                           f"'skip' (skip that meta-batch and count it in the metrics log), got {config['on_nonfinite']!r}.")
+    imports = config.get("imports", [])
+    if not isinstance(imports, list) or not all(isinstance(m, str) and _is_module_name(m) for m in imports):
+        raise ConfigError(f"config key 'imports' must be a list of module names such as [my_learners] (modules "
+                          f"imported before the config's names are resolved, e.g. to run their "
+                          f"@allmap.register lines), got {imports!r}.")
     ema = config.get("ema")
     if ema is not None and not is_decay(ema):
         raise ConfigError(f"config key 'ema' must be null (evaluate the last weights) or a decay in (0, 1) such as "
