@@ -16,7 +16,7 @@ import allmap
 from allmap.cli import main
 from allmap.app import CheckpointError, ConfigError, NonFiniteLossError, load_config, resume, train
 from allmap.app.checkpoint import load_checkpoint, save_checkpoint
-from allmap.app import loop
+from allmap.app import trainer as loop
 from allmap.app.trainer import check_config
 
 TINY = ["iterations=20", "meta_batch=4", "log_every=5", "checkpoint_every=100", "eval.tasks=10", "eval.every=10",
