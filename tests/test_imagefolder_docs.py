@@ -1,5 +1,5 @@
-"""The worked example of docs/imagefolder.md runs as written: train and eval through the CLI on a generated
-image folder, test classes held out of training."""
+"""The worked example of the README's 'Your own images' section runs as written: train and eval through the
+CLI on a generated image folder, test classes held out of training."""
 
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ from PIL import Image
 
 from allmap.cli import main
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "imagefolder.md"
+DOC = Path(__file__).resolve().parents[1] / "README.md"
 # scale only: fewer and smaller steps; every other key is the documented config
 TINY = ["iterations=2", "log_every=1", "checkpoint_every=2", "eval.every=2", "eval.tasks=6", "eval.val_tasks=2",
         "task.size=28", "model.hidden=8"]
 
 
 def _example() -> dict:
-    blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 1, "docs/imagefolder.md should hold one YAML example"
+    section = DOC.read_text().split("## Your own images", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 1, "the README's 'Your own images' section should hold one YAML example"
     return yaml.safe_load(blocks[0])
 
 
