@@ -7,11 +7,24 @@ import os
 
 import torch
 
-from allmap import hypergrad, inner, nets, tasks
-from allmap import engine, learners
+from allmap import engine, hypergrad, inner, learners, nets, tasks
 from allmap.engine import Execution, LearnerSpec
-from allmap.learners import (ANIL, IMAML, MAML, GradientLearner, HyperNetwork, Learner, LSTMMetaLearner,
-                             MatchingNet, MetaSGD, ProtoNet, Reptile, Siamese, TaskModel, register)
+from allmap.learners import (
+    ANIL,
+    IMAML,
+    MAML,
+    GradientLearner,
+    HyperNetwork,
+    Learner,
+    LSTMMetaLearner,
+    MatchingNet,
+    MetaSGD,
+    ProtoNet,
+    Reptile,
+    Siamese,
+    TaskModel,
+    register,
+)
 from allmap.tasks import TaskBatch
 
 __version__ = "0.1.0"

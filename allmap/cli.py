@@ -26,23 +26,39 @@ from pathlib import Path
 
 from allmap import __version__
 from allmap.app.checkpoint import CheckpointError
-from allmap.app.config import (ConfigError, apply_overrides, dump_config, list_presets, load_config, preset_path,
-                               validate)
+from allmap.app.config import (
+    ConfigError,
+    apply_overrides,
+    dump_config,
+    list_presets,
+    load_config,
+    preset_path,
+    validate,
+)
 from allmap.app.trainer import Interrupted, NonFiniteLossError
 
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="allmap", description="Meta-learning on PyTorch: every meta-learner is a map "
-                                "from a task's support set to a model for that task.")
+    p = argparse.ArgumentParser(
+        prog="allmap",
+        description="Meta-learning on PyTorch: every meta-learner is a map "
+        "from a task's support set to a model for that task.",
+    )
     p.add_argument("--version", action="version", version=f"allmap {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="meta-train from a preset or a YAML config file")
     t.add_argument("config", nargs="?", help="preset name (see `allmap presets`) or path of a YAML config")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set iterations=200 --set learner.inner_lr=0.1")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set iterations=200 --set learner.inner_lr=0.1",
+    )
     t.add_argument("--out", help="run folder (default: runs/NAME)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,8 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=int, help="number of test tasks (default: the run's eval.tasks, 600)")
     e.add_argument("--shots", type=int, help="support examples per test task (default: the run's)")
     e.add_argument("--steps", help="comma-separated inner step counts, e.g. 0,1,5,10")
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="evaluate on another protocol, e.g. --set task.ways=20 --set eval.seed=7")
+    e.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="evaluate on another protocol, e.g. --set task.ways=20 --set eval.seed=7",
+    )
     e.add_argument("--json", action="store_true", help="print JSON: each metric with mean and ci95")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -62,8 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     sp = sub.add_parser("show", help="print a preset's resolved config, its notes included (copy it to make your own)")
     sp.add_argument("preset", help="preset name (see `allmap presets`) or path of a YAML config")
-    sp.add_argument("--file", action="store_true",
-                    help="print the file as written (with its `base:`) instead of the resolved config")
+    sp.add_argument(
+        "--file",
+        action="store_true",
+        help="print the file as written (with its `base:`) instead of the resolved config",
+    )
     return p
 
 
@@ -85,13 +110,15 @@ def _host_settings(config: dict | None, run_dir: str | None) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from allmap.app import distributed
-    from allmap.app.trainer import format_run_results, resume, train
     from allmap.app.runs import RunDir
+    from allmap.app.trainer import format_run_results, resume, train
 
     if args.resume and args.config:
         raise ConfigError("--resume takes the run folder; do not pass a config as well.")
     if not args.resume and not args.config:
-        raise ConfigError("allmap train needs a preset name or config file (see `allmap presets`), or --resume RUN_DIR.")
+        raise ConfigError(
+            "allmap train needs a preset name or config file (see `allmap presets`), or --resume RUN_DIR."
+        )
     config = None if args.resume else load_config(args.config, args.overrides)  # checked before joining the group
     if config is not None:
         _check_out_dir(Path(args.out or Path("runs") / Path(args.config).stem))
@@ -118,19 +145,24 @@ def _check_out_dir(out: Path) -> None:
     """Refuse an ``--out`` that cannot become a run folder (a file, or a place where no folder can be
     made) before any work, with what to do instead."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; expected a folder for the run (new, or without a "
-                          "run in it). Choose another --out.")
+        raise ConfigError(
+            f"--out {str(out)!r} is a file; expected a folder for the run (new, or without a "
+            "run in it). Choose another --out."
+        )
     parent = out
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file, not a folder. "
-                          "Choose another --out.")
+        raise ConfigError(
+            f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file, not a folder. Choose another --out."
+        )
     try:  # the one sure test: make a folder there (root may write where os.access says no, and vice versa)
         os.rmdir(tempfile.mkdtemp(prefix=".allmap-", dir=parent))
     except OSError as err:
-        raise ConfigError(f"--out {str(out)!r} cannot be created: no folder can be made in {str(parent)!r} "
-                          f"({err.strerror}). Choose a writable --out.") from None
+        raise ConfigError(
+            f"--out {str(out)!r} cannot be created: no folder can be made in {str(parent)!r} "
+            f"({err.strerror}). Choose a writable --out."
+        ) from None
 
 
 def _steps(text: str) -> list[int]:
@@ -142,13 +174,11 @@ def _steps(text: str) -> list[int]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from allmap.app.build import build_family, check_disjoint
+    from allmap.app.evaluation import evaluate_run
     from allmap.app.host import apply_host_settings
-    from allmap.app.progress import TaskProgress
     from allmap.app.report import format_results
-    from allmap.app.runs import load, read_config, results_record, to_json
-    from allmap.app.trainer import DivergedError, protocol
-    from allmap.engine.evaluate import evaluate, fixed_tasks
+    from allmap.app.runs import load, read_config, to_json
+    from allmap.app.trainer import DivergedError
 
     trained = read_config(args.run_dir)
     extra = list(args.overrides)
@@ -162,29 +192,27 @@ def _eval(args: argparse.Namespace) -> int:
     validate(config)
     apply_host_settings(config)
     learner = load(args.run_dir, config=config)  # with the overrides (e.g. learner.test_shift), the run's weights
-    family = build_family(config, "test")
-    check_disjoint(build_family(trained, "train"), family)
-    ev = config["eval"]
-    tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
-    with TaskProgress("test", enabled=not args.no_progress, total=len(tasks)) as bar:
-        results = evaluate(learner, tasks, steps=ev["steps"], chunk=ev["chunk"], progress=bar)
-    text = protocol(config, family, len(tasks))
-    record = results_record(text, results)  # a NaN or infinite metric: status "failed", written as null
+    _, record = evaluate_run(learner, config, trained=trained, progress=not args.no_progress)
+    results, text = record["metrics"], record["protocol"]
     if args.json:
         print(to_json({"run": str(args.run_dir), **record}, indent=2))
     elif record["status"] == "ok":
         print(format_results(results, text))
     if record["status"] != "ok":
         inner = config["learner"].get("inner_lr")
-        fix = (f"Evaluate with a lower learner.inner_lr (now {inner}) or fewer --steps, or retrain with a lower "
-               "optimizer.lr" if inner is not None else "Retrain with a lower optimizer.lr")
+        fix = (
+            f"Evaluate with a lower learner.inner_lr (now {inner}) or fewer --steps, or retrain with a lower "
+            "optimizer.lr"
+            if inner is not None
+            else "Retrain with a lower optimizer.lr"
+        )
         raise DivergedError(f"the evaluation failed: {record['reason']}; these numbers are not a result. {fix}.")
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from allmap.app.trainer import finish
     from allmap.app.runs import RunDir, load, read_config
+    from allmap.app.trainer import finish
 
     finish(args.run_dir, load(args.run_dir), read_config(args.run_dir), progress=True)
     run = RunDir(args.run_dir)
@@ -199,8 +227,10 @@ def _show(args: argparse.Namespace) -> int:
         print((path if path.is_file() else preset_path(args.preset)).read_text(), end="")
         return 0
     config = load_config(args.preset)
-    print(f"# {args.preset}: the resolved config (base presets merged in, defaults filled); "
-          f"the file as written: allmap show --file {args.preset}")
+    print(
+        f"# {args.preset}: the resolved config (base presets merged in, defaults filled); "
+        f"the file as written: allmap show --file {args.preset}"
+    )
     print(dump_config(config), end="")
     return 0
 
@@ -211,6 +241,7 @@ def _presets() -> int:
     width = max(map(len, presets), default=0) + 2
     for name, desc in presets.items():
         print(f"{name:<{width}}{desc}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

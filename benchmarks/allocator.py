@@ -36,8 +36,12 @@ def episode(ways: int) -> allmap.TaskBatch:
     except (OSError, ValueError, RuntimeError):
         g = torch.Generator().manual_seed(0)
         y = torch.arange(ways)
-        return allmap.TaskBatch(torch.rand(1, ways, 1, 28, 28, generator=g), y[None],
-                                torch.rand(1, 5 * ways, 1, 28, 28, generator=g), y.repeat_interleave(5)[None])
+        return allmap.TaskBatch(
+            torch.rand(1, ways, 1, 28, 28, generator=g),
+            y[None],
+            torch.rand(1, 5 * ways, 1, 28, 28, generator=g),
+            y.repeat_interleave(5)[None],
+        )
 
 
 def child(retain: bool, channels_last: bool, ways: int, steps: int, warmup: int) -> dict:
@@ -59,9 +63,15 @@ def child(retain: bool, channels_last: bool, ways: int, steps: int, warmup: int)
         step()
     seconds = (time.perf_counter() - t0) / steps
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"retain_memory": retain, "took_effect": took, "channels_last": channels_last, "s_per_step": seconds,
-            "sys_s_per_step": (r1.ru_stime - r0.ru_stime) / steps,
-            "faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps, "peak_rss_mb": r1.ru_maxrss / 1024}
+    return {
+        "retain_memory": retain,
+        "took_effect": took,
+        "channels_last": channels_last,
+        "s_per_step": seconds,
+        "sys_s_per_step": (r1.ru_stime - r0.ru_stime) / steps,
+        "faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
+        "peak_rss_mb": r1.ru_maxrss / 1024,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,19 +87,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for retain, cl in CONFIGS:
-        cmd = [sys.executable, __file__, "--child", str(int(retain)), str(int(cl)), "--ways", str(args.ways),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(int(retain)),
+            str(int(cl)),
+            "--ways",
+            str(args.ways),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]["s_per_step"]
-    print(f"ProtoNets conv4-64, one {args.ways}-way 1-shot 5-query episode, {torch.get_num_threads()} threads, "
-          f"mean over {args.steps} steps after {args.warmup} untimed")
+    print(
+        f"ProtoNets conv4-64, one {args.ways}-way 1-shot 5-query episode, {torch.get_num_threads()} threads, "
+        f"mean over {args.steps} steps after {args.warmup} untimed"
+    )
     print("| retain_memory | channels_last | s/step | speed-up | kernel s/step | page faults/step | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         retain = f"{r['retain_memory']}" + ("" if r["took_effect"] or not r["retain_memory"] else " (no effect)")
-        print(f"| {retain} | {r['channels_last']} | {r['s_per_step']:.3f} | {base / r['s_per_step']:.2f}x | "
-              f"{r['sys_s_per_step']:.3f} | {r['faults_per_step']:,.0f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {retain} | {r['channels_last']} | {r['s_per_step']:.3f} | {base / r['s_per_step']:.2f}x | "
+            f"{r['sys_s_per_step']:.3f} | {r['faults_per_step']:,.0f} | {r['peak_rss_mb']:.0f} |"
+        )
     return 0
 
 

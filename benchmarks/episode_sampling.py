@@ -15,8 +15,8 @@ import time
 import torch
 
 from allmap.app.build import build_family, build_learner, build_optimizer
-from allmap.app.host import apply_host_settings
 from allmap.app.config import load_config
+from allmap.app.host import apply_host_settings
 
 
 def measure(preset: str, steps: int) -> dict:
@@ -40,13 +40,20 @@ def measure(preset: str, steps: int) -> dict:
             sample_t.append(t1 - t0)
             step_t.append(t2 - t1)
     s, t = sum(sample_t) / steps, sum(step_t) / steps
-    return {"preset": preset, "meta_batch": config["meta_batch"], "sample_s": round(s, 5), "step_s": round(t, 4),
-            "sample_fraction_%": round(100 * s / t, 2)}
+    return {
+        "preset": preset,
+        "meta_batch": config["meta_batch"],
+        "sample_s": round(s, 5),
+        "step_s": round(t, 4),
+        "sample_fraction_%": round(100 * s / t, 2),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("presets", nargs="*", default=["omniglot-5w1s-protonet", "omniglot-5w1s-maml", "omniglot-20w1s-maml"])
+    p.add_argument(
+        "presets", nargs="*", default=["omniglot-5w1s-protonet", "omniglot-5w1s-maml", "omniglot-20w1s-maml"]
+    )
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
     for preset in args.presets:

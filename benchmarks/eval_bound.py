@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (the workload and the learn2learn loop of the speed table)
 
 import allmap  # noqa: E402
-from allmap.nets import Conv4  # noqa: E402
 from allmap.engine.evaluate import evaluate  # noqa: E402
+from allmap.nets import Conv4  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     gflop = episode_gflop(learner, tasks)
     rows.append(("allmap", timed(lambda: evaluate(learner, tasks, steps=(0, 1, 3), chunk=50), len(tasks))))
     torch.manual_seed(0)
-    cl = allmap.MAML(Conv4(1, args.hidden, 5, channels_last=True), inner_lr=0.4, inner_steps=3,
-                     loss="cross_entropy")
+    cl = allmap.MAML(Conv4(1, args.hidden, 5, channels_last=True), inner_lr=0.4, inner_steps=3, loss="cross_entropy")
     rows.append(("allmap, channels_last", timed(lambda: evaluate(cl, tasks, steps=(0, 1, 3), chunk=50), len(tasks))))
     try:
         w = peers.workloads(smoke=False)["eval-600"]
@@ -95,11 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("learn2learn loop", timed(peers.eval_run("learn2learn", w, model, tasks), len(tasks))))
     except ImportError as err:
         print(f"note: learn2learn skipped ({err})")
-    peaks = [("float32 matmul 2048^2", matmul_gflops()),
-             ("3x3 conv, 75 images, NCHW", conv_gflops(args.hidden, 75, False)),
-             ("3x3 conv, 75 images, NHWC", conv_gflops(args.hidden, 75, True))]
-    print(f"threads={torch.get_num_threads()}  FLOPs per episode: {gflop:.3f} GFLOP (FlopCounterMode, convolutions "
-          "and matmuls)")
+    peaks = [
+        ("float32 matmul 2048^2", matmul_gflops()),
+        ("3x3 conv, 75 images, NCHW", conv_gflops(args.hidden, 75, False)),
+        ("3x3 conv, 75 images, NHWC", conv_gflops(args.hidden, 75, True)),
+    ]
+    print(
+        f"threads={torch.get_num_threads()}  FLOPs per episode: {gflop:.3f} GFLOP (FlopCounterMode, convolutions "
+        "and matmuls)"
+    )
     print("| implementation | episodes/s | achieved GFLOP/s |")
     print("|---|---|---|")
     for name, rate in rows:

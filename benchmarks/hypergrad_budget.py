@@ -22,8 +22,8 @@ from pathlib import Path
 
 from allmap.app.build import build_family
 from allmap.app.config import load_config
-from allmap.engine.evaluate import evaluate, fixed_tasks
 from allmap.app.trainer import train
+from allmap.engine.evaluate import evaluate, fixed_tasks
 
 
 class Marks:
@@ -54,10 +54,15 @@ class Marks:
         mark = self.marks.pop(0)
         t0, c0 = time.perf_counter(), time.process_time()
         res = evaluate(learner, self.tasks, steps=self.steps, chunk=self.chunk)
-        row = {"preset": self.preset, "mark": mark, "minutes": round(self.minutes(), 2), "iteration": iteration,
-               "cpu_minutes": round(self.cpu_minutes(), 2),
-               "load_1m": round(os.getloadavg()[0], 2),
-               "metrics": {k: [v["mean"], v["ci95"]] for k, v in res.items()}}
+        row = {
+            "preset": self.preset,
+            "mark": mark,
+            "minutes": round(self.minutes(), 2),
+            "iteration": iteration,
+            "cpu_minutes": round(self.cpu_minutes(), 2),
+            "load_1m": round(os.getloadavg()[0], 2),
+            "metrics": {k: [v["mean"], v["ci95"]] for k, v in res.items()},
+        }
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         self.paused += time.perf_counter() - t0
@@ -71,8 +76,12 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", required=True)
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 3])
     p.add_argument("--tasks", type=int, default=600)
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="marks in wall-clock minutes or in process CPU minutes (fair when the machine is shared)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="marks in wall-clock minutes or in process CPU minutes (fair when the machine is shared)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -96,8 +105,10 @@ def main() -> None:
             f"{k} {100 * m:.2f}±{100 * c:.2f}%" if k.startswith("accuracy") else f"{k} {m:.4f}±{c:.4f}"
             for k, (m, c) in row["metrics"].items()
         )
-        print(f"{row['preset']:<24} {row['minutes']:>5.1f} min  it {row['iteration']:>6}  cpu {row['cpu_minutes']:>5.1f} "
-              f"min  load {row['load_1m']:>4.1f}  {cells}")
+        print(
+            f"{row['preset']:<24} {row['minutes']:>5.1f} min  it {row['iteration']:>6}  cpu {row['cpu_minutes']:>5.1f} "
+            f"min  load {row['load_1m']:>4.1f}  {cells}"
+        )
 
 
 if __name__ == "__main__":

@@ -70,10 +70,10 @@ def make_batch(path: str, data: str, seed: int) -> None:
         from allmap.tasks.batch import TaskBatch
 
         y = torch.arange(5).repeat_interleave(5).expand(2, 25).contiguous()
-        tasks = TaskBatch(torch.rand(2, 25, 1, 28, 28, generator=gen), y, torch.rand(2, 25, 1, 28, 28, generator=gen), y)
-    torch.save(
-        {"sx": tasks.support_x, "sy": tasks.support_y, "qx": tasks.query_x, "qy": tasks.query_y}, path
-    )
+        tasks = TaskBatch(
+            torch.rand(2, 25, 1, 28, 28, generator=gen), y, torch.rand(2, 25, 1, 28, 28, generator=gen), y
+        )
+    torch.save({"sx": tasks.support_x, "sy": tasks.support_y, "qx": tasks.query_x, "qy": tasks.query_y}, path)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -91,8 +91,14 @@ def child(args: argparse.Namespace) -> None:
 
     def learner(steps: int) -> allmap.MAML:
         torch.manual_seed(0)
-        return allmap.MAML(Conv4(out_features=5), inner_lr=0.4, inner_steps=steps, loss="cross_entropy",
-                           hypergrad=args.strategy, vectorize=False)
+        return allmap.MAML(
+            Conv4(out_features=5),
+            inner_lr=0.4,
+            inner_steps=steps,
+            loss="cross_entropy",
+            hypergrad=args.strategy,
+            vectorize=False,
+        )
 
     def meta_gradient(m: allmap.MAML) -> None:
         m.zero_grad(set_to_none=True)
@@ -115,8 +121,16 @@ def child(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         meta_gradient(m)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"added_mb": (peak - before) / 2**20, "base_mb": before / 2**20,
-                      "time_s": min(times), "grad_norm": float(grad.norm())}))
+    print(
+        json.dumps(
+            {
+                "added_mb": (peak - before) / 2**20,
+                "base_mb": before / 2**20,
+                "time_s": min(times),
+                "grad_norm": float(grad.norm()),
+            }
+        )
+    )
 
 
 def interleaved(args: argparse.Namespace, batch: str) -> None:
@@ -133,8 +147,14 @@ def interleaved(args: argparse.Namespace, batch: str) -> None:
     learners = {}
     for strategy in ("unrolled", "checkpointed"):
         torch.manual_seed(0)
-        learners[strategy] = allmap.MAML(Conv4(out_features=5), inner_lr=0.4, inner_steps=args.interleave,
-                                         loss="cross_entropy", hypergrad=strategy, vectorize=False)
+        learners[strategy] = allmap.MAML(
+            Conv4(out_features=5),
+            inner_lr=0.4,
+            inner_steps=args.interleave,
+            loss="cross_entropy",
+            hypergrad=strategy,
+            vectorize=False,
+        )
     times: dict[str, list[float]] = {k: [] for k in learners}
     for m in learners.values():  # warm-up (kernel selection, allocator), not timed
         m.meta_loss(tasks).backward()
@@ -145,8 +165,10 @@ def interleaved(args: argparse.Namespace, batch: str) -> None:
             m.meta_loss(tasks).backward()
             times[name].append(time.perf_counter() - start)
     u, c = min(times["unrolled"]), min(times["checkpointed"])
-    print(f"interleaved, {args.interleave} inner steps, fastest of {args.repeats}: unrolled {u:.2f} s, "
-          f"checkpointed {c:.2f} s, ratio {c / u:.2f} (all: {json.dumps(times)})")
+    print(
+        f"interleaved, {args.interleave} inner steps, fastest of {args.repeats}: unrolled {u:.2f} s, "
+        f"checkpointed {c:.2f} s, ratio {c / u:.2f} (all: {json.dumps(times)})"
+    )
 
 
 def main() -> None:
@@ -156,11 +178,20 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads of each measurement (1: stable timings on a shared 2-core machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads of each measurement (1: stable timings on a shared 2-core machine)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--interleave", type=int, default=0, metavar="STEPS",
-                        help="instead of the table: time unrolled and checkpointed alternately at STEPS inner steps")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="instead of the table: time unrolled and checkpointed alternately at STEPS inner steps",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
@@ -178,8 +209,21 @@ def main() -> None:
             return
         for strategy in args.strategies:
             for steps in args.steps:
-                cmd = [sys.executable, __file__, "--child", "--strategy", strategy, "--inner-steps", str(steps),
-                       "--batch", batch, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--strategy",
+                    strategy,
+                    "--inner-steps",
+                    str(steps),
+                    "--batch",
+                    batch,
+                    "--repeats",
+                    str(args.repeats),
+                    "--threads",
+                    str(args.threads),
+                ]
                 # large blocks through mmap, so freed tensors leave the RSS at once and peaks do not hide in
                 # memory the allocator kept from earlier work
                 env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -188,23 +232,32 @@ def main() -> None:
                     raise SystemExit(f"{strategy} at {steps} steps failed:\n{out.stderr}")
                 results[(strategy, steps)] = json.loads(out.stdout.strip().splitlines()[-1])
                 r = results[(strategy, steps)]
-                print(f"  {LABELS.get(strategy, strategy):<14} {steps:>3} steps: +{r['added_mb']:7.1f} MB "
-                      f"{r['time_s']:7.3f} s  |g|={r['grad_norm']:.6g}", file=sys.stderr, flush=True)
-    print(f"\nMAML conv4, Omniglot 5-way 5-shot (5 queries), meta-batch 2, per-task backward ({args.data} data, "
-          f"{args.threads} thread(s)); peak RSS added by one meta-gradient (MB) / fastest of {args.repeats} (s)\n")
+                print(
+                    f"  {LABELS.get(strategy, strategy):<14} {steps:>3} steps: +{r['added_mb']:7.1f} MB "
+                    f"{r['time_s']:7.3f} s  |g|={r['grad_norm']:.6g}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(
+        f"\nMAML conv4, Omniglot 5-way 5-shot (5 queries), meta-batch 2, per-task backward ({args.data} data, "
+        f"{args.threads} thread(s)); peak RSS added by one meta-gradient (MB) / fastest of {args.repeats} (s)\n"
+    )
     head = f"{'strategy':<14}" + "".join(f"{s:>18}" for s in args.steps)
     print(head)
     print("-" * len(head))
     for strategy in args.strategies:
-        cells = "".join(f"{results[(strategy, s)]['added_mb']:>9.1f} /{results[(strategy, s)]['time_s']:>6.2f}s"
-                        for s in args.steps)
+        cells = "".join(
+            f"{results[(strategy, s)]['added_mb']:>9.1f} /{results[(strategy, s)]['time_s']:>6.2f}s" for s in args.steps
+        )
         print(f"{LABELS.get(strategy, strategy):<14}{cells}")
     if "unrolled" in args.strategies and "checkpointed" in args.strategies:
         print()
         for s in args.steps:
             u, c = results[("unrolled", s)], results[("checkpointed", s)]
-            print(f"{s:>3} steps: checkpointed/unrolled memory {c['added_mb'] / u['added_mb']:.2f}, "
-                  f"time {c['time_s'] / u['time_s']:.2f}, same |g|: {abs(c['grad_norm'] - u['grad_norm']) < 1e-4 * u['grad_norm']}")
+            print(
+                f"{s:>3} steps: checkpointed/unrolled memory {c['added_mb'] / u['added_mb']:.2f}, "
+                f"time {c['time_s'] / u['time_s']:.2f}, same |g|: {abs(c['grad_norm'] - u['grad_norm']) < 1e-4 * u['grad_norm']}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{k[0]}@{k[1]}": v for k, v in results.items()}, f, indent=1)

@@ -23,10 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import allmap  # noqa: E402
-from allmap.nets.conv import PRECISIONS  # noqa: E402
-from allmap.app.host import retain_freed_memory  # noqa: E402
 from allocator import episode  # noqa: E402  (the same fixed episode as the allocator benchmark)
+
+import allmap  # noqa: E402
+from allmap.app.host import retain_freed_memory  # noqa: E402
+from allmap.nets.conv import PRECISIONS  # noqa: E402
 
 
 def learner(precision: str, hidden: int) -> allmap.ProtoNet:
@@ -69,15 +70,24 @@ def main(argv: list[str] | None = None) -> int:
             opts[name].step()
             if i >= args.warmup:
                 seconds[name] += time.perf_counter() - start
-    print(f"conv4-{args.hidden} ProtoNets, one {args.ways}-way 1-shot 5-query episode, {args.steps} steps each "
-          f"(interleaved), {torch.get_num_threads()} threads\n")
+    print(
+        f"conv4-{args.hidden} ProtoNets, one {args.ways}-way 1-shot 5-query episode, {args.steps} steps each "
+        f"(interleaved), {torch.get_num_threads()} threads\n"
+    )
     print("| precision | s/step | speed-up |")
     print("|---|---|---|")
     for name in PRECISIONS:
         per = seconds[name] / args.steps
         print(f"| {name} | {per:.4f} | {seconds['float32'] / seconds[name]:.2f}x |")
-    print(json.dumps({"embedding_rel_diff": round(err_z, 5), "gradient_rel_diff": round(err_g, 5),
-                      "gradient_cosine": round(cosine, 6)}))
+    print(
+        json.dumps(
+            {
+                "embedding_rel_diff": round(err_z, 5),
+                "gradient_rel_diff": round(err_g, 5),
+                "gradient_cosine": round(cosine, 6),
+            }
+        )
+    )
     return 0
 
 

@@ -23,13 +23,14 @@ import torch
 from allmap.app.averaging import averaged
 from allmap.app.build import build_family
 from allmap.app.config import load_config
-from allmap.engine.evaluate import evaluate, fixed_tasks
 from allmap.app.trainer import train
+from allmap.engine.evaluate import evaluate, fixed_tasks
 
 
 class Budget:
-    def __init__(self, config, minutes, protocols, out: Path, tasks: int, stop_after: bool,
-                 iterations: list[int] | None = None) -> None:
+    def __init__(
+        self, config, minutes, protocols, out: Path, tasks: int, stop_after: bool, iterations: list[int] | None = None
+    ) -> None:
         self.marks = sorted(minutes)
         self.iteration_marks = sorted(iterations or [])
         self.out = out
@@ -65,13 +66,20 @@ class Budget:
         else:
             mark = "end"
         t0, c0 = time.perf_counter(), time.process_time()
-        row = {"minutes": round(self.training_minutes(), 2), "mark": mark, "iteration": iteration,
-               "process_cpu_minutes": round((time.process_time() - self.cpu0 - self.cpu_paused) / 60, 2),
-               "load_avg_1m": round(os.getloadavg()[0], 2)}
+        row = {
+            "minutes": round(self.training_minutes(), 2),
+            "mark": mark,
+            "iteration": iteration,
+            "process_cpu_minutes": round((time.process_time() - self.cpu0 - self.cpu_paused) / 60, 2),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }
         for name, tasks in self.suites.items():
             res = evaluate(averaged(learner), tasks, steps=self.steps, chunk=self.chunk)  # as the run reports
-            row[name] = {k: [round(100 * v["mean"], 3), round(100 * v["ci95"], 3)] for k, v in res.items()
-                         if k.startswith("accuracy")}
+            row[name] = {
+                k: [round(100 * v["mean"], 3), round(100 * v["ci95"], 3)]
+                for k, v in res.items()
+                if k.startswith("accuracy")
+            }
         row["eval_seconds"] = round(time.perf_counter() - t0, 1)
         self.rows.append(row)
         (self.out / "budget.json").write_text(json.dumps(self.rows, indent=1) + "\n")
@@ -86,8 +94,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("preset")
     p.add_argument("--minutes", type=float, nargs="*", default=[5, 10, 20, 30, 40, 50, 60])
-    p.add_argument("--iterations", type=int, nargs="*", default=[],
-                   help="also evaluate at these iterations (robust to a busy machine; convert with the step time)")
+    p.add_argument(
+        "--iterations",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also evaluate at these iterations (robust to a busy machine; convert with the step time)",
+    )
     p.add_argument("--protocols", nargs="+", default=["5:1:15"], help="test N:K:Q triples, e.g. 5:1:15 20:1:5")
     p.add_argument("--tasks", type=int, default=600)
     p.add_argument("--set", dest="overrides", action="append", default=[])

@@ -48,14 +48,14 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import allmap  # noqa: E402
-from allmap.learners.base import without_running_stats
+from allmap.app.host import retain_freed_memory
+from allmap.engine.evaluate import evaluate
 from allmap.engine.execution import Execution, examples_per_task
+from allmap.engine.forked import children_peak_mb, reset_peak_rss, rss_mb
+from allmap.learners.base import without_running_stats
 from allmap.learners.protonet import ProtoNet
 from allmap.nets import MLP, Conv4
 from allmap.tasks.batch import TaskBatch
-from allmap.app.host import retain_freed_memory
-from allmap.engine.evaluate import evaluate
-from allmap.engine.forked import children_peak_mb, reset_peak_rss, rss_mb
 
 PEERS = ("learn2learn", "higher", "torchopt")
 RUN_ITERATIONS = 70_000  # the sinusoid-maml preset: compile time is amortised over it
@@ -76,8 +76,9 @@ class Workload:
 
 
 # -- data ---------------------------------------------------------------------------------------------
-def _omniglot(ways: int, shots: int, queries: int, n: int, seed: int, split: str = "train",
-              random_images: bool = False) -> TaskBatch:
+def _omniglot(
+    ways: int, shots: int, queries: int, n: int, seed: int, split: str = "train", random_images: bool = False
+) -> TaskBatch:
     if not random_images:
         try:
             family = allmap.tasks.Omniglot(split=split, ways=ways, shots=shots, queries=queries)
@@ -87,8 +88,12 @@ def _omniglot(ways: int, shots: int, queries: int, n: int, seed: int, split: str
     g = torch.Generator().manual_seed(seed)
     sy = torch.arange(ways).repeat_interleave(shots).repeat(n, 1)
     qy = torch.arange(ways).repeat_interleave(queries).repeat(n, 1)
-    return TaskBatch(torch.rand(n, ways * shots, 1, 28, 28, generator=g), sy,
-                     torch.rand(n, ways * queries, 1, 28, 28, generator=g), qy)
+    return TaskBatch(
+        torch.rand(n, ways * shots, 1, 28, 28, generator=g),
+        sy,
+        torch.rand(n, ways * queries, 1, 28, 28, generator=g),
+        qy,
+    )
 
 
 def workloads(smoke: bool) -> dict[str, Workload]:
@@ -101,25 +106,73 @@ def workloads(smoke: bool) -> dict[str, Workload]:
     def sinusoid(n: int) -> Callable[[], TaskBatch]:
         return lambda: sin.sample(n, torch.Generator().manual_seed(0))
 
-    return {w.name: w for w in [
-        Workload("sinusoid-1", "sinusoid MAML, MLP 1-40-40-1, K=10, meta-batch 25, 1 step", "maml",
-                 lambda: MLP([1, 40, 40, 1]), sinusoid(b(25)), "mse", 0.01, 1, threads=1),
-        Workload("sinusoid-5", "same, 5 inner steps", "maml",
-                 lambda: MLP([1, 40, 40, 1]), sinusoid(b(25)), "mse", 0.01, 5, threads=1),
-        Workload("conv4-5w1s", f"Omniglot conv4 ({h} filters) MAML 5-way 1-shot 15 query, meta-batch {b(32)}, "
-                 "1 step, 2nd order", "maml", lambda: Conv4(1, h, 5),
-                 lambda: _omniglot(5, 1, 15, b(32), 0, random_images=rand), "cross_entropy", 0.4, 1),
-        Workload("conv4-20w1s-5", f"Omniglot conv4 MAML 20-way 1-shot 5 query, meta-batch {b(16)}, 5 steps",
-                 "maml", lambda: Conv4(1, h, 20),
-                 lambda: _omniglot(20, 1, 5, b(16), 0, random_images=rand), "cross_entropy", 0.1, 5),
-        Workload("protonet-60w", "ProtoNets conv4, one 60-way 1-shot 5-query training episode", "protonet",
-                 lambda: Conv4(1, h), lambda: _omniglot(60 if not smoke else 5, 1, 5, 1, 0, random_images=rand),
-                 "cross_entropy"),
-        Workload("eval-600", f"evaluation of {6 if smoke else 600} Omniglot test episodes, conv4 MAML 5-way "
-                 "1-shot 15 query, accuracy after 0/1/3 steps", "eval", lambda: Conv4(1, h, 5),
-                 lambda: _omniglot(5, 1, 15, 6 if smoke else 600, 1000, "test", random_images=rand),
-                 "cross_entropy", 0.4, 3, eval_steps=(0, 1, 3)),
-    ]}
+    return {
+        w.name: w
+        for w in [
+            Workload(
+                "sinusoid-1",
+                "sinusoid MAML, MLP 1-40-40-1, K=10, meta-batch 25, 1 step",
+                "maml",
+                lambda: MLP([1, 40, 40, 1]),
+                sinusoid(b(25)),
+                "mse",
+                0.01,
+                1,
+                threads=1,
+            ),
+            Workload(
+                "sinusoid-5",
+                "same, 5 inner steps",
+                "maml",
+                lambda: MLP([1, 40, 40, 1]),
+                sinusoid(b(25)),
+                "mse",
+                0.01,
+                5,
+                threads=1,
+            ),
+            Workload(
+                "conv4-5w1s",
+                f"Omniglot conv4 ({h} filters) MAML 5-way 1-shot 15 query, meta-batch {b(32)}, 1 step, 2nd order",
+                "maml",
+                lambda: Conv4(1, h, 5),
+                lambda: _omniglot(5, 1, 15, b(32), 0, random_images=rand),
+                "cross_entropy",
+                0.4,
+                1,
+            ),
+            Workload(
+                "conv4-20w1s-5",
+                f"Omniglot conv4 MAML 20-way 1-shot 5 query, meta-batch {b(16)}, 5 steps",
+                "maml",
+                lambda: Conv4(1, h, 20),
+                lambda: _omniglot(20, 1, 5, b(16), 0, random_images=rand),
+                "cross_entropy",
+                0.1,
+                5,
+            ),
+            Workload(
+                "protonet-60w",
+                "ProtoNets conv4, one 60-way 1-shot 5-query training episode",
+                "protonet",
+                lambda: Conv4(1, h),
+                lambda: _omniglot(60 if not smoke else 5, 1, 5, 1, 0, random_images=rand),
+                "cross_entropy",
+            ),
+            Workload(
+                "eval-600",
+                f"evaluation of {6 if smoke else 600} Omniglot test episodes, conv4 MAML 5-way "
+                "1-shot 15 query, accuracy after 0/1/3 steps",
+                "eval",
+                lambda: Conv4(1, h, 5),
+                lambda: _omniglot(5, 1, 15, 6 if smoke else 600, 1000, "test", random_images=rand),
+                "cross_entropy",
+                0.4,
+                3,
+                eval_steps=(0, 1, 3),
+            ),
+        ]
+    }
 
 
 # -- implementations ------------------------------------------------------------------------------------
@@ -208,7 +261,7 @@ def protonet_step(impl: str, w: Workload, model: nn.Module, tasks: TaskBatch):
             for i in range(len(tasks)):
                 ways = int(tasks.support_y[i].max()) + 1
                 emb = model(torch.cat([tasks.support_x[i], tasks.query_x[i]]))
-                s, q = emb[: tasks.shots], emb[tasks.shots:]
+                s, q = emb[: tasks.shots], emb[tasks.shots :]
                 protos = torch.stack([s[tasks.support_y[i] == k].mean(0) for k in range(ways)])
                 logits = -((q.unsqueeze(1) - protos.unsqueeze(0)) ** 2).sum(-1)
                 (F.cross_entropy(logits, tasks.query_y[i]) / len(tasks)).backward()
@@ -379,7 +432,9 @@ def implementations(w: Workload, smoke: bool) -> list[str]:
     learner gives."""
     conv = ["learn2learn@Conv4"] if w.name.startswith(("conv", "eval", "protonet")) else []
     if w.kind == "maml":
-        extra = ["allmap-1pass", "allmap-forked"] if w.name.startswith("conv") else ([] if smoke else ["allmap+compile"])
+        extra = (
+            ["allmap-1pass", "allmap-forked"] if w.name.startswith("conv") else ([] if smoke else ["allmap+compile"])
+        )
         return ["allmap", *extra, *PEERS, *conv]
     return ["allmap", "learn2learn", *conv]
 
@@ -394,9 +449,23 @@ def available(peer: str) -> bool:
 def run_child(name: str, impl: str, args: argparse.Namespace) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
-    cmd = [sys.executable, __file__, "--child", name, impl, "--iters", str(args.iters), "--warmup",
-           str(args.warmup), "--out", path] + (["--smoke"] if args.smoke else []) + (
-           ["--retain-memory"] if args.retain_memory else [])
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            impl,
+            "--iters",
+            str(args.iters),
+            "--warmup",
+            str(args.warmup),
+            "--out",
+            path,
+        ]
+        + (["--smoke"] if args.smoke else [])
+        + (["--retain-memory"] if args.retain_memory else [])
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True)
     try:
         if proc.returncode != 0:
@@ -413,9 +482,11 @@ def rel_diff(a: list[float], b: list[float]) -> float:
 
 
 def table(results: dict[str, list[dict]], ws: dict[str, Workload]) -> str:
-    lines = ["| workload | implementation | tasks/s | s/iteration | peak MB | allmap / impl (tasks/s) | "
-             "peak MB impl / allmap | rel. diff vs allmap, float64 | float32 error | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | implementation | tasks/s | s/iteration | peak MB | allmap / impl (tasks/s) | "
+        "peak MB impl / allmap | rel. diff vs allmap, float64 | float32 error | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, rows in results.items():
         ref = next((r for r in rows if r["impl"] == "allmap" and "tasks_per_s" in r), None)
         for r in rows:
@@ -423,31 +494,44 @@ def table(results: dict[str, list[dict]], ws: dict[str, Workload]) -> str:
                 lines.append(f"| {name} | {r['impl']} | | | | | | | | {r.get('note', '')} |")
                 continue
             ratio = f"{ref['tasks_per_s'] / r['tasks_per_s']:.2f}x" if ref else ""
-            mem = (f"{r['peak_mb'] / ref['peak_mb']:.2f}" if ref and ref.get("peak_mb") and r.get("peak_mb")
-                   is not None else "")
+            mem = (
+                f"{r['peak_mb'] / ref['peak_mb']:.2f}"
+                if ref and ref.get("peak_mb") and r.get("peak_mb") is not None
+                else ""
+            )
             key = "grad64" if ref and "grad64" in ref and "grad64" in r else "grad"
             diff = f"{rel_diff(ref[key], r[key]):.1e}" if ref and r is not ref else ""
             err = f"{rel_diff(r['grad'], ref['grad64']):.1e}" if ref and "grad64" in ref else ""
             notes = [r.get("plan", ""), r.get("note", "")]
             if "compile_s" in r:
-                notes.append(f"compile {r['compile_s']:.0f} s; {r['amortised_tasks_per_s']:.0f} tasks/s amortised "
-                             f"over {RUN_ITERATIONS:,} iterations")
+                notes.append(
+                    f"compile {r['compile_s']:.0f} s; {r['amortised_tasks_per_s']:.0f} tasks/s amortised "
+                    f"over {RUN_ITERATIONS:,} iterations"
+                )
             peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
-            lines.append(f"| {name} | {r['impl']} | {r['tasks_per_s']:.1f} | {r['seconds']:.3f} | {peak} | {ratio} "
-                         f"| {mem} | {diff} | {err} | {'; '.join(n for n in notes if n)} |")
+            lines.append(
+                f"| {name} | {r['impl']} | {r['tasks_per_s']:.1f} | {r['seconds']:.3f} | {peak} | {ratio} "
+                f"| {mem} | {diff} | {err} | {'; '.join(n for n in notes if n)} |"
+            )
     for name, rows in results.items():  # the compiled path against learn2learn (issue 5's sinusoid target)
         by = {r["impl"]: r for r in rows if "tasks_per_s" in r}
         if "allmap+compile" in by and "learn2learn" in by:
             c, l2l = by["allmap+compile"], by["learn2learn"]["tasks_per_s"]
-            amortised = (f" ({c['amortised_tasks_per_s'] / l2l:.1f}x with the compile time amortised over "
-                         f"{RUN_ITERATIONS:,} iterations)" if "amortised_tasks_per_s" in c else "")
+            amortised = (
+                f" ({c['amortised_tasks_per_s'] / l2l:.1f}x with the compile time amortised over "
+                f"{RUN_ITERATIONS:,} iterations)"
+                if "amortised_tasks_per_s" in c
+                else ""
+            )
             lines.append(f"{name}: allmap+compile / learn2learn = {c['tasks_per_s'] / l2l:.1f}x{amortised}")
     lines.append("")
-    lines.append("ratio > 1: allmap is faster. rel. diff: ||g - g_allmap|| / ||g_allmap|| of the meta-gradients "
-                 "computed in float64 (allmap+compile: float32); float32 error: the timed float32 meta-gradient "
-                 "against allmap's float64 one. eval-600: tasks/s = episodes/s, s/iteration = seconds for all "
-                 "episodes, rel. diff compares mean accuracies after each step. Workloads: "
-                 + "; ".join(f"{k}: {w.description}" for k, w in ws.items() if k in results))
+    lines.append(
+        "ratio > 1: allmap is faster. rel. diff: ||g - g_allmap|| / ||g_allmap|| of the meta-gradients "
+        "computed in float64 (allmap+compile: float32); float32 error: the timed float32 meta-gradient "
+        "against allmap's float64 one. eval-600: tasks/s = episodes/s, s/iteration = seconds for all "
+        "episodes, rel. diff compares mean accuracies after each step. Workloads: "
+        + "; ".join(f"{k}: {w.description}" for k, w in ws.items() if k in results)
+    )
     return "\n".join(lines)
 
 
@@ -456,13 +540,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="all", help="comma-separated names, or 'all'")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 MLP / 3 conv)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--impls", default="all", help="comma-separated implementations (allmap, allmap+compile, "
-                        "allmap-1pass, allmap-forked, learn2learn, higher, torchopt), or 'all'")
+    parser.add_argument(
+        "--impls",
+        default="all",
+        help="comma-separated implementations (allmap, allmap+compile, "
+        "allmap-1pass, allmap-forked, learn2learn, higher, torchopt), or 'all'",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, in-process, no compile: seconds")
     parser.add_argument("--json", help="also write the raw results here")
-    parser.add_argument("--retain-memory", action="store_true",
-                        help="every implementation's process keeps freed memory (allmap.app.host, what "
-                             "`allmap train` does by default); off: glibc's defaults for everyone")
+    parser.add_argument(
+        "--retain-memory",
+        action="store_true",
+        help="every implementation's process keeps freed memory (allmap.app.host, what "
+        "`allmap train` does by default); off: glibc's defaults for everyone",
+    )
     parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -481,8 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in PEERS if not available(p)]
     if missing:
         print(f"note: peer(s) not installed, skipped: {', '.join(missing)} (pip install allmap[bench])")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
-          + (", freed memory retained (--retain-memory)" if args.retain_memory else ""))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+        + (", freed memory retained (--retain-memory)" if args.retain_memory else "")
+    )
     results: dict[str, list[dict]] = {}
     for name in names:
         rows = []
@@ -495,8 +588,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 res = run_child(name, impl, argparse.Namespace(**{**vars(args), "iters": iters}))
             rows.append(res)
-            print(f"  {name:14s} {impl:15s} " + (f"{res['tasks_per_s']:.1f} tasks/s" if "tasks_per_s" in res
-                                                 else res.get("note", "")), flush=True)
+            print(
+                f"  {name:14s} {impl:15s} "
+                + (f"{res['tasks_per_s']:.1f} tasks/s" if "tasks_per_s" in res else res.get("note", "")),
+                flush=True,
+            )
         results[name] = rows
     print(table(results, ws))
     if args.json:

@@ -10,6 +10,7 @@ test episodes (seed 1000, as the preset's) come from allmap, so both score the s
 Prints one JSON line per mark: training minutes (evaluation excluded), episodes, learning rate, and 5-way
 1-shot accuracy (mean, 95% CI) with BatchNorm in eval mode, as the ProtoNets code evaluates.
 """
+
 import argparse
 import json
 import random
@@ -19,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from allmap.tasks.omniglot import DEFAULT_ROOT, PROTOCOLS, Omniglot, load_omniglot
 from allmap.app.host import retain_freed_memory
+from allmap.tasks.omniglot import DEFAULT_ROOT, PROTOCOLS, Omniglot, load_omniglot
 
 p = argparse.ArgumentParser()
 p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 20])
@@ -28,8 +29,12 @@ p.add_argument("--every", type=int, default=2000, help="halve the learning rate 
 p.add_argument("--root", default=DEFAULT_ROOT)
 p.add_argument("--test-episodes", type=int, default=600)
 p.add_argument("--resize", default="bilinear")
-p.add_argument("--protocol", default="standard", choices=["standard", "shuffled"],
-               help="Omniglot split: standard (Vinyals) or shuffled (MAML's random split of the characters)")
+p.add_argument(
+    "--protocol",
+    default="standard",
+    choices=["standard", "shuffled"],
+    help="Omniglot split: standard (Vinyals) or shuffled (MAML's random split of the characters)",
+)
 p.add_argument("--channels-last", action="store_true")
 p.add_argument("--retain", action="store_true", help="keep freed memory (as allmap train does)")
 args = p.parse_args()
@@ -46,6 +51,7 @@ test = test_family.sample(args.test_episodes, torch.Generator().manual_seed(1000
 
 def block(i, o):
     return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+
 
 net = nn.Sequential(block(1, 64), block(64, 64), block(64, 64), block(64, 64), nn.Flatten())
 fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -67,7 +73,7 @@ def episode(ways=60, shots=1, queries=5):
 def loss_acc(s, q, ways, shots, queries):
     z = net(torch.cat([s, q]).contiguous(memory_format=fmt))
     protos = z[: ways * shots].view(ways, shots, -1).mean(1)
-    d = torch.cdist(z[ways * shots:], protos) ** 2
+    d = torch.cdist(z[ways * shots :], protos) ** 2
     y = torch.arange(ways).repeat_interleave(queries)
     return F.cross_entropy(-d, y), (d.argmin(1) == y).float().mean()
 
@@ -97,5 +103,8 @@ while marks:
     it += 1
     if (time.perf_counter() - start - paused) / 60 >= marks[0]:
         t0 = time.perf_counter()
-        print(json.dumps({"minutes": marks.pop(0), "episodes": it, "lr": opt.param_groups[0]["lr"], "5w1s": evaluate()}), flush=True)
+        print(
+            json.dumps({"minutes": marks.pop(0), "episodes": it, "lr": opt.param_groups[0]["lr"], "5w1s": evaluate()}),
+            flush=True,
+        )
         paused += time.perf_counter() - t0

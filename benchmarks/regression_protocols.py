@@ -22,7 +22,14 @@ from allmap.app import load_config, train
 from allmap.app.build import build_family
 from allmap.engine.evaluate import evaluate, fixed_tasks
 
-PRESETS = ["sinusoid-maml", "sinusoid-maml-5shot", "sinusoid-metasgd", "linreg-hypernet", "linreg-maml", "logistic2d-metasgd"]
+PRESETS = [
+    "sinusoid-maml",
+    "sinusoid-maml-5shot",
+    "sinusoid-metasgd",
+    "linreg-hypernet",
+    "linreg-maml",
+    "logistic2d-metasgd",
+]
 SMOKE = ["iterations=30", "log_every=10", "checkpoint_every=30", "eval.every=30", "eval.val_tasks=10"]
 
 
@@ -93,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             cells = [fmt({k: v * scale for k, v in res[f"{key}@{s}"].items()}) for s in (0, 1, 5, 10)]
             label = name + (" (accuracy, %)" if key == "accuracy" else "")
             config = load_config(outs[name] / "config.yaml")
-            print(f"| {label} | {shots or config['eval']['shots'] or config['task']['shots']} | "
-                  + " | ".join(cells) + f" | {seconds:.1f} |")
+            print(
+                f"| {label} | {shots or config['eval']['shots'] or config['task']['shots']} | "
+                + " | ".join(cells)
+                + f" | {seconds:.1f} |"
+            )
     gap = least_squares_gap(outs["linreg-hypernet"], shots=100, tasks=n)
     gap_maml = least_squares_gap(outs["linreg-maml"], shots=100, tasks=n)
     print()

@@ -14,8 +14,8 @@ import sys
 import torch.distributed as dist
 
 import allmap.app.trainer as loop
-from allmap.cli import main
 from allmap.app.distributed import restart_count
+from allmap.cli import main
 
 KILL_AT = int(os.environ.get("ALLMAP_KILL_AT", "0"))
 KILL_RANK = int(os.environ.get("ALLMAP_KILL_RANK", "0"))

@@ -15,8 +15,17 @@ from allmap.app.build import build_family
 from allmap.app.checkpoint import load_checkpoint
 from allmap.engine.evaluate import evaluate, fixed_tasks
 
-TINY = ["iterations=12", "meta_batch=4", "log_every=4", "checkpoint_every=4", "eval.tasks=20", "eval.every=6",
-        "eval.val_tasks=8", "eval.queries=20", "eval.steps=[0,1]"]
+TINY = [
+    "iterations=12",
+    "meta_batch=4",
+    "log_every=4",
+    "checkpoint_every=4",
+    "eval.tasks=20",
+    "eval.every=6",
+    "eval.val_tasks=8",
+    "eval.queries=20",
+    "eval.steps=[0,1]",
+]
 
 
 def test_average_follows_the_update_rule_with_warmup():
@@ -44,8 +53,12 @@ def test_average_follows_the_update_rule_with_warmup():
 def test_run_with_ema_is_evaluated_with_the_average(tmp_path):
     config = load_config("sinusoid-maml", TINY + ["ema=0.5"])
     seen = []
-    returned = train(config, tmp_path / "run", progress=False,
-                     callback=lambda it, learner: seen.append(averaged(learner) is not learner))
+    returned = train(
+        config,
+        tmp_path / "run",
+        progress=False,
+        callback=lambda it, learner: seen.append(averaged(learner) is not learner),
+    )
     assert seen == [True] * 12  # callbacks (benchmarks/omniglot_budget.py) reach the average
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["averaged"]["steps"] == 12

@@ -29,8 +29,9 @@ def test_regression_protocols_smoke(tmp_path, capsys):
 def test_allocator_benchmark_smoke(capsys):
     # four child processes (the allocator setting is process-wide); tiny 5-way episodes
     assert _load("allocator").main(["--ways", "5", "--steps", "2", "--warmup", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| True") or
-            line.startswith("| False")]
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| True") or line.startswith("| False")
+    ]
     assert len(rows) == 4
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -55,8 +56,14 @@ def test_protonet_reference_smoke():
 
     if not (ROOT.parent / "shared" / "data" / "omniglot").is_dir():
         pytest.skip("needs ../shared/data/omniglot")
-    out = subprocess.run([sys.executable, "benchmarks/protonet_reference.py", "--minutes", "0.02", "--test-episodes",
-                          "4"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "benchmarks/protonet_reference.py", "--minutes", "0.02", "--test-episodes", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     row = json.loads(out.strip().splitlines()[-1])
     assert row["episodes"] >= 1 and row["lr"] == 1e-3 and 0 <= row["5w1s"][0] <= 100
 

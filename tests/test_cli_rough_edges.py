@@ -20,18 +20,18 @@ from matplotlib.patches import Rectangle
 from torch import nn
 
 import allmap
-from allmap.cli import main
-from allmap.nets import MLP
-from allmap.tasks import ClassImages, Episodes
 from allmap.app import ConfigError, load_config, train
-from allmap.app.config import read_yaml
 from allmap.app.build import build_family
 from allmap.app.checkpoint import load_checkpoint
+from allmap.app.config import read_yaml
 from allmap.app.episode_plot import RIGHT, SUPPORT, WRONG, class_names, episodes_figure, plot_episode
+from allmap.app.plots import learning_curve_figure
 from allmap.app.progress import TaskProgress
 from allmap.app.report import format_results
+from allmap.cli import main
 from allmap.engine.evaluate import evaluate, fixed_tasks
-from allmap.app.plots import learning_curve_figure
+from allmap.nets import MLP
+from allmap.tasks import ClassImages, Episodes
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -52,11 +52,14 @@ def run(tmp_path_factory) -> Path:
 
 # -- 7: one-line errors, no tracebacks ----------------------------------------------------------------------
 
+
 def test_out_that_is_a_file_or_cannot_be_created_is_one_line_before_any_work(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("")
-    cases = [(afile, r"--out '.*afile' is a file; expected a folder for the run"),
-             (afile / "sub", r"--out '.*sub' cannot be created: '.*afile' is a file, not a folder")]
+    cases = [
+        (afile, r"--out '.*afile' is a file; expected a folder for the run"),
+        (afile / "sub", r"--out '.*sub' cannot be created: '.*afile' is a file, not a folder"),
+    ]
     if Path("/proc/self").is_dir():  # a place where no folder can be made, even by root
         cases.append((Path("/proc/allmap-test/run"), r"cannot be created: no folder can be made in '/proc'"))
     for out, message in cases:
@@ -81,8 +84,15 @@ def test_a_closed_pipe_exits_quietly(tmp_path):
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the first line, as with `allmap presets | head -0`
     try:
-        proc = subprocess.run([sys.executable, "-m", "allmap", "presets"], stdout=write, stderr=subprocess.PIPE,
-                              text=True, env=ENV, cwd=tmp_path, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "allmap", "presets"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            cwd=tmp_path,
+            timeout=120,
+        )
     finally:
         os.close(write)
     assert proc.returncode == 128 + signal.SIGPIPE
@@ -123,13 +133,15 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_130(tmp_path):
         "sys.argv = ['allmap', 'presets']\n"
         "runpy.run_module('allmap', run_name='__main__', alter_sys=True)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=tmp_path,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "allmap: interrupted (Ctrl-C) while starting\n"
 
 
 # -- 13: --version, did you mean, duplicate keys, --steps '', a second Ctrl-C -------------------------------
+
 
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -175,8 +187,14 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(tmp_path):
     """SIGINT, then SIGINT again while the run is still validating before its save: it stops at once, exit
     130, naming the checkpoint that is left (which holds the iteration it names)."""
     out = tmp_path / "cut"
-    sets = ["iterations=1000000", "meta_batch=2", "log_every=1", "checkpoint_every=1", "eval.every=1",
-            "eval.val_tasks=400"]  # every iteration validates: most of the time goes there
+    sets = [
+        "iterations=1000000",
+        "meta_batch=2",
+        "log_every=1",
+        "checkpoint_every=1",
+        "eval.every=1",
+        "eval.val_tasks=400",
+    ]  # every iteration validates: most of the time goes there
     cmd = [sys.executable, "-m", "allmap", "train", "sinusoid-maml", "--out", str(out), "--no-progress", *_sets(sets)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -197,11 +215,14 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.count("\n") == 1, err
     saved = load_checkpoint(out / "checkpoint.pt")["iteration"]
-    assert err == (f"allmap train: SIGINT received again: stopped at once, without saving; {out / 'checkpoint.pt'} "
-                   f"holds iteration {saved}. Continue from there with `allmap train --resume {out}`.\n")
+    assert err == (
+        f"allmap train: SIGINT received again: stopped at once, without saving; {out / 'checkpoint.pt'} "
+        f"holds iteration {saved}. Continue from there with `allmap train --resume {out}`.\n"
+    )
 
 
 # -- 11: progress while evaluating; results to 2 decimals ---------------------------------------------------
+
 
 def _sine_learner_and_tasks(n: int = 25):
     config = load_config("sinusoid-maml", ["eval.queries=10"])
@@ -249,7 +270,10 @@ def test_task_progress_counts_tasks_on_a_terminal_and_stays_off_without_one(monk
 def test_results_show_accuracy_to_2_decimals_and_losses_to_4_significant_digits():
     results = {"loss": {"mean": 0.0312345, "ci95": 0.0039}, "accuracy": {"mean": 0.989712, "ci95": 0.00181}}
     assert format_results(results, "protocol").splitlines() == [
-        "protocol", "  loss      0.03123 ± 0.003900", "  accuracy  98.97% ± 0.18%"]
+        "protocol",
+        "  loss      0.03123 ± 0.003900",
+        "  accuracy  98.97% ± 0.18%",
+    ]
     assert format_results({"loss@1": {"mean": 1234.56, "ci95": 12.0}}, "p").splitlines()[1] == "  loss@1  1235 ± 12.00"
 
 
@@ -262,6 +286,7 @@ def test_eval_prints_the_table_on_stdout(run, capsys):
 
 
 # -- 12: plots ---------------------------------------------------------------------------------------------
+
 
 def test_a_run_shorter_than_log_every_logs_points_and_the_curve_shows_them(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -288,11 +313,14 @@ def test_class_names_come_from_the_collection_with_rotation_else_indices():
     family = _episodes(names=True)
     tasks = family.sample(2, torch.Generator().manual_seed(1))
     classes = tasks.info["classes"][0].tolist()
-    expected = [f"{k}: Alphabet {(c % 6) // 3}/{c % 6:04d}" + (" (90°)" if c >= 6 else "") for k, c in enumerate(classes)]
+    expected = [
+        f"{k}: Alphabet {(c % 6) // 3}/{c % 6:04d}" + (" (90°)" if c >= 6 else "") for k, c in enumerate(classes)
+    ]
     assert class_names(family, tasks, 0) == expected
     unnamed = _episodes(names=False)
-    assert class_names(unnamed, tasks, 0) == [f"{k}: class {c % 6}" + (" (90°)" if c >= 6 else "")
-                                              for k, c in enumerate(classes)]
+    assert class_names(unnamed, tasks, 0) == [
+        f"{k}: class {c % 6}" + (" (90°)" if c >= 6 else "") for k, c in enumerate(classes)
+    ]
 
 
 def test_an_episode_shows_every_support_image_and_queries_framed_by_correctness():

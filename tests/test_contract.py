@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _util import as_function, assert_vmap_equals_loop, guide_module
 
 import allmap
-from _util import as_function, assert_vmap_equals_loop, guide_module
 from allmap.engine.forked import can_fork
 from allmap.nets import MLP
 from allmap.tasks import Episodes, LinearRegression, Logistic2D, Sinusoid, gaussian_classes
@@ -59,20 +59,35 @@ def _episodes() -> Episodes:
 CASES: dict[str, Callable[[], tuple[allmap.Learner, object]]] = {
     "maml": lambda: (allmap.MAML(_sine_mlp(), inner_lr=0.01, inner_steps=2), Sinusoid(shots=5, queries=5)),
     "fomaml": lambda: (allmap.MAML(_sine_mlp(), inner_lr=0.01, first_order=True), Sinusoid(shots=5, queries=5)),
-    "maml-adam": lambda: (allmap.MAML(_sine_mlp(), inner_lr=0.01, inner_steps=2, inner_optimizer="adam"),
-                          Sinusoid(shots=5, queries=5)),
-    "maml-nll": lambda: (allmap.MAML(MLP([1, 32, 32, 2]), inner_lr=0.001, inner_steps=2, loss=gaussian_nll),
-                         SmallSinusoid(shots=5, queries=5)),
+    "maml-adam": lambda: (
+        allmap.MAML(_sine_mlp(), inner_lr=0.01, inner_steps=2, inner_optimizer="adam"),
+        Sinusoid(shots=5, queries=5),
+    ),
+    "maml-nll": lambda: (
+        allmap.MAML(MLP([1, 32, 32, 2]), inner_lr=0.001, inner_steps=2, loss=gaussian_nll),
+        SmallSinusoid(shots=5, queries=5),
+    ),
     "anil": lambda: (allmap.ANIL(_sine_mlp(), inner_lr=0.01, inner_steps=2), Sinusoid(shots=5, queries=5)),
     "metasgd": lambda: (allmap.MetaSGD(MLP([2, 2]), inner_lr=0.1, loss="cross_entropy"), Logistic2D(shots=10)),
-    "hypernet": lambda: (allmap.HyperNetwork(MLP([4, 1]), x_dim=4, y_dim=1, hidden=32),
-                         LinearRegression(dim=4, shots=10)),
-    "hypernet+steps": lambda: (allmap.HyperNetwork(MLP([2, 2]), x_dim=2, y_dim=2, hidden=16, inner_steps=1,
-                                                   inner_lr=0.1, loss="cross_entropy"), Logistic2D(shots=10)),
+    "hypernet": lambda: (
+        allmap.HyperNetwork(MLP([4, 1]), x_dim=4, y_dim=1, hidden=32),
+        LinearRegression(dim=4, shots=10),
+    ),
+    "hypernet+steps": lambda: (
+        allmap.HyperNetwork(
+            MLP([2, 2]), x_dim=2, y_dim=2, hidden=16, inner_steps=1, inner_lr=0.1, loss="cross_entropy"
+        ),
+        Logistic2D(shots=10),
+    ),
     "reptile": lambda: (allmap.Reptile(_sine_mlp(), inner_lr=0.02, inner_steps=5), Sinusoid(shots=5, queries=5)),
-    "imaml": lambda: (allmap.IMAML(_sine_mlp(), lam=2.0, inner_lr=0.02, inner_steps=3, on_fail="ignore"),
-                      Sinusoid(shots=5, queries=5)),
-    "lstm": lambda: (allmap.LSTMMetaLearner(MLP([1, 16, 16, 1]), inner_steps=2, hidden=4), Sinusoid(shots=5, queries=5)),
+    "imaml": lambda: (
+        allmap.IMAML(_sine_mlp(), lam=2.0, inner_lr=0.02, inner_steps=3, on_fail="ignore"),
+        Sinusoid(shots=5, queries=5),
+    ),
+    "lstm": lambda: (
+        allmap.LSTMMetaLearner(MLP([1, 16, 16, 1]), inner_steps=2, hidden=4),
+        Sinusoid(shots=5, queries=5),
+    ),
     "protonet": lambda: (allmap.ProtoNet(_flat_mlp()), _episodes()),
     "matching": lambda: (allmap.MatchingNet(_flat_mlp(), scale=5.0), _episodes()),
     "siamese": lambda: (allmap.Siamese(_flat_mlp(), features=8), _episodes()),
@@ -194,8 +209,9 @@ def test_state_dict_round_trip(name):
 Result = tuple[torch.Tensor, list[torch.Tensor | None]]
 
 
-def _run(learner: allmap.Learner, tasks: allmap.TaskBatch, entry: str, chunk: int | None = None,
-         scale: float = 1.0) -> Result:
+def _run(
+    learner: allmap.Learner, tasks: allmap.TaskBatch, entry: str, chunk: int | None = None, scale: float = 1.0
+) -> Result:
     """The loss and every parameter's gradient of ``meta_loss(tasks).backward()`` (``entry="meta_loss"``) or
     of ``meta_backward(tasks, chunk, scale)`` (``entry="meta_backward"``), from zero gradients."""
     learner.zero_grad(set_to_none=True)
@@ -214,8 +230,9 @@ def assert_same(learner: allmap.Learner, got: Result, expected: Result, what: st
     for (pname, _), g, e in zip(learner.named_parameters(), got[1], expected[1]):
         assert (g is None) == (e is None), f"{what}: {pname} has a gradient in one run and none in the other"
         if g is not None:
-            torch.testing.assert_close(g, scale * e, rtol=1e-10, atol=1e-12,
-                                       msg=lambda m, pname=pname: f"{what}: {pname}: {m}")
+            torch.testing.assert_close(
+                g, scale * e, rtol=1e-10, atol=1e-12, msg=lambda m, pname=pname: f"{what}: {pname}: {m}"
+            )
 
 
 def run_mode(learner: allmap.Learner, tasks: allmap.TaskBatch, execution: str | dict) -> dict[str, Result] | ValueError:
@@ -272,8 +289,9 @@ def test_execution_mode_equals_the_loop(name, mode):
 
 def test_refused_modes_raise_a_clear_value_error():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8, affine=False), torch.nn.ReLU(),
-                              torch.nn.Linear(8, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8, affine=False), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+    )
     maml = allmap.MAML(net, inner_lr=0.01).double()  # torch's vmap rule for batch_norm's 2nd derivative is wrong
     tasks = tasks_of(Sinusoid(shots=5, queries=5), dtype=torch.float64)
     refusal = run_mode(maml, tasks, "vmap")
@@ -281,8 +299,9 @@ def test_refused_modes_raise_a_clear_value_error():
     assert_clear_refusal(refusal, maml)
     assert not isinstance(run_mode(maml, tasks, "loop"), ValueError)
     if can_fork():  # BatchNorm running statistics updated in a forked child would be lost
-        proto = allmap.ProtoNet(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8),
-                                                    torch.nn.BatchNorm1d(8)))
+        proto = allmap.ProtoNet(
+            torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8))
+        )
         refusal = run_mode(proto, tasks_of(_episodes()), {"mode": "auto", "workers": 2})
         assert isinstance(refusal, ValueError) and "running statistics" in str(refusal)
         assert_clear_refusal(refusal, proto)

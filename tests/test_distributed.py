@@ -24,19 +24,41 @@ from allmap.engine.evaluate import evaluate, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 # 12 iterations, checkpoints every 4, an odd meta-batch (uneven shards) and an odd number of test tasks.
-TINY = ["iterations=12", "meta_batch=5", "log_every=4", "checkpoint_every=4", "eval.tasks=31", "eval.every=6",
-        "eval.val_tasks=9", "eval.queries=10"]
+TINY = [
+    "iterations=12",
+    "meta_batch=5",
+    "log_every=4",
+    "checkpoint_every=4",
+    "eval.tasks=31",
+    "eval.every=6",
+    "eval.val_tasks=9",
+    "eval.queries=10",
+]
 PRESET = "sinusoid-maml"
 
 
-def torchrun(args: list[str], out: Path, nproc: int = 2, env: dict[str, str] | None = None,
-             max_restarts: int = 0) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={max_restarts}", *args, "--out", str(out), "--no-progress"]
+def torchrun(
+    args: list[str], out: Path, nproc: int = 2, env: dict[str, str] | None = None, max_restarts: int = 0
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={max_restarts}",
+        *args,
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     for s in TINY:
         cmd += ["--set", s]
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                **(env or {})}
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -93,6 +115,7 @@ def test_sigkilled_rank_restarts_and_ends_with_the_uninterrupted_weights(two_ran
 
 
 # -- the arithmetic of sharding, in one process ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("n,world", [(5, 2), (7, 3), (4, 4), (100, 7)])
 def test_shards_are_contiguous_balanced_and_cover_everything(n, world):

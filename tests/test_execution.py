@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import allmap
+from allmap.engine.evaluate import evaluate
 from allmap.engine.execution import Execution, evaluation_vmap, plan, resolve_execution
 from allmap.tasks.batch import TaskBatch
-from allmap.engine.evaluate import evaluate
 
 torch.set_num_threads(1)
 
@@ -25,8 +25,9 @@ def mlp_maml(steps: int = 2, seed: int = 0) -> allmap.MAML:
 
 
 def sinusoid(n: int = 5, seed: int = 0) -> TaskBatch:
-    return allmap.tasks.Sinusoid(shots=4, queries=3).sample(n, torch.Generator().manual_seed(seed)).to(
-        dtype=torch.float64)
+    return (
+        allmap.tasks.Sinusoid(shots=4, queries=3).sample(n, torch.Generator().manual_seed(seed)).to(dtype=torch.float64)
+    )
 
 
 def grads_of(learner: nn.Module, tasks: TaskBatch, execution, backward: bool = False, chunk=None):
@@ -56,9 +57,18 @@ def reference_maml(learner: allmap.MAML, tasks: TaskBatch) -> tuple[torch.Tensor
     return loss.detach(), list(torch.autograd.grad(loss, params))
 
 
-MODES = [("vmap", False, None), ("vmap(2)", False, None), ("loop", False, None), ("loop(3)", False, None),
-         ("loop", True, None), ("loop(2)", True, None), ("vmap(2)", True, None), ("vmap", True, 3),
-         ("auto", True, 1), (Execution("vmap", 4), True, None)]
+MODES = [
+    ("vmap", False, None),
+    ("vmap(2)", False, None),
+    ("loop", False, None),
+    ("loop(3)", False, None),
+    ("loop", True, None),
+    ("loop(2)", True, None),
+    ("vmap(2)", True, None),
+    ("vmap", True, 3),
+    ("auto", True, 1),
+    (Execution("vmap", 4), True, None),
+]
 
 
 @pytest.mark.parametrize("execution,backward,chunk", MODES)
@@ -102,16 +112,23 @@ def test_meta_backward_scale_and_accumulation():
 
 
 def tiny_conv(bn: bool = True) -> nn.Module:
-    layers = [nn.Conv2d(1, 3, 3, stride=2)] + ([nn.BatchNorm2d(3)] if bn else []) + [
-        nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 3)]
+    layers = (
+        [nn.Conv2d(1, 3, 3, stride=2)]
+        + ([nn.BatchNorm2d(3)] if bn else [])
+        + [nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 3)]
+    )
     return nn.Sequential(*layers).double()
 
 
 def image_tasks(n: int = 4, seed: int = 0) -> TaskBatch:
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(3).repeat(n, 1)
-    return TaskBatch(torch.randn(n, 3, 1, 7, 7, generator=g, dtype=torch.float64), y,
-                     torch.randn(n, 3, 1, 7, 7, generator=g, dtype=torch.float64), y.clone())
+    return TaskBatch(
+        torch.randn(n, 3, 1, 7, 7, generator=g, dtype=torch.float64),
+        y,
+        torch.randn(n, 3, 1, 7, 7, generator=g, dtype=torch.float64),
+        y.clone(),
+    )
 
 
 def test_conv_with_batchnorm_runs_per_task_and_meta_backward_matches():
@@ -130,8 +147,9 @@ def test_conv_with_batchnorm_runs_per_task_and_meta_backward_matches():
 
 
 def test_conv_with_torch_batchnorm_refuses_vmap():
-    net = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(27, 3)).double()
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2), nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.Flatten(), nn.Linear(27, 3)
+    ).double()
     learner = allmap.MAML(net, inner_lr=0.2, inner_steps=2, loss="cross_entropy")
     assert "BatchNorm" in learner.execution_plan(4).reason
     with pytest.raises(ValueError, match="vmap with BatchNorm"):
@@ -176,10 +194,11 @@ def test_specs_and_errors():
 
 def test_config_sets_execution():
     from allmap.app.build import build_family, build_learner
-    from allmap.app.config import ConfigError, DEFAULTS, _merge
+    from allmap.app.config import DEFAULTS, ConfigError, _merge
 
-    config = _merge(DEFAULTS, {"learner": {"name": "maml", "execution": "loop(4)"}, "model": {"name": "mlp",
-                                                                                             "sizes": [1, 4, 1]}})
+    config = _merge(
+        DEFAULTS, {"learner": {"name": "maml", "execution": "loop(4)"}, "model": {"name": "mlp", "sizes": [1, 4, 1]}}
+    )
     learner = build_learner(config, build_family(config))
     assert learner.execution == Execution("loop", 4)
     config["learner"]["execution"] = "fast"
@@ -214,8 +233,14 @@ def test_evaluate_vmap_equals_loop_under_inference_mode(net):
     for key in a:
         assert a[key]["mean"] == pytest.approx(b[key]["mean"], rel=1e-10, abs=1e-12)
     # adaptation (torch.func.grad) ran under inference_mode: same as with autograd fully enabled
-    ref = torch.stack([learner.loss_fn(learner.adapt(tasks.support_x[i], tasks.support_y[i], steps=2)(
-        tasks.query_x[i]), tasks.query_y[i]) for i in range(len(tasks))]).mean()
+    ref = torch.stack(
+        [
+            learner.loss_fn(
+                learner.adapt(tasks.support_x[i], tasks.support_y[i], steps=2)(tasks.query_x[i]), tasks.query_y[i]
+            )
+            for i in range(len(tasks))
+        ]
+    ).mean()
     assert a["loss@2"]["mean"] == pytest.approx(float(ref.detach()), rel=1e-10)
     assert a["loss@2"]["mean"] != pytest.approx(a["loss@0"]["mean"])
 
@@ -271,6 +296,7 @@ def test_compile_fallback_on_failure(monkeypatch, backward):
     def broken(fn, **kwargs):
         def run(*args):
             raise RuntimeError("backend exploded")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken)

@@ -12,16 +12,27 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _util import guide_files, guide_module
+
 from allmap.app.build import build_family, build_learner
 from allmap.app.config import ConfigError, load_config
 from allmap.cli import main
 from allmap.learners import LEARNERS
 
 #: what the guide runs for real, cut down here to keep the test fast
-FEW = ["--set", "iterations=40", "--set", "eval.tasks=20", "--set", "eval.val_tasks=10", "--set", "log_every=10",
-       "--set", "eval.every=20", "--no-progress"]
+FEW = [
+    "--set",
+    "iterations=40",
+    "--set",
+    "eval.tasks=20",
+    "--set",
+    "eval.val_tasks=10",
+    "--set",
+    "log_every=10",
+    "--set",
+    "eval.every=20",
+    "--no-progress",
+]
 
 
 @pytest.fixture
@@ -98,15 +109,18 @@ def test_cli_commands_train_and_evaluate(guide_dir: Path, capsys: pytest.Capture
 # -- the `imports` config key -------------------------------------------------------------------------
 def _config(tmp_path: Path, **keys) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"task": {"family": "sinusoid", "shots": 5}, "model": {"name": "mlp",
-                                    "sizes": [1, 8, 8]}, **keys}))
+    path.write_text(
+        yaml.safe_dump(
+            {"task": {"family": "sinusoid", "shots": 5}, "model": {"name": "mlp", "sizes": [1, 8, 8]}, **keys}
+        )
+    )
     return path
 
 
 def test_imports_register_a_learner_before_names_are_resolved(tmp_path, monkeypatch):
     (tmp_path / "my_learners_for_test.py").write_text(
-        "import allmap\n\n\n@allmap.register('imported-protonet')\nclass ImportedProtoNet(allmap.ProtoNet):\n"
-        "    pass\n")
+        "import allmap\n\n\n@allmap.register('imported-protonet')\nclass ImportedProtoNet(allmap.ProtoNet):\n    pass\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_learners_for_test", raising=False)
     path = _config(tmp_path, imports=["my_learners_for_test"], learner={"name": "imported-protonet"})
@@ -127,10 +141,10 @@ def test_imports_errors_name_the_module_and_the_fix(tmp_path, monkeypatch, capsy
         monkeypatch.delitem(sys.modules, name, raising=False)
     cases = {
         "absent_module_for_test": r"imports: no module named 'absent_module_for_test' on the Python path\. Put the "
-                                  r"folder that holds absent_module_for_test\.py on PYTHONPATH",
+        r"folder that holds absent_module_for_test\.py on PYTHONPATH",
         "broken_learners_for_test": r"imports: importing 'broken_learners_for_test' failed: RuntimeError: boom",
         "needs_missing_for_test": r"imports: importing 'needs_missing_for_test' failed: No module named "
-                                  r"'not_installed_anywhere_for_test'",
+        r"'not_installed_anywhere_for_test'",
     }
     for module, message in cases.items():
         config = load_config(_config(tmp_path, imports=[module]))
@@ -140,13 +154,19 @@ def test_imports_errors_name_the_module_and_the_fix(tmp_path, monkeypatch, capsy
     assert main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "no module named 'absent_module_for_test'" in capsys.readouterr().err
     for bad in ("ridge_head", ["my learners"], [3]):
-        with pytest.raises(ConfigError, match=r"config key 'imports' must be a list of module names such as "
-                                              r"\[my_learners\]"):
+        with pytest.raises(
+            ConfigError,
+            match=r"config key 'imports' must be a list of module names such as "
+            r"\[my_learners\]",
+        ):
             load_config(_config(tmp_path, imports=bad))
 
 
 def test_an_unknown_learner_points_to_imports(tmp_path):
     config = load_config(_config(tmp_path, learner={"name": "not-registered"}))
-    with pytest.raises(ConfigError, match=r"unknown learner 'not-registered'; known: .*anil.*@allmap\.register\(NAME\) "
-                                          r"in a module listed under the config's 'imports' key"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown learner 'not-registered'; known: .*anil.*@allmap\.register\(NAME\) "
+        r"in a module listed under the config's 'imports' key",
+    ):
         build_learner(config, build_family(config))

@@ -19,13 +19,20 @@ import pytest
 import torch
 
 from allmap.app import NonFiniteLossError, load_config, resume, train
-from allmap.app.trainer import Interrupted
 from allmap.app import checkpoint as ckpt
 from allmap.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from allmap.app.trainer import Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ["meta_batch=4", "log_every=5", "checkpoint_every=5", "eval.tasks=20", "eval.every=5", "eval.val_tasks=8",
-        "eval.queries=10"]
+SETS = [
+    "meta_batch=4",
+    "log_every=5",
+    "checkpoint_every=5",
+    "eval.tasks=20",
+    "eval.every=5",
+    "eval.val_tasks=8",
+    "eval.queries=10",
+]
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -38,8 +45,18 @@ def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resume_is_exact(tmp_path):
     it stopped after; resumed, the run ends with exactly the weights (and log) of an uninterrupted run."""
     sig = signal.SIGINT
     out = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "allmap", "train", "sinusoid-metasgd", "--out", str(out), "--no-progress",
-           "--set", "iterations=1000000"] + sum((["--set", s] for s in SETS), [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "allmap",
+        "train",
+        "sinusoid-metasgd",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "iterations=1000000",
+    ] + sum((["--set", s] for s in SETS), [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -88,6 +105,7 @@ def test_sigterm_in_process_stops_after_the_iteration_and_resume_is_exact(tmp_pa
 
 # -- checkpoints under crashes --------------------------------------------------------------------------
 
+
 def _state(k: int) -> dict:
     # pieces below torch's intra-op grain size (32768): no OpenMP region, which a forked child could deadlock on
     return {"iteration": k, "w": [torch.full((16_000,), float(k) + i) for i in range(8)]}
@@ -114,6 +132,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_loadable_checkpoint(crash_at, t
                 raise Crash
             calls["n"] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(ckpt.os, "replace", counted(real_replace))
@@ -145,7 +164,7 @@ def test_sigkill_while_writing_never_leaves_a_broken_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     rng = random.Random(0)
     seen = set()
-    for trial in range(int(os.environ.get("ALLMAP_FAULT_TRIALS", "20"))):
+    for _ in range(int(os.environ.get("ALLMAP_FAULT_TRIALS", "20"))):
         ready = ctx.Event()
         child = ctx.Process(target=_writer, args=(str(path), ready))
         child.start()
@@ -173,6 +192,7 @@ def test_a_damaged_checkpoint_is_named_even_after_an_interrupted_save(tmp_path):
 
 # -- non-finite loss or gradient --------------------------------------------------------------------------
 
+
 def _nan_gradient_once(at: int):
     """A callback that makes the next meta-gradient NaN (the loss stays finite) once, after iteration ``at``."""
 
@@ -192,18 +212,30 @@ def _nan_gradient_once(at: int):
 
 def test_non_finite_gradient_with_finite_loss_names_the_iteration(tmp_path):
     config = load_config("sinusoid-maml", ["iterations=20", "meta_batch=2", "log_every=1", "checkpoint_every=5"])
-    with pytest.raises(NonFiniteLossError, match=r"meta-loss was finite .* but a meta-gradient entry was NaN or "
-                                                 r"infinite at iteration 7"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"meta-loss was finite .* but a meta-gradient entry was NaN or "
+        r"infinite at iteration 7",
+    ):
         train(config, tmp_path / "nan", progress=False, callback=_nan_gradient_once(6))
     state = load_checkpoint(tmp_path / "nan" / "checkpoint.pt")
     assert state["iteration"] == 5 and all(torch.isfinite(v).all() for v in state["learner"].values())
 
 
 def test_skip_mode_skips_the_bad_meta_batch_and_counts_it(tmp_path):
-    sets = ["iterations=12", "meta_batch=2", "log_every=4", "checkpoint_every=4", "eval.tasks=5", "eval.every=100",
-            "eval.val_tasks=4", "on_nonfinite=skip"]
-    learner = train(load_config("sinusoid-maml", sets), tmp_path / "skip", progress=False,
-                    callback=_nan_gradient_once(6))
+    sets = [
+        "iterations=12",
+        "meta_batch=2",
+        "log_every=4",
+        "checkpoint_every=4",
+        "eval.tasks=5",
+        "eval.every=100",
+        "eval.val_tasks=4",
+        "on_nonfinite=skip",
+    ]
+    learner = train(
+        load_config("sinusoid-maml", sets), tmp_path / "skip", progress=False, callback=_nan_gradient_once(6)
+    )
     assert all(torch.isfinite(p).all() for p in learner.parameters())
     log = rows(tmp_path / "skip")
     assert [(r["iteration"], r["skipped"]) for r in log] == [(4, 0), (8, 1), (12, 1)]

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _util import assert_vmap_equals_loop
 from torch import nn
 
 import allmap
-from _util import assert_vmap_equals_loop
+from allmap.engine.evaluate import evaluate
 from allmap.nets import MLP, Conv4, MAMLConv
 from allmap.tasks import Episodes, Omniglot, gaussian_classes
-from allmap.engine.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 needs_omniglot = pytest.mark.skipif(not ROOT.is_dir(), reason="needs ../shared/data/omniglot")
@@ -114,7 +114,9 @@ def test_protonet_adapt_predicts_nearest_prototype_and_works_under_vmap():
     out = model(tasks.query_x[0])
     assert out.shape == (6, 3)
     # under vmap the scores have one column per support example; extra classes are -inf, argmax agrees
-    wide = torch.func.vmap(lambda sx, sy, qx: learner.adapt(sx, sy)(qx))(tasks.support_x, tasks.support_y, tasks.query_x)
+    wide = torch.func.vmap(lambda sx, sy, qx: learner.adapt(sx, sy)(qx))(
+        tasks.support_x, tasks.support_y, tasks.query_x
+    )
     assert wide.shape == (4, 6, 9)
     torch.testing.assert_close(wide[0, :, :3], out)
     assert torch.isinf(wide[..., 3:]).all()
@@ -207,8 +209,9 @@ def test_float64_gradcheck_of_the_loss_with_test_shifts():
     learner.eval()
     names = [n for n, _ in learner.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for p in learner.parameters())
-    assert torch.autograd.gradcheck(lambda *ps: _functional_meta_loss(learner, dict(zip(names, ps)), tasks), params,
-                                    eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda *ps: _functional_meta_loss(learner, dict(zip(names, ps)), tasks), params, eps=1e-6, atol=1e-6
+    )
 
 
 def test_test_shift_errors_are_clear():
@@ -230,7 +233,10 @@ def test_conv_backbones_shapes_and_functional_call():
     x = torch.randn(7, 1, 28, 28)
     assert Conv4()(x).shape == (7, 64)
     assert Conv4(out_features=5)(x).shape == (7, 5)
-    assert Conv4(in_channels=3, hidden=32, out_features=5, flat_features=32 * 25)(torch.randn(2, 3, 84, 84)).shape == (2, 5)
+    assert Conv4(in_channels=3, hidden=32, out_features=5, flat_features=32 * 25)(torch.randn(2, 3, 84, 84)).shape == (
+        2,
+        5,
+    )
     net = MAMLConv(out_features=20)
     assert net(x).shape == (7, 20)
     params = {n: p * 1.0 for n, p in net.named_parameters()}
@@ -270,8 +276,12 @@ def test_channels_last_is_the_same_function_and_meta_gradient(cls):
     assert seen == [1, 784]  # NHWC strides even for one channel (contiguous(channels_last) keeps NCHW's)
     g = torch.Generator().manual_seed(0)
     y = torch.arange(3).repeat(2, 2)
-    tasks = allmap.TaskBatch(torch.randn(2, 6, 1, 28, 28, generator=g, dtype=torch.float64), y,
-                             torch.randn(2, 6, 1, 28, 28, generator=g, dtype=torch.float64), y.clone())
+    tasks = allmap.TaskBatch(
+        torch.randn(2, 6, 1, 28, 28, generator=g, dtype=torch.float64),
+        y,
+        torch.randn(2, 6, 1, 28, 28, generator=g, dtype=torch.float64),
+        y.clone(),
+    )
     grads = []
     for net in (nchw, nhwc):
         learner = allmap.MAML(net, inner_lr=0.3, inner_steps=2, loss="cross_entropy")
@@ -307,8 +317,11 @@ def test_bfloat16_precision_is_mixed_and_leaves_float64_exact(cls):
 def test_learns_a_small_omniglot_subset_above_chance(name):
     torch.manual_seed(0)
     encoder = Conv4(hidden=8)
-    learner = {"protonet": lambda: allmap.ProtoNet(encoder), "matching": lambda: allmap.MatchingNet(encoder, scale=10.0),
-               "siamese": lambda: allmap.Siamese(encoder, features=8)}[name]()
+    learner = {
+        "protonet": lambda: allmap.ProtoNet(encoder),
+        "matching": lambda: allmap.MatchingNet(encoder, scale=10.0),
+        "siamese": lambda: allmap.Siamese(encoder, features=8),
+    }[name]()
     train = Omniglot(ROOT, split="vinyals-train", ways=5, shots=1, queries=3, rotations=(0,))
     test = Omniglot(ROOT, split="test", ways=5, shots=1, queries=3, rotations=(0,))
     tasks = test.sample(50, torch.Generator().manual_seed(1))
@@ -332,8 +345,9 @@ def test_maml_runs_unchanged_on_omniglot_episodes():
     # second order (convolutions on CPU -> tasks one at a time) equals an explicit per-task loop of task_loss
     maml = allmap.MAML(net, inner_lr=0.4, inner_steps=1, loss="cross_entropy").to(torch.float64)
     loss = maml.meta_loss(tasks)
-    ref = torch.stack([maml.task_loss(tasks.support_x[i], tasks.support_y[i], tasks.query_x[i], tasks.query_y[i])
-                       for i in range(3)]).mean()
+    ref = torch.stack(
+        [maml.task_loss(tasks.support_x[i], tasks.support_y[i], tasks.query_x[i], tasks.query_y[i]) for i in range(3)]
+    ).mean()
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in maml.parameters())

@@ -8,24 +8,41 @@ from pathlib import Path
 import pytest
 import torch
 
+from allmap.app.config import list_presets, load_config
+from allmap.app.schedules import CosineAdam, StepDecayAdam
+from allmap.app.trainer import train
 from allmap.cli import main
 from allmap.tasks import Episodes, EpisodeStream, gaussian_classes
-from allmap.app.config import list_presets, load_config
-from allmap.app.trainer import train
-from allmap.app.schedules import CosineAdam, StepDecayAdam
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 needs_omniglot = pytest.mark.skipif(not ROOT.is_dir(), reason="needs ../shared/data/omniglot")
 
-TINY = ["iterations=3", "task.ways=5", "model.hidden=8", "eval.tasks=10", "eval.val_tasks=5", "log_every=1", "eval.queries=2",
-        "eval.every=3", "checkpoint_every=3"]
+TINY = [
+    "iterations=3",
+    "task.ways=5",
+    "model.hidden=8",
+    "eval.tasks=10",
+    "eval.val_tasks=5",
+    "log_every=1",
+    "eval.queries=2",
+    "eval.every=3",
+    "checkpoint_every=3",
+]
 
 
 def test_omniglot_presets_exist_and_say_their_protocol():
     presets = list_presets()
-    for name in ("omniglot-5w1s-maml", "omniglot-20w1s-maml", "omniglot-5w1s-protonet", "omniglot-20w1s-protonet",
-                 "omniglot-5w1s-matching", "omniglot-5w1s-siamese", "omniglot-5w1s-protonet-lake",
-                 "omniglot-5w1s-maml-lake", "omniglot-5w1s-protonet-shuffled"):
+    for name in (
+        "omniglot-5w1s-maml",
+        "omniglot-20w1s-maml",
+        "omniglot-5w1s-protonet",
+        "omniglot-20w1s-protonet",
+        "omniglot-5w1s-matching",
+        "omniglot-5w1s-siamese",
+        "omniglot-5w1s-protonet-lake",
+        "omniglot-5w1s-maml-lake",
+        "omniglot-5w1s-protonet-shuffled",
+    ):
         assert name in presets and presets[name]
     maml = load_config("omniglot-5w1s-maml")
     assert maml["learner"]["inner_lr"] == 0.4 and maml["learner"]["inner_steps"] == 1 and maml["meta_batch"] == 32
@@ -38,7 +55,8 @@ def test_omniglot_presets_exist_and_say_their_protocol():
     shuffled = load_config("omniglot-5w1s-protonet-shuffled")
     assert shuffled["task"]["protocol"] == "shuffled"
     assert {k: v for k, v in shuffled["task"].items() if k != "protocol"} == {
-        k: v for k, v in load_config("omniglot-5w1s-protonet")["task"].items() if k != "protocol"}
+        k: v for k, v in load_config("omniglot-5w1s-protonet")["task"].items() if k != "protocol"
+    }
 
 
 @needs_omniglot
@@ -49,8 +67,22 @@ def test_protonet_preset_trains_evaluates_plots_and_evaluates_on_another_protoco
     assert "5-way 1-shot, 2 queries" in results["protocol"] and "vinyals-test" in results["protocol"]
     assert results["metrics"]["accuracy"]["n"] == 10
     assert (tmp_path / "run" / "adaptation.png").stat().st_size > 10_000
-    assert main(["eval", str(tmp_path / "run"), "--tasks", "8", "--set", "eval.ways=20",
-                 "--set", "task.within_alphabet=true", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "run"),
+                "--tasks",
+                "8",
+                "--set",
+                "eval.ways=20",
+                "--set",
+                "task.within_alphabet=true",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert "20-way 1-shot" in out["protocol"] and "within-alphabet" in out["protocol"]
     # another split whose test characters the run has trained on: refused, not scored

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import allmap
-from allmap.tasks.batch import TaskBatch
 from allmap.engine.evaluate import evaluate, evaluation_workers
 from allmap.engine.forked import can_fork, children_peak_mb, even_shares, reset_peak_rss, run_forked
+from allmap.tasks.batch import TaskBatch
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="forked workers need Linux without a CUDA context")
 
@@ -59,16 +59,21 @@ def test_run_forked_raises_a_childs_error_with_its_message():
 
 def _conv_maml() -> allmap.MAML:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(27, 3)).double()
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 3)
+    ).double()
     return allmap.MAML(net, inner_lr=0.2, inner_steps=2, loss="cross_entropy")
 
 
 def _image_tasks(n: int) -> TaskBatch:
     g = torch.Generator().manual_seed(0)
     y = torch.arange(3).repeat(n, 1)
-    return TaskBatch(torch.randn(n, 3, 1, 7, 7, generator=g, dtype=torch.float64), y,
-                     torch.randn(n, 3, 1, 7, 7, generator=g, dtype=torch.float64), y.clone())
+    return TaskBatch(
+        torch.randn(n, 3, 1, 7, 7, generator=g, dtype=torch.float64),
+        y,
+        torch.randn(n, 3, 1, 7, 7, generator=g, dtype=torch.float64),
+        y.clone(),
+    )
 
 
 def test_evaluate_with_workers_equals_one_process():
@@ -124,7 +129,8 @@ def test_forked_meta_backward_refuses_running_statistics_and_bad_worker_counts()
     learner = allmap.ProtoNet(encoder)
     learner.execution = allmap.engine.execution.Execution("auto", workers=2)
     tasks = allmap.tasks.Episodes(allmap.tasks.gaussian_classes(), ways=3, shots=2, queries=2).sample(
-        4, torch.Generator().manual_seed(0))
+        4, torch.Generator().manual_seed(0)
+    )
     with pytest.raises(ValueError, match="running statistics .*workers=0"):
         learner.meta_backward(tasks)
     with pytest.raises(ValueError, match="workers .*integer >= 0"):

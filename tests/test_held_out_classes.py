@@ -11,15 +11,29 @@ import pytest
 import yaml
 from PIL import Image
 
-from allmap.cli import main
 from allmap.app import ConfigError, load_config
 from allmap.app.build import build_family, check_held_out
 from allmap.app.trainer import check_config
+from allmap.cli import main
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-TINY = {"iterations": 2, "meta_batch": 1, "log_every": 1, "checkpoint_every": 2,
-        "eval": {"tasks": 4, "seed": 1000, "steps": [0], "ways": 2, "shots": 1, "queries": 1, "every": 2,
-                 "val_tasks": 2, "chunk": 100}}
+TINY = {
+    "iterations": 2,
+    "meta_batch": 1,
+    "log_every": 1,
+    "checkpoint_every": 2,
+    "eval": {
+        "tasks": 4,
+        "seed": 1000,
+        "steps": [0],
+        "ways": 2,
+        "shots": 1,
+        "queries": 1,
+        "every": 2,
+        "val_tasks": 2,
+        "chunk": 100,
+    },
+}
 
 
 def _folder(root: Path, classes: list[str], per_class: int = 3, side: int = 28) -> Path:
@@ -32,10 +46,22 @@ def _folder(root: Path, classes: list[str], per_class: int = 3, side: int = 28) 
 
 
 def _config(tmp_path: Path, root: Path, **task) -> Path:
-    config = {**TINY, "task": {"family": "imagefolder", "root": str(root), "size": 28, "ways": 2, "shots": 1,
-                               "queries": 1, "cache_dir": str(tmp_path / "cache"), **task},
-              "model": {"name": "conv4", "in_channels": 3, "hidden": 4}, "learner": {"name": "protonet"},
-              "optimizer": {"name": "adam", "lr": 0.001}}
+    config = {
+        **TINY,
+        "task": {
+            "family": "imagefolder",
+            "root": str(root),
+            "size": 28,
+            "ways": 2,
+            "shots": 1,
+            "queries": 1,
+            "cache_dir": str(tmp_path / "cache"),
+            **task,
+        },
+        "model": {"name": "conv4", "in_channels": 3, "hidden": 4},
+        "learner": {"name": "protonet"},
+        "optimizer": {"name": "adam", "lr": 0.001},
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -54,13 +80,24 @@ def test_train_refuses_to_test_on_its_training_classes(tmp_path, capsys):
     classes = json.loads((out / "classes.json").read_text())
     assert [len(classes[p]) for p in ("train", "val", "test")] == [6, 2, 2]
     assert not set(classes["train"]) & (set(classes["val"]) | set(classes["test"]))
-    assert "test classes of a flat folder: 2 of 10, sorted class names shuffled with seed 0" in classes["sources"]["test"]
+    assert (
+        "test classes of a flat folder: 2 of 10, sorted class names shuffled with seed 0" in classes["sources"]["test"]
+    )
 
 
-@pytest.mark.parametrize("held_out,message", [
-    ("test", r"the test classes overlap .* \(1 of 2, e\.g\. 'cat'\).* Change task\.root: the class folders of test/"),
-    ("val", r"the validation classes overlap .* \(1 of 2, e\.g\. 'cat'\).* Change task\.root: the class folders of val/"),
-])
+@pytest.mark.parametrize(
+    "held_out,message",
+    [
+        (
+            "test",
+            r"the test classes overlap .* \(1 of 2, e\.g\. 'cat'\).* Change task\.root: the class folders of test/",
+        ),
+        (
+            "val",
+            r"the validation classes overlap .* \(1 of 2, e\.g\. 'cat'\).* Change task\.root: the class folders of val/",
+        ),
+    ],
+)
 def test_split_folders_that_repeat_training_classes_are_refused(tmp_path, held_out, message):
     root = tmp_path / "data"
     _folder(root / "train", ["cat", "dog", "eel"])
@@ -87,16 +124,30 @@ def test_omniglot_protocols_hold_their_test_characters_out():
         assert families["val"].overlaps_training == (not protocol.endswith("holdout"))
 
 
-@pytest.mark.parametrize("sets,message", [
-    (["task.size=8"], r"images are 8x8, too small for model 'conv4': its downsampling needs at least 16x16\. "
-                      r"Raise task\.size to 16"),
-    (["model.in_channels=1"], r"images have 3 channel\(s\) but model 'conv4' takes 1 \(model\.in_channels\); set "
-                              r"model\.in_channels: 3, or task\.channels: 1 to read the images as grey"),
-    (["task.channels=1"], r"images have 1 channel\(s\) but model 'conv4' takes 3 .* set model\.in_channels: 1, or "
-                          r"task\.channels: 3 to read the images as RGB"),
-    (["task.size=84", "learner.name=maml", "model.out_features=2"],
-     r"model 'conv4': on 84x84 images its body gives 100 features but its head takes 4; set model\.flat_features: 100"),
-])
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        (
+            ["task.size=8"],
+            r"images are 8x8, too small for model 'conv4': its downsampling needs at least 16x16\. "
+            r"Raise task\.size to 16",
+        ),
+        (
+            ["model.in_channels=1"],
+            r"images have 3 channel\(s\) but model 'conv4' takes 1 \(model\.in_channels\); set "
+            r"model\.in_channels: 3, or task\.channels: 1 to read the images as grey",
+        ),
+        (
+            ["task.channels=1"],
+            r"images have 1 channel\(s\) but model 'conv4' takes 3 .* set model\.in_channels: 1, or "
+            r"task\.channels: 3 to read the images as RGB",
+        ),
+        (
+            ["task.size=84", "learner.name=maml", "model.out_features=2"],
+            r"model 'conv4': on 84x84 images its body gives 100 features but its head takes 4; set model\.flat_features: 100",
+        ),
+    ],
+)
 def test_images_the_model_cannot_take_are_refused_naming_the_key(tmp_path, sets, message):
     flat = _folder(tmp_path / "flat", [f"c{i:02d}" for i in range(10)])
     with pytest.raises(ConfigError, match=message):

@@ -40,11 +40,19 @@ def with_strategy(learner, spec):
 def meta_grad(tasks, hypergrad=None, steps=3, opt="sgd", vectorize=False, cls=allmap.MAML, sizes=(1, 8, 8, 1), **kw):
     torch.manual_seed(0)
     if cls is allmap.MetaSGD:
-        learner = with_strategy(cls(MLP(list(sizes)).double(), inner_lr=0.05, inner_steps=steps,
-                                    vectorize=vectorize, **kw), hypergrad)
+        learner = with_strategy(
+            cls(MLP(list(sizes)).double(), inner_lr=0.05, inner_steps=steps, vectorize=vectorize, **kw), hypergrad
+        )
     else:
-        learner = cls(MLP(list(sizes)).double(), inner_lr=0.05, inner_steps=steps, hypergrad=hypergrad,
-                      inner_optimizer=opt, vectorize=vectorize, **kw)
+        learner = cls(
+            MLP(list(sizes)).double(),
+            inner_lr=0.05,
+            inner_steps=steps,
+            hypergrad=hypergrad,
+            inner_optimizer=opt,
+            vectorize=vectorize,
+            **kw,
+        )
     loss = learner.meta_loss(tasks)
     loss.backward()
     return loss.detach(), torch.cat([p.grad.flatten() for p in learner.parameters()])
@@ -72,9 +80,17 @@ def query_loss(p, b):
 # -- names, parsing, errors -------------------------------------------------------------------------------
 def test_registry_and_parsing():
     assert set(STRATEGIES) == {
-        "unrolled", "first_order", "truncated", "checkpointed", "implicit", "forward", "finite_difference"
+        "unrolled",
+        "first_order",
+        "truncated",
+        "checkpointed",
+        "implicit",
+        "forward",
+        "finite_difference",
     }
-    assert resolve("truncated(3)") == Truncated(3) == resolve("truncated(k=3)") == resolve({"name": "truncated", "k": 3})
+    assert (
+        resolve("truncated(3)") == Truncated(3) == resolve("truncated(k=3)") == resolve({"name": "truncated", "k": 3})
+    )
     assert resolve(None) == Unrolled() and resolve(None, default="first_order") == FirstOrder()
     s = Implicit(lam=2.0)
     assert resolve(s) is s
@@ -126,12 +142,18 @@ def test_first_order_argument_still_works(tasks):
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_checkpointed_and_full_truncation_equal_unrolled(tasks, opt):
     value, ref = meta_grad(tasks, "unrolled", steps=4, opt=opt, vectorize=True)
-    for spec, vectorize in [("checkpointed", False), ("checkpointed(every=3)", True), ("truncated(4)", False),
-                            ("truncated(k=9)", True)]:
+    for spec, vectorize in [
+        ("checkpointed", False),
+        ("checkpointed(every=3)", True),
+        ("truncated(4)", False),
+        ("truncated(k=9)", True),
+    ]:
         v, g = meta_grad(tasks, spec, steps=4, opt=opt, vectorize=vectorize)
         assert torch.allclose(v, value, rtol=0, atol=1e-12)
         assert (g - ref).abs().max() < 1e-10, spec
-    assert torch.equal(meta_grad(tasks, "truncated(0)", steps=4, opt=opt)[1], meta_grad(tasks, "first_order", steps=4, opt=opt)[1])
+    assert torch.equal(
+        meta_grad(tasks, "truncated(0)", steps=4, opt=opt)[1], meta_grad(tasks, "first_order", steps=4, opt=opt)[1]
+    )
 
 
 @pytest.mark.parametrize("cls, kw", [(allmap.ANIL, {}), (allmap.MetaSGD, {})])
@@ -169,9 +191,11 @@ def test_gradcheck_exact_strategies(spec):
         return (((torch.tanh(x @ phi["w1"]) @ phi["w2"]) - 2 * y) ** 2).mean()
 
     g = torch.Generator().manual_seed(1)
-    args = (torch.randn(1, 3, generator=g, dtype=D, requires_grad=True),
-            torch.randn(3, 1, generator=g, dtype=D, requires_grad=True),
-            torch.tensor([0.1], dtype=D, requires_grad=True))
+    args = (
+        torch.randn(1, 3, generator=g, dtype=D, requires_grad=True),
+        torch.randn(3, 1, generator=g, dtype=D, requires_grad=True),
+        torch.tensor([0.1], dtype=D, requires_grad=True),
+    )
     assert torch.autograd.gradcheck(f, args)
     if strategy.name == "unrolled":  # checkpointed computes first derivatives only (documented)
         assert torch.autograd.gradgradcheck(f, args)
@@ -183,8 +207,9 @@ def test_gradcheck_implicit():
     a = a.clone().requires_grad_(True)
 
     def f(t, target):
-        [phi] = Implicit(lam=0.5, iterations=3, tol=1e-10).run(support_loss_of(a_mat, target), {"w": t}, sgd(0.3),
-                                                               300, closure=[target])
+        [phi] = Implicit(lam=0.5, iterations=3, tol=1e-10).run(
+            support_loss_of(a_mat, target), {"w": t}, sgd(0.3), 300, closure=[target]
+        )
         return query_loss(phi, b)
 
     assert torch.autograd.gradcheck(f, (theta, a))
@@ -204,7 +229,8 @@ def test_truncated_and_first_order_equal_hand_written_stop_gradients():
         return 0.5 * ((w - b) ** 2).sum()
 
     for spec, k in (("truncated(2)", 2), ("first_order", 0)):
-        def f(t):
+
+        def f(t, spec=spec):
             [phi] = resolve(spec).run(support_loss_of(a_mat, a), {"w": t}, sgd(lr), 4)
             return query_loss(phi, b)
 
@@ -309,8 +335,9 @@ def test_monotone_descent_under_vmap_keeps_one_step_size_per_task():
     target = torch.tensor([1.0, -2.0, 3.0], dtype=D)
 
     def solve(c, t):
-        return monotone_descent(lambda p: 0.5 * c * ((p["w"] - t) ** 2).sum(), {"w": torch.zeros(2, dtype=D)},
-                                sgd(0.5), 60)["w"]
+        return monotone_descent(
+            lambda p: 0.5 * c * ((p["w"] - t) ** 2).sum(), {"w": torch.zeros(2, dtype=D)}, sgd(0.5), 60
+        )["w"]
 
     batched = torch.func.vmap(solve)(curv, target)
     for i in range(3):
@@ -329,8 +356,16 @@ def test_imaml_safeguard_keeps_diverging_tasks_finite():
     grads = {}
     for safeguard in (False, True):
         net.zero_grad()
-        learner = allmap.IMAML(net, lam=2.0, inner_lr=5.0, inner_steps=300, cg_iterations=3, tol=1e-12,
-                               safeguard=safeguard, on_fail="ignore")
+        learner = allmap.IMAML(
+            net,
+            lam=2.0,
+            inner_lr=5.0,
+            inner_steps=300,
+            cg_iterations=3,
+            tol=1e-12,
+            safeguard=safeguard,
+            on_fail="ignore",
+        )
         learner.meta_loss(tasks).backward()
         grads[safeguard] = net.weight.grad.clone()
     assert not torch.isfinite(grads[False]).all()
@@ -352,6 +387,7 @@ def test_forward_mode_equals_reverse_for_per_layer_rates(tasks):
         rates = {n: hyper["lr"][layer[n.rsplit(".", 1)[0]]] for n in names}
         total = 0
         for i in range(len(tasks)):
+
             def support(p, i=i):
                 return ((torch.func.functional_call(net, p, (tasks.support_x[i],)) - tasks.support_y[i]) ** 2).mean()
 
@@ -412,9 +448,11 @@ def test_custom_backward_strategies_evaluate_under_vmap_without_grad(tasks, spec
     learner = allmap.MAML(MLP([1, 4, 1]).double(), inner_lr=0.05, inner_steps=3, hypergrad=spec)
     with torch.no_grad():
         batched = torch.func.vmap(lambda sx, sy, qx: learner.adapt(sx, sy)(qx))(
-            tasks.support_x, tasks.support_y, tasks.query_x)
-        looped = torch.stack([learner.adapt(tasks.support_x[i], tasks.support_y[i])(tasks.query_x[i])
-                              for i in range(len(tasks))])
+            tasks.support_x, tasks.support_y, tasks.query_x
+        )
+        looped = torch.stack(
+            [learner.adapt(tasks.support_x[i], tasks.support_y[i])(tasks.query_x[i]) for i in range(len(tasks))]
+        )
     assert torch.allclose(batched, looped, atol=1e-12)
 
 

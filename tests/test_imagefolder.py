@@ -57,8 +57,9 @@ def test_csv_split_layout_and_grey(tmp_path):
             p.rename(images / name)
             rows.append(f"{name},n0{d.name[-1]}")
     (tmp_path / "mini" / "test.csv").write_text("\n".join(rows) + "\n")
-    family = ImageFolder(tmp_path / "mini", split="test", ways=4, shots=1, queries=5, size=10, channels=1,
-                         cache_dir=tmp_path / "c")
+    family = ImageFolder(
+        tmp_path / "mini", split="test", ways=4, shots=1, queries=5, size=10, channels=1, cache_dir=tmp_path / "c"
+    )
     assert family.data.names == ("n00", "n01", "n02", "n03")
     assert family.sample(2, torch.Generator()).query_x.shape == (2, 20, 1, 10, 10)
     (tmp_path / "mini" / "val.csv").write_text("name,class\nx.png,a\n")
@@ -105,13 +106,18 @@ def test_flat_folder_classes_are_split_by_a_seeded_rule(tmp_path):
     assert got["train"] | got["val"] | got["test"] == set(names) and not got["train"] & (got["val"] | got["test"])
     order = [sorted(names)[i] for i in np.random.RandomState(0).permutation(12)]  # the documented rule
     assert got == {"train": set(order[:8]), "val": set(order[8:10]), "test": set(order[10:])}
-    assert "test classes of a flat folder: 2 of 12, sorted class names shuffled with seed 0, 64/16/20%" in \
-        phases["test"].describe()
+    assert (
+        "test classes of a flat folder: 2 of 12, sorted class names shuffled with seed 0, 64/16/20%"
+        in phases["test"].describe()
+    )
     assert len(list((tmp_path / "c").glob("imagefolder-*.pt"))) == 1  # one decoded copy for the three phases
     other = ImageFolder(tmp_path / "data", split="test", split_seed=1, **kwargs)
     assert set(other.data.names) != got["test"]
-    assert {k: len(v) for k, v in split_classes(names, fractions=[0.5, 0.25, 0.25]).items()} == \
-        {"train": 6, "val": 3, "test": 3}
+    assert {k: len(v) for k, v in split_classes(names, fractions=[0.5, 0.25, 0.25]).items()} == {
+        "train": 6,
+        "val": 3,
+        "test": 3,
+    }
     with pytest.raises(ValueError, match="split_fractions to be three shares"):
         ImageFolder(tmp_path / "data", split="test", split_fractions=[0.8, 0.3, 0.1], **kwargs)
     with pytest.raises(ValueError, match="only 2 classes.*test classes of a flat folder.*task.split_fractions"):
@@ -122,8 +128,11 @@ def test_split_layouts_name_the_missing_phase(tmp_path):
     for phase in ("train", "test"):
         _make_folder(tmp_path / "data" / phase, classes=3)
     assert load_image_folder(tmp_path / "data", split="test", size=8, cache_dir=tmp_path / "c").classes == 3
-    with pytest.raises(ValueError, match=r"data/val/ is missing\. .* holds test/, train/, so it is read as split "
-                                         r"folders: ROOT/train/CLASS/\*\.png, ROOT/val/CLASS/\*\.png"):
+    with pytest.raises(
+        ValueError,
+        match=r"data/val/ is missing\. .* holds test/, train/, so it is read as split "
+        r"folders: ROOT/train/CLASS/\*\.png, ROOT/val/CLASS/\*\.png",
+    ):
         load_image_folder(tmp_path / "data", split="val", size=8, cache_dir=tmp_path / "c")
     (tmp_path / "mini").mkdir()
     (tmp_path / "mini" / "train.csv").write_text("filename,label\n")

@@ -16,8 +16,16 @@ from allmap.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "README.md"
 # scale only: fewer and smaller steps; every other key is the documented config
-TINY = ["iterations=2", "log_every=1", "checkpoint_every=2", "eval.every=2", "eval.tasks=6", "eval.val_tasks=2",
-        "task.size=28", "model.hidden=8"]
+TINY = [
+    "iterations=2",
+    "log_every=1",
+    "checkpoint_every=2",
+    "eval.every=2",
+    "eval.tasks=6",
+    "eval.val_tasks=2",
+    "task.size=28",
+    "model.hidden=8",
+]
 
 
 def _example() -> dict:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _util import assert_vmap_equals_loop
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import allmap
-from _util import assert_vmap_equals_loop
 from allmap.inner import adam, apply_updates, sgd
 from allmap.nets import MLP
 from allmap.tasks import LinearRegression, Logistic2D, Sinusoid
@@ -32,16 +32,23 @@ def _small_mlp(sizes=(1, 6, 1)):
 
 LEARNERS = {
     "maml-2-steps": lambda: (allmap.MAML(_small_mlp(), inner_lr=0.1, inner_steps=2), Sinusoid(shots=4, queries=3)),
-    "maml-adam-2-steps": lambda: (allmap.MAML(_small_mlp(), inner_lr=0.05, inner_steps=2, inner_optimizer="adam"),
-                                  Sinusoid(shots=4, queries=3)),
-    "metasgd": lambda: (allmap.MetaSGD(_small_mlp((2, 2)), inner_lr=0.3, inner_steps=2, loss="cross_entropy"),
-                        Logistic2D(shots=5, queries=4)),
+    "maml-adam-2-steps": lambda: (
+        allmap.MAML(_small_mlp(), inner_lr=0.05, inner_steps=2, inner_optimizer="adam"),
+        Sinusoid(shots=4, queries=3),
+    ),
+    "metasgd": lambda: (
+        allmap.MetaSGD(_small_mlp((2, 2)), inner_lr=0.3, inner_steps=2, loss="cross_entropy"),
+        Logistic2D(shots=5, queries=4),
+    ),
     "anil": lambda: (allmap.ANIL(_small_mlp(), inner_lr=0.1, inner_steps=2), Sinusoid(shots=4, queries=3)),
-    "hypernet": lambda: (allmap.HyperNetwork(_small_mlp((3, 1)), x_dim=3, y_dim=1, hidden=5, depth=1).to(D),
-                         LinearRegression(dim=3, shots=4, queries=3)),
-    "hypernet+step": lambda: (allmap.HyperNetwork(_small_mlp((3, 1)), x_dim=3, y_dim=1, hidden=5, depth=1,
-                                                  inner_steps=1, inner_lr=0.1).to(D),
-                              LinearRegression(dim=3, shots=4, queries=3)),
+    "hypernet": lambda: (
+        allmap.HyperNetwork(_small_mlp((3, 1)), x_dim=3, y_dim=1, hidden=5, depth=1).to(D),
+        LinearRegression(dim=3, shots=4, queries=3),
+    ),
+    "hypernet+step": lambda: (
+        allmap.HyperNetwork(_small_mlp((3, 1)), x_dim=3, y_dim=1, hidden=5, depth=1, inner_steps=1, inner_lr=0.1).to(D),
+        LinearRegression(dim=3, shots=4, queries=3),
+    ),
 }
 
 
@@ -116,12 +123,14 @@ def test_first_order_equals_detached_inner_gradients():
     for i in range(len(tasks)):
         params = [p for p in net.parameters()]
         for _ in range(3):
-            out = torch.func.functional_call(net, dict(zip([n for n, _ in net.named_parameters()], params)),
-                                             (tasks.support_x[i],))
+            out = torch.func.functional_call(
+                net, dict(zip([n for n, _ in net.named_parameters()], params)), (tasks.support_x[i],)
+            )
             grads = torch.autograd.grad(nn.functional.mse_loss(out, tasks.support_y[i]), params)
             params = [p - 0.05 * g.detach() for p, g in zip(params, grads)]
-        out = torch.func.functional_call(net, dict(zip([n for n, _ in net.named_parameters()], params)),
-                                         (tasks.query_x[i],))
+        out = torch.func.functional_call(
+            net, dict(zip([n for n, _ in net.named_parameters()], params)), (tasks.query_x[i],)
+        )
         for e, g in zip(expected, torch.autograd.grad(nn.functional.mse_loss(out, tasks.query_y[i]), params)):
             e += g / len(tasks)
     for a, b in zip(got, expected):
@@ -300,7 +309,8 @@ def test_first_order_only_uses_fused_batch_norm_with_the_same_values_and_gradien
         with first_order_only():
             quick = torch.func.grad(loss)(params)
             batched = torch.func.vmap(torch.func.grad(loss), in_dims=({"weight": 0, "bias": 0},))(
-                {k: torch.stack([v, v]) for k, v in params.items()})
+                {k: torch.stack([v, v]) for k, v in params.items()}
+            )
     finally:
         norm_module._fused = fused
     assert states == [False, True, False]  # grad: formula; first_order_only: fused; under vmap: formula

@@ -7,15 +7,14 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 from PIL import Image
 
-from allmap.tasks import ClassImages, Episodes, Omniglot, load_omniglot
-from allmap.tasks.episodes import affine, translate, warp
 from allmap.app.build import build_family
 from allmap.app.config import load_config
+from allmap.tasks import ClassImages, Episodes, Omniglot, load_omniglot
+from allmap.tasks.episodes import affine, translate, warp
 from allmap.tasks.omniglot import PROTOCOLS, SHUFFLED_SPLITS, SPLITS, shuffled_order
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -37,7 +36,9 @@ def _write_release(dest: Path, picks: dict[str, list[int]]) -> None:
         raw = np.load(ROOT / f"images_{which}.npz")["images"]
         for number in numbers:
             entry = next(a for a in table[which] if a["first_character"] <= number <= a["last_character"])
-            folder = dest / f"images_{which}" / entry["alphabet"] / f"character{number - entry['first_character'] + 1:02d}"
+            folder = (
+                dest / f"images_{which}" / entry["alphabet"] / f"character{number - entry['first_character'] + 1:02d}"
+            )
             folder.mkdir(parents=True, exist_ok=True)
             for d in range(20):
                 Image.fromarray(raw[number - first, d]).convert("1").save(folder / f"{number:04d}_{d + 1:02d}.png")
@@ -62,8 +63,16 @@ def test_resize_filters_match_pillow(resize, pil_filter):
 
     raw = np.load(ROOT / "images_background.npz")["images"][:12, :3]  # True = paper
     ours = preprocess(torch.from_numpy(raw), 28, resize).numpy()
-    pil = np.stack([[1.0 - np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((28, 28), pil_filter),
-                                       np.float32) / 255 for a in row] for row in raw])
+    pil = np.stack(
+        [
+            [
+                1.0
+                - np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((28, 28), pil_filter), np.float32) / 255
+                for a in row
+            ]
+            for row in raw
+        ]
+    )
     assert np.abs(ours - pil).max() < 0.005  # Pillow rounds to 1/255 (and between its two passes)
     with pytest.raises(ValueError, match="unknown resize filter 'nearest'; expected one of bilinear, lanczos"):
         preprocess(torch.from_numpy(raw), 28, "nearest")
@@ -75,7 +84,9 @@ def test_official_layout_folder_and_zip_give_the_same_tensors(data, tmp_path):
     numbers = sum(PICKS.values(), [])
     assert folder.numbers.tolist() == numbers
     assert torch.equal(folder.images, data.images[torch.tensor(numbers) - 1])
-    assert [folder.alphabets[int(a)] for a in folder.alphabet] == [data.alphabets[int(data.alphabet[n - 1])] for n in numbers]
+    assert [folder.alphabets[int(a)] for a in folder.alphabet] == [
+        data.alphabets[int(data.alphabet[n - 1])] for n in numbers
+    ]
     # zip files of the same folders
     zipped = tmp_path / "zipped"
     zipped.mkdir()
@@ -139,8 +150,14 @@ def test_corrupt_archive_fails_clearly(tmp_path):
 
     np.savez(tmp_path / "images_background.npz", images=np.zeros((3, 20, 105, 105), bool), labels=np.zeros((3, 20)))
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(omniglot, "SHA256", {"background": omniglot.hashlib.sha256(
-        (tmp_path / "images_background.npz").read_bytes()).hexdigest(), "evaluation": ""})
+    monkey.setattr(
+        omniglot,
+        "SHA256",
+        {
+            "background": omniglot.hashlib.sha256((tmp_path / "images_background.npz").read_bytes()).hexdigest(),
+            "evaluation": "",
+        },
+    )
     try:
         with pytest.raises(ValueError, match="partial or different"):
             load_omniglot(tmp_path, cache_dir=tmp_path / "c")
@@ -178,7 +195,9 @@ def test_shuffled_split_is_fixed_and_mixes_alphabets(data):
     assert sizes == {"shuffled-train": 1100, "shuffled-val": 100, "shuffled-trainval": 1200, "shuffled-test": 423}
     split = {name: set(data.split(name).numbers.tolist()) for name in SHUFFLED_SPLITS}
     assert split["shuffled-train"] | split["shuffled-val"] == split["shuffled-trainval"]
-    assert not split["shuffled-train"] & split["shuffled-val"] and not split["shuffled-trainval"] & split["shuffled-test"]
+    assert (
+        not split["shuffled-train"] & split["shuffled-val"] and not split["shuffled-trainval"] & split["shuffled-test"]
+    )
     assert split["shuffled-test"] == set(order[1200:].tolist())
     # unlike the Vinyals split, test characters share alphabets with the training side
     test_alphabets = set(data.split("shuffled-test").alphabet.tolist())
@@ -212,7 +231,9 @@ def test_rotations_are_new_classes(data):
 
 
 def test_within_alphabet_episodes_draw_one_alphabet(data):
-    family = Omniglot(ROOT, split="test", protocol="lake", ways=5, shots=1, queries=2, rotations=(0,), within_alphabet=True)
+    family = Omniglot(
+        ROOT, split="test", protocol="lake", ways=5, shots=1, queries=2, rotations=(0,), within_alphabet=True
+    )
     tasks = family.sample(50, torch.Generator().manual_seed(3))
     evaluation = data.split("evaluation")
     alphabet_of = evaluation.alphabet[tasks.info["classes"] % len(evaluation)]

@@ -24,12 +24,16 @@ def test_peers_smoke(capsys):
     out = capsys.readouterr().out
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     names = {(r[1].strip(), r[2].strip()) for r in rows}
-    assert {("sinusoid-1", "allmap"), ("conv4-5w1s", "allmap"), ("protonet-60w", "allmap"),
-            ("eval-600", "allmap")} <= names
+    assert {
+        ("sinusoid-1", "allmap"),
+        ("conv4-5w1s", "allmap"),
+        ("protonet-60w", "allmap"),
+        ("eval-600", "allmap"),
+    } <= names
     for r in rows:
         assert float(r[3]) > 0  # tasks/s
         if r[8].strip():  # relative meta-gradient (or accuracy) difference from allmap
             assert float(r[8]) < 1e-4, r
     for peer in peers.PEERS:
         if not peers.available(peer):
-            assert f"skipped: " in out and peer in out
+            assert "skipped: " in out and peer in out

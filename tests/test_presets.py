@@ -7,15 +7,18 @@ import re
 import pytest
 import yaml
 
-from allmap.cli import main
 from allmap.app import config as config_module
 from allmap.app.config import MAX_DESCRIPTION, ConfigError, dump_config, list_presets, load_config, preset_path
 from allmap.app.runs import read_config
+from allmap.cli import main
 
 PRESETS = list(list_presets())
 #: what product text must not carry: work items, measured figures, timings, machine-specific figures
-NOT_IN_PRODUCT_TEXT = re.compile(r"session \d|issue \d|issue.s|seed 0\d|benchmarks/README|measured|\d ?%|\bminutes?\b|"
-                                 r"\bhours?\b|\bcores?\b|\bs per\b|\d(\.\d+)?x (faster|slower)", re.IGNORECASE)
+NOT_IN_PRODUCT_TEXT = re.compile(
+    r"session \d|issue \d|issue.s|seed 0\d|benchmarks/README|measured|\d ?%|\bminutes?\b|"
+    r"\bhours?\b|\bcores?\b|\bs per\b|\d(\.\d+)?x (faster|slower)",
+    re.IGNORECASE,
+)
 
 
 def _raw(name: str) -> dict:
@@ -36,8 +39,11 @@ def test_every_preset_has_a_short_description_and_protocol_notes(name):
 def test_a_long_or_multi_line_description_is_refused(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("base: sinusoid-maml\ndescription: " + "x" * (MAX_DESCRIPTION + 1) + "\n")
-    with pytest.raises(ConfigError, match=r"'description' must be one line of at most 160 characters .*got 161 "
-                                          r"characters on 1 line\(s\); put the full protocol in 'notes'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'description' must be one line of at most 160 characters .*got 161 "
+        r"characters on 1 line\(s\); put the full protocol in 'notes'",
+    ):
         load_config(path)
     path.write_text("base: sinusoid-maml\ndescription: |\n  first line\n  second line\n")
     with pytest.raises(ConfigError, match=r"got 22 characters on 2 line\(s\)"):
@@ -63,7 +69,8 @@ def test_base_is_the_deep_merge_of_the_preset_with_own_keys(tmp_path):
     assert mine["learner"] == {**base["learner"], "inner_steps": 5}
     assert mine["eval"] == {**base["eval"], "tasks": 7}
     assert {k: v for k, v in mine.items() if k not in ("learner", "eval", "description", "notes")} == {
-        k: v for k, v in base.items() if k not in ("learner", "eval", "description", "notes")}
+        k: v for k, v in base.items() if k not in ("learner", "eval", "description", "notes")
+    }
     assert "base" not in mine and mine["description"] == "five steps"
     assert mine["notes"] == "", "notes describe the config that states them: not inherited"
 
@@ -104,15 +111,30 @@ def test_unknown_bad_and_cyclic_bases_are_refused(tmp_path, monkeypatch):
         load_config("d")
 
 
-@pytest.mark.parametrize("base,children", [
-    ("omniglot-5w1s-protonet", ["omniglot-20w1s-protonet", "omniglot-5w1s-protonet-shuffled",
-                                "omniglot-5w1s-protonet-lake"]),
-    ("omniglot-5w1s-maml", ["omniglot-20w1s-maml", "omniglot-5w1s-maml-lake"]),
-    ("omniglot-5w1s-matching", ["omniglot-5w1s-siamese"]),
-    ("sinusoid-maml", ["sinusoid-maml-5shot", "sinusoid-fomaml", "sinusoid-anil", "sinusoid-metasgd",
-                       "sinusoid-reptile", "sinusoid-imaml", "sinusoid-lstm"]),
-    ("linreg-hypernet", ["linreg-maml"]),
-])
+@pytest.mark.parametrize(
+    "base,children",
+    [
+        (
+            "omniglot-5w1s-protonet",
+            ["omniglot-20w1s-protonet", "omniglot-5w1s-protonet-shuffled", "omniglot-5w1s-protonet-lake"],
+        ),
+        ("omniglot-5w1s-maml", ["omniglot-20w1s-maml", "omniglot-5w1s-maml-lake"]),
+        ("omniglot-5w1s-matching", ["omniglot-5w1s-siamese"]),
+        (
+            "sinusoid-maml",
+            [
+                "sinusoid-maml-5shot",
+                "sinusoid-fomaml",
+                "sinusoid-anil",
+                "sinusoid-metasgd",
+                "sinusoid-reptile",
+                "sinusoid-imaml",
+                "sinusoid-lstm",
+            ],
+        ),
+        ("linreg-hypernet", ["linreg-maml"]),
+    ],
+)
 def test_presets_that_share_a_protocol_share_its_recipe(base, children):
     assert "base" not in _raw(base)
     recipe = load_config(base)
@@ -120,9 +142,16 @@ def test_presets_that_share_a_protocol_share_its_recipe(base, children):
         raw = _raw(child)
         assert raw["base"] == base, child
         # a child states only what differs from its base (a section naming another component is stated whole)
-        repeated = [key for key, value in raw.items() if key not in ("base", "description", "notes") and
-                    (value == recipe[key] if not isinstance(value, dict) else
-                     "name" not in value and any(value[k] == recipe[key].get(k) for k in value))]
+        repeated = [
+            key
+            for key, value in raw.items()
+            if key not in ("base", "description", "notes")
+            and (
+                value == recipe[key]
+                if not isinstance(value, dict)
+                else "name" not in value and any(value[k] == recipe[key].get(k) for k in value)
+            )
+        ]
         assert not repeated, (child, repeated)
 
 

@@ -70,10 +70,14 @@ def test_reptile_gradient_is_theta_minus_adapted(tasks, vectorize):
         assert torch.allclose(p.grad, w, atol=1e-13)
     # the value is the query loss after adaptation
     with torch.no_grad():
-        ref = torch.stack([
-            nn.functional.mse_loss(learner.adapt(tasks.support_x[i], tasks.support_y[i])(tasks.query_x[i]),
-                                   tasks.query_y[i]) for i in range(len(tasks))
-        ]).mean()
+        ref = torch.stack(
+            [
+                nn.functional.mse_loss(
+                    learner.adapt(tasks.support_x[i], tasks.support_y[i])(tasks.query_x[i]), tasks.query_y[i]
+                )
+                for i in range(len(tasks))
+            ]
+        ).mean()
     assert torch.allclose(loss.detach(), ref, atol=1e-13)
 
 
@@ -111,8 +115,9 @@ def test_imaml_gradcheck():
     fam = allmap.tasks.LinearRegression(dim=2, shots=6, queries=4)
     tasks = fam.sample(2, torch.Generator().manual_seed(5)).to(dtype=D)
     torch.manual_seed(0)
-    learner = allmap.IMAML(nn.Linear(2, 1).double(), lam=1.5, inner_lr=0.1, inner_steps=200, cg_iterations=4,
-                           tol=1e-10, on_fail="raise")
+    learner = allmap.IMAML(
+        nn.Linear(2, 1).double(), lam=1.5, inner_lr=0.1, inner_steps=200, cg_iterations=4, tol=1e-10, on_fail="raise"
+    )
     f, args = as_function(learner, tasks)
     assert torch.autograd.gradcheck(f, args)
 
@@ -127,8 +132,9 @@ def test_imaml_forward_is_the_proximal_solution():
     theta = dict(learner.model.named_parameters())
 
     def support(p):
-        return nn.functional.mse_loss(torch.func.functional_call(learner.model, p, (tasks.support_x[0],)),
-                                      tasks.support_y[0])
+        return nn.functional.mse_loss(
+            torch.func.functional_call(learner.model, p, (tasks.support_x[0],)), tasks.support_y[0]
+        )
 
     grads = torch.func.grad(support)({k: v.detach() for k, v in phi.items()})
     for k in phi:
@@ -159,16 +165,17 @@ def test_preprocess():
 def test_lstm_first_step_is_the_gated_update(tasks, first_order):
     # with zero gate weights, theta_1 = sigmoid(b_F) theta_0 - sigmoid(b_I) grad L(theta_0)
     torch.manual_seed(0)
-    learner = allmap.LSTMMetaLearner(MLP([1, 4, 1]).double(), inner_steps=1, hidden=3, inner_lr=0.1,
-                                     forget_bias=3.0, first_order=first_order)
+    learner = allmap.LSTMMetaLearner(
+        MLP([1, 4, 1]).double(), inner_steps=1, hidden=3, inner_lr=0.1, forget_bias=3.0, first_order=first_order
+    )
     with torch.no_grad():
         learner.update.input_gate.weight.zero_()
         learner.update.forget_gate.weight.zero_()
     sx, sy = tasks.support_x[0], tasks.support_y[0]
     theta = dict(learner.model.named_parameters())
-    grads = torch.func.grad(
-        lambda p: nn.functional.mse_loss(torch.func.functional_call(learner.model, p, (sx,)), sy)
-    )({k: v.detach() for k, v in theta.items()})
+    grads = torch.func.grad(lambda p: nn.functional.mse_loss(torch.func.functional_call(learner.model, p, (sx,)), sy))(
+        {k: v.detach() for k, v in theta.items()}
+    )
     phi = learner.adapt(sx, sy).params
     f, i = torch.sigmoid(torch.tensor(3.0, dtype=D)), torch.tensor(0.1, dtype=D)
     for k in theta:
@@ -178,8 +185,9 @@ def test_lstm_first_step_is_the_gated_update(tasks, first_order):
 def test_lstm_gradcheck(tasks):
     torch.manual_seed(0)
     learner = allmap.LSTMMetaLearner(MLP([1, 3, 1]).double(), inner_steps=2, hidden=2, inner_lr=0.1)
-    small = allmap.TaskBatch(tasks.support_x[:2, :4], tasks.support_y[:2, :4], tasks.query_x[:2, :3],
-                             tasks.query_y[:2, :3])
+    small = allmap.TaskBatch(
+        tasks.support_x[:2, :4], tasks.support_y[:2, :4], tasks.query_x[:2, :3], tasks.query_y[:2, :3]
+    )
     f, args = as_function(learner, small)
     assert torch.autograd.gradcheck(f, args)
 
@@ -195,8 +203,11 @@ def test_lstm_meta_gradient_reaches_every_part(tasks):
 
 
 def test_lstm_rejects_loop_strategies():
-    with pytest.raises(ValueError, match="LSTMMetaLearner: the 'checkpointed' meta-gradient strategy does not apply "
-                       "to the LSTMUpdate inner update"):
+    with pytest.raises(
+        ValueError,
+        match="LSTMMetaLearner: the 'checkpointed' meta-gradient strategy does not apply "
+        "to the LSTMUpdate inner update",
+    ):
         allmap.LSTMMetaLearner(MLP([1, 2, 1]), hypergrad="checkpointed")
     with pytest.raises(ValueError, match="0 < inner_lr < 1"):
         allmap.LSTMMetaLearner(MLP([1, 2, 1]), inner_lr=2.0)
@@ -219,12 +230,26 @@ def test_imaml_vmapped_surrogate_equals_custom_backward(tasks, adapt_only):
     # custom-backward strategy MAML(hypergrad=Implicit(...)) (adapt); with the same CG iterations they agree
     results = []
     for make in (
-        lambda net: allmap.IMAML(net, lam=2.0, inner_lr=0.05, inner_steps=20, cg_iterations=6, tol=0.0,
-                                 adapt_only=adapt_only, vectorize=True),
-        lambda net: allmap.IMAML(net, lam=2.0, inner_lr=0.05, inner_steps=20, cg_iterations=6, tol=0.0,
-                                 adapt_only=adapt_only, vectorize=False),
-        lambda net: allmap.MAML(net, inner_lr=0.05, inner_steps=20, adapt_only=adapt_only,
-                                hypergrad=allmap.hypergrad.Implicit(lam=2.0, iterations=6, tol=0.0)),
+        lambda net: allmap.IMAML(
+            net, lam=2.0, inner_lr=0.05, inner_steps=20, cg_iterations=6, tol=0.0, adapt_only=adapt_only, vectorize=True
+        ),
+        lambda net: allmap.IMAML(
+            net,
+            lam=2.0,
+            inner_lr=0.05,
+            inner_steps=20,
+            cg_iterations=6,
+            tol=0.0,
+            adapt_only=adapt_only,
+            vectorize=False,
+        ),
+        lambda net: allmap.MAML(
+            net,
+            inner_lr=0.05,
+            inner_steps=20,
+            adapt_only=adapt_only,
+            hypergrad=allmap.hypergrad.Implicit(lam=2.0, iterations=6, tol=0.0),
+        ),
     ):
         torch.manual_seed(0)
         learner = make(MLP([1, 8, 8, 1]).double())

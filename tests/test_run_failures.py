@@ -13,14 +13,23 @@ import pytest
 import torch
 
 import allmap
-from allmap.cli import main
 from allmap.app import CheckpointError, ConfigError, NonFiniteLossError, load_config, resume, train
-from allmap.app.checkpoint import load_checkpoint, save_checkpoint
 from allmap.app import trainer as loop
+from allmap.app.checkpoint import load_checkpoint, save_checkpoint
 from allmap.app.trainer import check_config
+from allmap.cli import main
 
-TINY = ["iterations=20", "meta_batch=4", "log_every=5", "checkpoint_every=100", "eval.tasks=10", "eval.every=10",
-        "eval.val_tasks=8", "eval.queries=10", "eval.steps=[0,1,5]"]
+TINY = [
+    "iterations=20",
+    "meta_batch=4",
+    "log_every=5",
+    "checkpoint_every=100",
+    "eval.tasks=10",
+    "eval.every=10",
+    "eval.val_tasks=8",
+    "eval.queries=10",
+    "eval.steps=[0,1,5]",
+]
 
 
 def _sets(items: list[str]) -> list[str]:
@@ -42,6 +51,7 @@ def test_strict_json_helper_refuses_nan():
 
 
 # -- point 2: diverged runs fail -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("value", [-0.5, -1e-9])
 def test_negative_inner_lr_is_refused_at_construction(value):
@@ -69,9 +79,12 @@ def test_a_diverging_training_loss_fails_the_run_and_names_what_to_lower(tmp_pat
 
 def test_the_divergence_rule_waits_for_a_logged_check_and_keeps_the_last_checkpoint(tmp_path):
     sets = TINY + ["optimizer.lr=3.0", "checkpoint_every=1", "log_every=1", "iterations=10"]
-    with pytest.raises(loop.DivergedError, match=r"diverged at iteration 2: the mean meta-loss of the last "
-                                                r"meta-batch is .*, more than 1000 times the size of the first "
-                                                r"meta-batch's loss \(\d") as info:
+    with pytest.raises(
+        loop.DivergedError,
+        match=r"diverged at iteration 2: the mean meta-loss of the last "
+        r"meta-batch is .*, more than 1000 times the size of the first "
+        r"meta-batch's loss \(\d",
+    ) as info:
         train(load_config("sinusoid-maml", sets), tmp_path / "div", progress=False)
     assert "The last checkpoint (iteration 1" in str(info.value)
     assert load_checkpoint(tmp_path / "div" / "checkpoint.pt")["iteration"] == 1  # the diverged weights are not saved
@@ -81,8 +94,16 @@ def test_a_non_finite_final_test_fails_the_run(tmp_path, capsys):
     # inner_lr 1000: the meta-loss is huge from the first step (so it never rises above its start), and
     # the final test after 5 inner steps is NaN: a failure, not a result
     out = tmp_path / "nan"
-    code = main(["train", "sinusoid-maml", "--out", str(out), "--no-progress",
-                 *_sets(TINY + ["iterations=3", "learner.inner_lr=1000"])])
+    code = main(
+        [
+            "train",
+            "sinusoid-maml",
+            "--out",
+            str(out),
+            "--no-progress",
+            *_sets(TINY + ["iterations=3", "learner.inner_lr=1000"]),
+        ]
+    )
     err = capsys.readouterr()
     assert code == 2 and "loss@5" not in err.out
     assert "final test" in err.err and "loss@5" in err.err and "learner.inner_lr (now 1000)" in err.err
@@ -112,6 +133,7 @@ def test_a_non_finite_loss_after_a_checkpoint_names_it(tmp_path):
 
 # -- point 3: strict JSON everywhere ---------------------------------------------------------------------
 
+
 def test_results_and_eval_json_are_strict_json_with_a_status(tmp_path, capsys):
     out = tmp_path / "ok"
     assert main(["train", "sinusoid-maml", "--out", str(out), "--no-progress", *_sets(TINY)]) == 0
@@ -131,6 +153,7 @@ def test_results_and_eval_json_are_strict_json_with_a_status(tmp_path, capsys):
 
 
 # -- point 5: resume never rewinds, and an extended run logs what an uninterrupted one logs -------------------
+
 
 def test_resume_to_fewer_iterations_than_done_is_refused_and_leaves_the_config(tmp_path, capsys):
     out = tmp_path / "run"
@@ -173,6 +196,7 @@ def test_the_loss_row_averages_the_whole_log_window_whatever_checkpoint_every(tm
 
 # -- point 8: checkpoints ------------------------------------------------------------------------------------
 
+
 def _saved(tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint({"iteration": 3, "w": torch.arange(2000.0)}, path)
@@ -200,8 +224,11 @@ def test_a_checksum_mismatch_is_called_damaged_with_what_to_do(tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"is damaged: its SHA-256 does not match checkpoint.pt.sha256\. "
-                                              r"Resume from another copy of the run folder, or train again"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"is damaged: its SHA-256 does not match checkpoint.pt.sha256\. "
+        r"Resume from another copy of the run folder, or train again",
+    ):
         load_checkpoint(path)
 
 
@@ -230,8 +257,11 @@ def test_a_crafted_pickle_is_refused_as_not_a_weights_file_and_never_run(tmp_pat
     path.with_name("checkpoint.pt.sha256").unlink()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(CheckpointError, match=r"refused: not a weights file \(it contains code or objects other "
-                                                  r"than tensors") as info:
+        with pytest.raises(
+            CheckpointError,
+            match=r"refused: not a weights file \(it contains code or objects other "
+            r"than tensors",
+        ) as info:
             load_checkpoint(path)
     text = str(info.value)
     assert "weights_only" not in text and "likely succeed" not in text and "damaged" not in text

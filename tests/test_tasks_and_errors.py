@@ -72,7 +72,9 @@ def test_regression_target_shape_mismatch_is_clear():
 def test_labels_out_of_range_and_float_labels():
     learner = allmap.MAML(MLP([2, 2]), loss="cross_entropy")
     t = Logistic2D(shots=4, queries=4).sample(2, gen())
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\] for a model with 2 outputs, got labels in \[0, 6\]"):
+    with pytest.raises(
+        ValueError, match=r"labels must lie in \[0, 1\] for a model with 2 outputs, got labels in \[0, 6\]"
+    ):
         learner.meta_loss(TaskBatch(t.support_x, t.support_y, t.query_x, t.query_y + 5))
     with pytest.raises(ValueError, match="integer class labels"):
         learner.meta_loss(TaskBatch(t.support_x, t.support_y.float(), t.query_x, t.query_y.float()))

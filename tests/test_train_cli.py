@@ -9,23 +9,37 @@ import pytest
 import torch
 
 import allmap
-from allmap.cli import main
 from allmap.app import CheckpointError, ConfigError, NonFiniteLossError, load_config, resume, train
 from allmap.app.build import build_family, build_learner
 from allmap.app.checkpoint import load_checkpoint
 from allmap.app.config import list_presets
+from allmap.cli import main
 from allmap.engine.evaluate import evaluate, fixed_tasks
 
-TINY = ["iterations=20", "meta_batch=4", "log_every=5", "checkpoint_every=5", "eval.tasks=30", "eval.every=10",
-        "eval.val_tasks=10", "eval.queries=20"]
+TINY = [
+    "iterations=20",
+    "meta_batch=4",
+    "log_every=5",
+    "checkpoint_every=5",
+    "eval.tasks=30",
+    "eval.every=10",
+    "eval.val_tasks=10",
+    "eval.queries=20",
+]
 
 
 def test_cli_train_eval_json(tmp_path, capsys):
     out = tmp_path / "sine"
     sets = sum((["--set", s] for s in TINY), [])
     assert main(["train", "sinusoid-maml", "--out", str(out), "--no-progress", *sets]) == 0
-    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "results.json", "learning_curve.png",
-                 "adaptation.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "results.json",
+        "learning_curve.png",
+        "adaptation.png",
+    ):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "loss" in r] == [5, 10, 15, 20]
@@ -55,12 +69,15 @@ def _weights(learner):
     return {k: v.clone() for k, v in learner.state_dict().items()}
 
 
-@pytest.mark.parametrize("preset,extra", [
-    ("sinusoid-metasgd", []),
-    # random directions: the strategy's generator state travels in the checkpoint
-    ("sinusoid-maml", ["learner.hypergrad=finite_difference(directions=4, eps=0.01)"]),
-    ("sinusoid-metasgd", ["ema=0.9"]),  # the weight average (what train returns) travels in the checkpoint too
-])
+@pytest.mark.parametrize(
+    "preset,extra",
+    [
+        ("sinusoid-metasgd", []),
+        # random directions: the strategy's generator state travels in the checkpoint
+        ("sinusoid-maml", ["learner.hypergrad=finite_difference(directions=4, eps=0.01)"]),
+        ("sinusoid-metasgd", ["ema=0.9"]),  # the weight average (what train returns) travels in the checkpoint too
+    ],
+)
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, preset, extra):
     config = load_config(preset, TINY + extra)
     whole = _weights(train(config, tmp_path / "whole", progress=False))
@@ -120,12 +137,14 @@ def test_damaged_and_crafted_checkpoints_are_refused(tmp_path):
 
     class Exploit:
         def __reduce__(self):
-            return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+            return (exec, (f"open({str(tmp_path / 'pwned')!r}, 'w').write('pwned')",))
 
     ckpt.write_bytes(pickle.dumps({"learner": Exploit()}))
     (out / "checkpoint.pt.sha256").unlink()
-    with pytest.warns(UserWarning, match="cannot be verified"), \
-            pytest.raises(CheckpointError, match=r"refused: not a weights file \(it contains code"):
+    with (
+        pytest.warns(UserWarning, match="cannot be verified"),
+        pytest.raises(CheckpointError, match=r"refused: not a weights file \(it contains code"),
+    ):
         allmap.load(out)
     assert not (tmp_path / "pwned").exists()
 
@@ -135,7 +154,9 @@ def test_config_errors(tmp_path, capsys):
         load_config("nope")
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['iteratons'\]"):
         load_config("sinusoid-maml", ["iteratons=5"])
-    with pytest.raises(ConfigError, match=r"learner 'maml' has no option\(s\) \['inner_rate'\]; valid options: .*inner_lr"):
+    with pytest.raises(
+        ConfigError, match=r"learner 'maml' has no option\(s\) \['inner_rate'\]; valid options: .*inner_lr"
+    ):
         cfg = load_config("sinusoid-maml", ["learner.inner_rate=0.1"])
         build_learner(cfg, build_family(cfg))
     with pytest.raises(ConfigError, match="'iterations' must be a positive integer, got -3"):

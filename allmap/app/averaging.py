@@ -42,8 +42,10 @@ def is_decay(decay: Any) -> bool:
 def check_decay(decay: Any, owner: str = "ema") -> float:
     """``decay`` as a float in (0, 1), or a clear error."""
     if not is_decay(decay):
-        raise ValueError(f"{owner}: expected the averaging decay to be a number in (0, 1) such as 0.998 (an "
-                         f"average over about 1 / (1 - decay) steps, 500 for 0.998), or None for no averaging; got {decay!r}.")
+        raise ValueError(
+            f"{owner}: expected the averaging decay to be a number in (0, 1) such as 0.998 (an "
+            f"average over about 1 / (1 - decay) steps, 500 for 0.998), or None for no averaging; got {decay!r}."
+        )
     return float(decay)
 
 
@@ -70,7 +72,9 @@ class WeightAverage:
     def _pairs(self, module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
         own, src = self.module.state_dict(), module.state_dict()
         if own.keys() != src.keys():
-            raise ValueError(f"WeightAverage: the module's state keys changed; expected {sorted(own)}, got {sorted(src)}.")
+            raise ValueError(
+                f"WeightAverage: the module's state keys changed; expected {sorted(own)}, got {sorted(src)}."
+            )
         avg, cur, others = [], [], []
         for k, a in own.items():
             if a.is_floating_point():

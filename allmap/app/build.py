@@ -14,15 +14,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from allmap.learners import LEARNERS, Learner
-from allmap.nets import MLP, Conv4, MAMLConv
-from allmap.tasks.families import FAMILIES
 from allmap.app.config import ConfigError
 from allmap.app.schedules import CosineAdam, StepDecayAdam
 from allmap.app.typecheck import check_arguments
+from allmap.learners import LEARNERS, Learner
+from allmap.nets import MLP, Conv4, MAMLConv
+from allmap.tasks.families import FAMILIES
 
-__all__ = ["FAMILIES", "MODELS", "LEARNERS", "OPTIMIZERS", "build_family", "build_model", "build_learner", "build_optimizer",
-           "resolve_device", "check_disjoint", "check_held_out", "import_modules"]
+__all__ = [
+    "FAMILIES",
+    "MODELS",
+    "LEARNERS",
+    "OPTIMIZERS",
+    "build_family",
+    "build_model",
+    "build_learner",
+    "build_optimizer",
+    "resolve_device",
+    "check_disjoint",
+    "check_held_out",
+    "import_modules",
+]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "conv4": Conv4, "mamlconv": MAMLConv}
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -34,8 +46,9 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-def _call(kind: str, registry: dict[str, Callable[..., Any]], section: dict[str, Any], name_key: str,
-          **extra: Any) -> Any:
+def _call(
+    kind: str, registry: dict[str, Callable[..., Any]], section: dict[str, Any], name_key: str, **extra: Any
+) -> Any:
     name = section[name_key]
     if name not in registry:
         raise ConfigError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}.")
@@ -53,7 +66,9 @@ def _call(kind: str, registry: dict[str, Callable[..., Any]], section: dict[str,
     except ConfigError:
         raise
     except Exception as err:  # anything a constructor raises on these values is a problem of the config
-        raise ConfigError(f"{kind} {name!r}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from err
+        raise ConfigError(
+            f"{kind} {name!r}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+        ) from err
 
 
 def import_modules(config: dict[str, Any]) -> None:
@@ -105,8 +120,9 @@ def check_disjoint(train_family, test_family, phase: str = "test", hint: str | N
     seen = set(names[1]) & set(names[0])
     if seen:
         what = "test" if phase == "test" else "validation"
-        hint = hint or ("Evaluate with the run's own task.protocol / split, or train a run on the protocol you "
-                        "want to test.")
+        hint = hint or (
+            "Evaluate with the run's own task.protocol / split, or train a run on the protocol you want to test."
+        )
         raise ConfigError(
             f"the {what} classes overlap the classes this run was trained on ({len(seen)} of {len(names[1])}, "
             f"e.g. {sorted(seen)[0]!r}): its accuracy there would not measure few-shot learning. {hint}"
@@ -117,13 +133,17 @@ def _held_out_hint(config: dict[str, Any], phase: str) -> str:
     """Which config keys give a run held-out ``phase`` classes."""
     task = config["task"]
     if "split" in task:
-        return (f"task.split = {task['split']!r} gives every phase (train, val, test) the same classes; remove "
-                "task.split, so that each phase reads its own classes.")
+        return (
+            f"task.split = {task['split']!r} gives every phase (train, val, test) the same classes; remove "
+            "task.split, so that each phase reads its own classes."
+        )
     if task["family"] == "omniglot":
         return f"Choose a task.protocol whose {phase} characters are held out of training (e.g. standard-holdout)."
     if task["family"] == "imagefolder":
-        return (f"Change task.root: the class folders of {phase}/ must not repeat the names of those in train/ "
-                "(or use a flat folder ROOT/CLASS/*.png, whose classes are split for you).")
+        return (
+            f"Change task.root: the class folders of {phase}/ must not repeat the names of those in train/ "
+            "(or use a flat folder ROOT/CLASS/*.png, whose classes are split for you)."
+        )
     return f"Change the task section so that the {phase} classes are not training classes."
 
 
@@ -154,9 +174,11 @@ def build_learner(config: dict[str, Any], family) -> Learner:
     model = build_model(config)
     section = dict(config["learner"])
     if section["name"] not in LEARNERS:
-        raise ConfigError(f"unknown learner {section['name']!r}; known: {', '.join(sorted(LEARNERS))}. A learner of "
-                          "your own joins with @allmap.register(NAME) in a module listed under the config's "
-                          "'imports' key (see docs/extending.md).")
+        raise ConfigError(
+            f"unknown learner {section['name']!r}; known: {', '.join(sorted(LEARNERS))}. A learner of "
+            "your own joins with @allmap.register(NAME) in a module listed under the config's "
+            "'imports' key (see docs/extending.md)."
+        )
     factory = LEARNERS[section["name"]]
     if _takes(factory, "loss"):
         section.setdefault("loss", "cross_entropy" if family.classification else "mse")

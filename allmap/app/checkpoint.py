@@ -94,12 +94,17 @@ def read_verified(path: str | Path) -> bytes:
     data = path.read_bytes()
     sums = _sums_path(path)
     if not sums.is_file():
-        warnings.warn(f"{sums.name} is missing, so checkpoint {str(path)!r} cannot be verified against damage; "
-                      "loading it anyway (as tensors only).", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{sums.name} is missing, so checkpoint {str(path)!r} cannot be verified against damage; "
+            "loading it anyway (as tensors only).",
+            UserWarning,
+            stacklevel=2,
+        )
         return data
     if hashlib.sha256(data).hexdigest() not in sums.read_text().split():
-        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its SHA-256 does not match {sums.name}. "
-                              f"{_DAMAGED_ADVICE}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is damaged: its SHA-256 does not match {sums.name}. {_DAMAGED_ADVICE}"
+        )
     return data
 
 

@@ -32,8 +32,17 @@ import yaml
 
 from allmap.app.averaging import is_decay
 
-__all__ = ["DEFAULTS", "MAX_DESCRIPTION", "ConfigError", "load_config", "read_yaml", "apply_overrides",
-           "list_presets", "preset_path", "dump_config"]
+__all__ = [
+    "DEFAULTS",
+    "MAX_DESCRIPTION",
+    "ConfigError",
+    "load_config",
+    "read_yaml",
+    "apply_overrides",
+    "list_presets",
+    "preset_path",
+    "dump_config",
+]
 
 DEFAULTS: dict[str, Any] = {
     "description": "",
@@ -119,11 +128,15 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no code runs
     except _DuplicateKey as dup:
-        raise ConfigError(f"config file {str(path)!r} sets key {dup.key!r} twice (line {dup.first} and line "
-                          f"{dup.line}); keep one of them.") from None
+        raise ConfigError(
+            f"config file {str(path)!r} sets key {dup.key!r} twice (line {dup.first} and line "
+            f"{dup.line}); keep one of them."
+        ) from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}. Fix the file there "
-                          "(`allmap show PRESET` prints a valid config).") from None
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}. Fix the file there "
+            "(`allmap show PRESET` prints a valid config)."
+        ) from None
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -143,8 +156,10 @@ def _presets_dir() -> Path:
 
 def list_presets() -> dict[str, str]:
     """Preset name -> its one-line description."""
-    return {path.stem: str(_read_yaml(path).get("description") or "").strip()
-            for path in sorted(_presets_dir().glob("*.yaml"))}
+    return {
+        path.stem: str(_read_yaml(path).get("description") or "").strip()
+        for path in sorted(_presets_dir().glob("*.yaml"))
+    }
 
 
 def preset_path(name: str) -> Path:
@@ -152,8 +167,10 @@ def preset_path(name: str) -> Path:
     path = _presets_dir() / f"{name}.yaml"
     if not path.is_file():
         known = list(list_presets())
-        raise ConfigError(f"unknown preset {name!r}; {_did_you_mean(name, known)}known presets: {', '.join(known)}. "
-                          "Or pass the path of a YAML config file.")
+        raise ConfigError(
+            f"unknown preset {name!r}; {_did_you_mean(name, known)}known presets: {', '.join(known)}. "
+            "Or pass the path of a YAML config file."
+        )
     return path
 
 
@@ -196,9 +213,11 @@ def _resolve(data: dict[str, Any], chain: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{chain[-1]}: 'base' must name a preset ({', '.join(list_presets())}), got {base!r}.")
     if base in chain:
-        loop = " -> ".join((*chain[chain.index(base):], base))
-        raise ConfigError(f"{chain[-1]}: 'base: {base}' makes a cycle ({loop}); a preset's bases must not lead back "
-                          "to it. Remove the 'base' key of one of them.")
+        loop = " -> ".join((*chain[chain.index(base) :], base))
+        raise ConfigError(
+            f"{chain[-1]}: 'base: {base}' makes a cycle ({loop}); a preset's bases must not lead back "
+            "to it. Remove the 'base' key of one of them."
+        )
     path = _presets_dir() / f"{base}.yaml"
     if not path.is_file():
         raise ConfigError(f"{chain[-1]}: 'base: {base}' is not a preset; known presets: {', '.join(list_presets())}.")
@@ -209,11 +228,16 @@ def _check_text(config: dict[str, Any]) -> None:
     """``description`` is one line of at most :data:`MAX_DESCRIPTION` characters; ``notes`` is a string."""
     desc = config["description"]
     if not isinstance(desc, str) or "\n" in desc.strip() or len(desc.strip()) > MAX_DESCRIPTION:
-        got = (f"{len(desc.strip())} characters on {len(desc.strip().splitlines())} line(s)"
-               if isinstance(desc, str) else repr(desc))
-        raise ConfigError(f"config key 'description' must be one line of at most {MAX_DESCRIPTION} characters (what "
-                          f"it trains, on which protocol, the paper), got {got}; put the full protocol in 'notes', a "
-                          "multi-line string that `allmap show` prints.")
+        got = (
+            f"{len(desc.strip())} characters on {len(desc.strip().splitlines())} line(s)"
+            if isinstance(desc, str)
+            else repr(desc)
+        )
+        raise ConfigError(
+            f"config key 'description' must be one line of at most {MAX_DESCRIPTION} characters (what "
+            f"it trains, on which protocol, the paper), got {got}; put the full protocol in 'notes', a "
+            "multi-line string that `allmap show` prints."
+        )
     if not isinstance(config["notes"], str):
         raise ConfigError(f"config key 'notes' must be a string (the protocol in words), got {config['notes']!r}.")
 
@@ -248,8 +272,10 @@ def load_config(preset_or_file: str | Path, overrides: list[str] | None = None) 
         path = preset_path(name)
     elif not path.is_file():
         known = list(list_presets())
-        raise ConfigError(f"config file {str(path)!r} does not exist; {_did_you_mean(path.stem, known)}pass a preset "
-                          f"name ({', '.join(known)}) or the path of a YAML file.")
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; {_did_you_mean(path.stem, known)}pass a preset "
+            f"name ({', '.join(known)}) or the path of a YAML file."
+        )
     else:
         name = str(path)
     config = with_defaults(_resolve(_read_yaml(path), (name,)))
@@ -270,8 +296,10 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
         node = config
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section of the config; sections are "
-                                  f"{', '.join(k for k, v in config.items() if isinstance(v, dict))}.")
+                raise ConfigError(
+                    f"--set {key}: {part!r} is not a section of the config; sections are "
+                    f"{', '.join(k for k, v in config.items() if isinstance(v, dict))}."
+                )
             node = node[part]
         try:
             value = yaml.safe_load(raw)
@@ -302,15 +330,18 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError(f"config key(s) {missing} are missing; start from a preset (`allmap show NAME`).")
     ev = config["eval"]
     if not isinstance(ev, dict) or set(DEFAULTS["eval"]) - set(ev):
-        raise ConfigError(f"config section 'eval' must be a mapping with keys {', '.join(DEFAULTS['eval'])}, got {ev!r}; "
-                          "set single keys with --set eval.KEY=VALUE.")
+        raise ConfigError(
+            f"config section 'eval' must be a mapping with keys {', '.join(DEFAULTS['eval'])}, got {ev!r}; "
+            "set single keys with --set eval.KEY=VALUE."
+        )
     for key, value in (("seed", config["seed"]), ("eval.seed", ev["seed"])):
         if not _is_int(value) or not 0 <= value < 2**63 - 1:  # torch generators take 64-bit seeds
             raise ConfigError(f"config key {key!r} must be an integer in [0, 2**63), got {value!r}.")
     for section, name_key in (("task", "family"), ("model", "name"), ("learner", "name"), ("optimizer", "name")):
         if not isinstance(config[section], dict) or not isinstance(config[section].get(name_key), str):
-            raise ConfigError(f"config section {section!r} must be a mapping with a {name_key!r} string, "
-                              f"got {config[section]!r}.")
+            raise ConfigError(
+                f"config section {section!r} must be a mapping with a {name_key!r} string, got {config[section]!r}."
+            )
     unknown = sorted(set(ev) - set(DEFAULTS["eval"]))
     if unknown:
         raise ConfigError(f"unknown eval key(s) {unknown}; valid: {', '.join(DEFAULTS['eval'])}.")
@@ -322,28 +353,42 @@ def validate(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key 'eval.{key}' must be a positive integer or null, got {ev[key]!r}.")
     steps = ev["steps"]
     if not isinstance(steps, list) or not steps or not all(_is_int(s) and 0 <= s <= MAX_STEPS for s in steps):
-        raise ConfigError(f"config key 'eval.steps' must be a non-empty list of integers in [0, {MAX_STEPS}], got {steps!r}.")
+        raise ConfigError(
+            f"config key 'eval.steps' must be a non-empty list of integers in [0, {MAX_STEPS}], got {steps!r}."
+        )
     threads = config["threads"]
     if threads is not None and (not _is_int(threads) or not 1 <= threads <= 4096):
-        raise ConfigError(f"config key 'threads' must be a positive integer or null (torch's default), got {threads!r}.")
+        raise ConfigError(
+            f"config key 'threads' must be a positive integer or null (torch's default), got {threads!r}."
+        )
     if not isinstance(config.get("retain_memory", True), bool):
-        raise ConfigError(f"config key 'retain_memory' must be true (keep freed memory for reuse: faster, more RSS) "
-                          f"or false (return it to the system), got {config['retain_memory']!r}.")
+        raise ConfigError(
+            f"config key 'retain_memory' must be true (keep freed memory for reuse: faster, more RSS) "
+            f"or false (return it to the system), got {config['retain_memory']!r}."
+        )
     if config.get("on_nonfinite", "raise") not in ("raise", "skip"):
-        raise ConfigError(f"config key 'on_nonfinite' must be 'raise' (stop with an error naming the iteration) or "
-                          f"'skip' (skip that meta-batch and count it in the metrics log), got {config['on_nonfinite']!r}.")
+        raise ConfigError(
+            f"config key 'on_nonfinite' must be 'raise' (stop with an error naming the iteration) or "
+            f"'skip' (skip that meta-batch and count it in the metrics log), got {config['on_nonfinite']!r}."
+        )
     imports = config.get("imports", [])
     if not isinstance(imports, list) or not all(isinstance(m, str) and _is_module_name(m) for m in imports):
-        raise ConfigError(f"config key 'imports' must be a list of module names such as [my_learners] (modules "
-                          f"imported before the config's names are resolved, e.g. to run their "
-                          f"@allmap.register lines), got {imports!r}.")
+        raise ConfigError(
+            f"config key 'imports' must be a list of module names such as [my_learners] (modules "
+            f"imported before the config's names are resolved, e.g. to run their "
+            f"@allmap.register lines), got {imports!r}."
+        )
     ema = config.get("ema")
     if ema is not None and not is_decay(ema):
-        raise ConfigError(f"config key 'ema' must be null (evaluate the last weights) or a decay in (0, 1) such as "
-                          f"0.998 (evaluate an exponential moving average of the weights over about "
-                          f"1 / (1 - decay) steps), got {ema!r}.")
+        raise ConfigError(
+            f"config key 'ema' must be null (evaluate the last weights) or a decay in (0, 1) such as "
+            f"0.998 (evaluate an exponential moving average of the weights over about "
+            f"1 / (1 - decay) steps), got {ema!r}."
+        )
     if not isinstance(config["device"], str):
-        raise ConfigError(f"config key 'device' must be a string such as 'auto', 'cpu' or 'cuda', got {config['device']!r}.")
+        raise ConfigError(
+            f"config key 'device' must be a string such as 'auto', 'cpu' or 'cuda', got {config['device']!r}."
+        )
 
 
 class _Dumper(yaml.SafeDumper):

@@ -26,13 +26,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from allmap.learners.base import Learner
-from allmap.tasks.batch import TaskBatch
 from allmap.engine.evaluate import Progress, evaluate, step_names
 from allmap.engine.forked import even_shares
+from allmap.learners.base import Learner
+from allmap.tasks.batch import TaskBatch
 
-__all__ = ["Dist", "current", "init_from_env", "shutdown", "restart_count", "backend", "reduce_step",
-           "pool_summaries", "evaluate_sharded"]
+__all__ = [
+    "Dist",
+    "current",
+    "init_from_env",
+    "shutdown",
+    "restart_count",
+    "backend",
+    "reduce_step",
+    "pool_summaries",
+    "evaluate_sharded",
+]
 
 
 def backend() -> str:
@@ -157,10 +166,14 @@ def reduce_step(params: Sequence[Tensor], loss: Tensor, stop: bool, ctx: Dist) -
     """
     grads = [p.grad for p in params]
     device = loss.device
-    pieces = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=device, dtype=loss.dtype)
-              for p, g in zip(params, grads)]
-    flags = [loss.reshape(1).to(pieces[0].dtype if pieces else loss.dtype),
-             torch.tensor([float(stop)], device=device, dtype=pieces[0].dtype if pieces else loss.dtype)]
+    pieces = [
+        g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=device, dtype=loss.dtype)
+        for p, g in zip(params, grads)
+    ]
+    flags = [
+        loss.reshape(1).to(pieces[0].dtype if pieces else loss.dtype),
+        torch.tensor([float(stop)], device=device, dtype=pieces[0].dtype if pieces else loss.dtype),
+    ]
     if ctx.active:
         mask = torch.tensor([float(g is not None) for g in grads], device=device, dtype=flags[0].dtype)
         flat = torch.cat(pieces + [mask] + flags)
@@ -198,8 +211,9 @@ def pool_summaries(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     return {"mean": mean, "ci95": 1.96 * std / math.sqrt(n), "std": std, "n": n}
 
 
-def evaluate_sharded(learner: Learner, tasks: TaskBatch, steps: Sequence[int], chunk: int,
-                     ctx: Dist, progress: Progress | None = None) -> dict[str, dict[str, float]]:
+def evaluate_sharded(
+    learner: Learner, tasks: TaskBatch, steps: Sequence[int], chunk: int, ctx: Dist, progress: Progress | None = None
+) -> dict[str, dict[str, float]]:
     """:func:`~allmap.engine.evaluate.evaluate` with the tasks split across ranks; every rank gets the
     pooled result, equal to one process's mean ± CI over all tasks. ``progress`` counts this rank's tasks."""
     if not ctx.active:
@@ -211,8 +225,12 @@ def evaluate_sharded(learner: Learner, tasks: TaskBatch, steps: Sequence[int], c
             keys.append(f"accuracy{suffix}")
     part = tasks[ctx.shard(len(tasks))]
     local = evaluate(learner, part, steps=steps, chunk=chunk, progress=progress) if len(part) else {}
-    row = torch.tensor([[local[k]["n"], local[k]["mean"], local[k]["std"]] if k in local else [0.0, 0.0, 0.0]
-                        for k in keys], dtype=torch.float64)
+    row = torch.tensor(
+        [[local[k]["n"], local[k]["mean"], local[k]["std"]] if k in local else [0.0, 0.0, 0.0] for k in keys],
+        dtype=torch.float64,
+    )
     gathered = ctx.all_gather(row)
-    return {k: pool_summaries([{"n": int(g[i, 0]), "mean": float(g[i, 1]), "std": float(g[i, 2])} for g in gathered])
-            for i, k in enumerate(keys)}
+    return {
+        k: pool_summaries([{"n": int(g[i, 0]), "mean": float(g[i, 1]), "std": float(g[i, 2])} for g in gathered])
+        for i, k in enumerate(keys)
+    }

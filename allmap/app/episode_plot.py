@@ -53,8 +53,9 @@ def _predictions(learner: Learner, sx: Tensor, sy: Tensor, qx: Tensor, steps: Se
         learner.train(was_training)
 
 
-def plot_episode(learner: Learner, family, tasks: TaskBatch, steps: Sequence[int], ax, i: int,
-                 queries_shown: int = 3) -> None:
+def plot_episode(
+    learner: Learner, family, tasks: TaskBatch, steps: Sequence[int], ax, i: int, queries_shown: int = 3
+) -> None:
     """Draw episode ``i`` of ``tasks`` on ``ax``: row = class (labelled with :func:`class_names`), its K
     support images, then up to ``queries_shown`` of its queries, each framed green (right) or red (wrong)
     with the predicted class under it. The learner adapts with ``steps[-1]`` inner steps."""
@@ -88,20 +89,23 @@ def plot_episode(learner: Learner, family, tasks: TaskBatch, steps: Sequence[int
     for x, y, text, colour in texts:
         ax.text(x, y, text, ha="center", va="center", fontsize=7, color=colour, fontweight="bold")
     ax.set_yticks([pad + k * row_h + h / 2 for k in range(ways)], class_names(family, tasks, i), fontsize=8)
-    ax.set_xticks([pad + shots * cell_w / 2, queries_left + queries_shown * cell_w / 2],
-                  ["support", "queries"], fontsize=8)
+    ax.set_xticks(
+        [pad + shots * cell_w / 2, queries_left + queries_shown * cell_w / 2], ["support", "queries"], fontsize=8
+    )
     ax.xaxis.set_ticks_position("top")
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
     acc = float((pred == qy).float().mean())
     after = f" after {steps[-1]} step{'s' * (steps[-1] != 1)}" if getattr(learner, "adapts_in_steps", False) else ""
-    ax.set_title(f"episode {i}: {ways}-way {shots}-shot, {100 * acc:.0f}% of {len(qy)} queries right{after}",
-                 fontsize=9)
+    ax.set_title(
+        f"episode {i}: {ways}-way {shots}-shot, {100 * acc:.0f}% of {len(qy)} queries right{after}", fontsize=9
+    )
 
 
-def episodes_figure(learner: Learner, family, tasks: TaskBatch, steps: Sequence[int], n: int = 4,
-                    queries_shown: int = 3):
+def episodes_figure(
+    learner: Learner, family, tasks: TaskBatch, steps: Sequence[int], n: int = 4, queries_shown: int = 3
+):
     """The first ``n`` episodes of ``tasks`` (:func:`plot_episode`) in a grid of up to two columns, sized so
     that every image and label can be read (images smaller for many classes)."""
     n = min(n, len(tasks))
@@ -122,13 +126,23 @@ def episodes_figure(learner: Learner, family, tasks: TaskBatch, steps: Sequence[
             plot_episode(learner, family, tasks, steps, ax, i, queries_shown)
         else:
             ax.axis("off")
-    fig.suptitle(f"{type(learner).__name__} on {type(family).__name__} test episodes: support framed blue, queries "
-                 f"green (right) or red (wrong), predicted class below", fontsize=10)
+    fig.suptitle(
+        f"{type(learner).__name__} on {type(family).__name__} test episodes: support framed blue, queries "
+        f"green (right) or red (wrong), predicted class below",
+        fontsize=10,
+    )
     return fig
 
 
-def plot_episodes(learner: Learner, family, tasks: TaskBatch, path: str | Path, steps: Sequence[int],
-                  n: int = 4, queries_shown: int = 3) -> None:
+def plot_episodes(
+    learner: Learner,
+    family,
+    tasks: TaskBatch,
+    path: str | Path,
+    steps: Sequence[int],
+    n: int = 4,
+    queries_shown: int = 3,
+) -> None:
     """:func:`episodes_figure` saved as a PNG at ``path``."""
     fig = episodes_figure(learner, family, tasks, steps, n, queries_shown)
     fig.savefig(path, dpi=120)

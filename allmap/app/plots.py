@@ -10,14 +10,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from allmap.app.episode_plot import plot_episode, plot_episodes  # noqa: E402
 from allmap.learners.base import Learner  # noqa: E402
 from allmap.tasks.batch import TaskBatch  # noqa: E402
 from allmap.tasks.episodes import Episodes  # noqa: E402
 from allmap.tasks.families import LinearRegression, Logistic2D, Sinusoid  # noqa: E402
-from allmap.app.episode_plot import plot_episode, plot_episodes  # noqa: E402
 
 __all__ = ["plot_learning_curve", "learning_curve_figure", "plot_adaptation", "ADAPTATION_PLOTS"]
 
@@ -28,8 +28,14 @@ def learning_curve_figure(rows: Sequence[dict[str, Any]], title: str = ""):
     fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
     train = [r for r in rows if "loss" in r]
     marker = "o" if len(train) <= 50 else None
-    ax.plot([r["iteration"] for r in train], [r["loss"] for r in train], marker=marker, ms=3, lw=1,
-            label="train (query loss)")
+    ax.plot(
+        [r["iteration"] for r in train],
+        [r["loss"] for r in train],
+        marker=marker,
+        ms=3,
+        lw=1,
+        label="train (query loss)",
+    )
     val = [r for r in rows if "val_loss" in r]
     if val:
         ax.plot([r["iteration"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label="validation loss")
@@ -43,8 +49,14 @@ def learning_curve_figure(rows: Sequence[dict[str, Any]], title: str = ""):
     top = ax
     if acc:
         top = ax.twinx()
-        top.plot([r["iteration"] for r in acc], [100 * r["val_accuracy"] for r in acc], "s--", ms=3, color="C2",
-                 label="validation accuracy")
+        top.plot(
+            [r["iteration"] for r in acc],
+            [100 * r["val_accuracy"] for r in acc],
+            "s--",
+            ms=3,
+            color="C2",
+            label="validation accuracy",
+        )
         top.set_ylabel("accuracy (%)")
     handles = [h for a in dict.fromkeys([ax, top]) for h in a.get_legend_handles_labels()[0]]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)  # hides no point
@@ -73,7 +85,9 @@ def _plot_sinusoid(learner: Learner, family: Sinusoid, tasks: TaskBatch, steps: 
     ax.plot(tasks.support_x[i].cpu(), tasks.support_y[i].cpu(), "r^", ms=7, label=f"support (K={tasks.shots})")
 
 
-def _plot_linreg(learner: Learner, family: LinearRegression, tasks: TaskBatch, steps: Sequence[int], ax, i: int) -> None:
+def _plot_linreg(
+    learner: Learner, family: LinearRegression, tasks: TaskBatch, steps: Sequence[int], ax, i: int
+) -> None:
     info = {k: v[i : i + 1] for k, v in tasks.info.items()}
     true = family.target(info, tasks.query_x[i : i + 1])[0].flatten().cpu()
     for k, model in zip(steps, _models(learner, tasks, i, steps)):
@@ -98,12 +112,17 @@ def _plot_logistic(learner: Learner, family: Logistic2D, tasks: TaskBatch, steps
     ax.set_title(f"task {i}: true boundary (line), adapted after {steps[-1]} steps (shade)", fontsize=7)
 
 
-ADAPTATION_PLOTS = {Sinusoid: _plot_sinusoid, LinearRegression: _plot_linreg, Logistic2D: _plot_logistic,
-                    Episodes: plot_episode}
+ADAPTATION_PLOTS = {
+    Sinusoid: _plot_sinusoid,
+    LinearRegression: _plot_linreg,
+    Logistic2D: _plot_logistic,
+    Episodes: plot_episode,
+}
 
 
-def plot_adaptation(learner: Learner, family, tasks: TaskBatch, path: str | Path, steps: Sequence[int] = (0, 1, 10),
-                    n: int = 4) -> bool:
+def plot_adaptation(
+    learner: Learner, family, tasks: TaskBatch, path: str | Path, steps: Sequence[int] = (0, 1, 10), n: int = 4
+) -> bool:
     """Adapted predictions against the true function on the first ``n`` tasks; False if the family has none."""
     plot = next((fn for cls, fn in ADAPTATION_PLOTS.items() if isinstance(family, cls)), None)
     if plot is None:

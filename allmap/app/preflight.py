@@ -22,12 +22,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from allmap.learners.base import Learner
 from allmap.app.build import FAMILIES, build_model
 from allmap.app.config import MAX_STEPS, ConfigError
+from allmap.learners.base import Learner
 
-__all__ = ["check_device", "memory_limit", "task_bytes", "check_sizes", "check_model_size", "check_model_input",
-           "trial_step"]
+__all__ = [
+    "check_device",
+    "memory_limit",
+    "task_bytes",
+    "check_sizes",
+    "check_model_size",
+    "check_model_input",
+    "trial_step",
+]
 
 
 def check_device(device: torch.device) -> None:
@@ -36,8 +43,10 @@ def check_device(device: torch.device) -> None:
         torch.empty(1, device=device)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"config key 'device': cannot use {str(device)!r} here ({first}). Use 'auto' (a GPU if "
-                          "there is one, else the CPU), 'cpu' or 'cuda'.") from None
+        raise ConfigError(
+            f"config key 'device': cannot use {str(device)!r} here ({first}). Use 'auto' (a GPU if "
+            "there is one, else the CPU), 'cpu' or 'cuda'."
+        ) from None
     if device.type == "meta":
         raise ConfigError("config key 'device': 'meta' tensors hold no data; use 'auto', 'cpu' or 'cuda'.")
 
@@ -67,9 +76,11 @@ def check_sizes(config: dict[str, Any], families: dict[str, Any]) -> None:
     """Raise if a meta-batch or the evaluation tasks would not fit in memory."""
     limit = memory_limit()
     ev = config["eval"]
-    wanted = [("meta_batch", config["meta_batch"], families["train"]),
-              ("eval.val_tasks", ev["val_tasks"], families["val"]),
-              ("eval.tasks", ev["tasks"], families["test"])]
+    wanted = [
+        ("meta_batch", config["meta_batch"], families["train"]),
+        ("eval.val_tasks", ev["val_tasks"], families["val"]),
+        ("eval.tasks", ev["tasks"], families["test"]),
+    ]
     for key, count, family in wanted:
         need = count * task_bytes(family)
         if need > limit:
@@ -86,24 +97,32 @@ def check_model_size(config: dict[str, Any]) -> None:
     numel = sum(p.numel() for p in model.parameters())
     need = 16 * numel
     if need > memory_limit():
-        raise ConfigError(f"model {config['model']['name']!r} has {numel:,} parameters; with gradients and optimizer "
-                          f"state it would take about {_gib(need)}, more than half of this machine's memory. "
-                          "Make it smaller (model section).")
+        raise ConfigError(
+            f"model {config['model']['name']!r} has {numel:,} parameters; with gradients and optimizer "
+            f"state it would take about {_gib(need)}, more than half of this machine's memory. "
+            "Make it smaller (model section)."
+        )
     for key, value in config["learner"].items():
         if key.endswith(("steps", "iterations")) and isinstance(value, int) and value > MAX_STEPS:
-            raise ConfigError(f"learner.{key} = {value} is more than {MAX_STEPS:,} inner steps per task; that is a "
-                              "typo, not a protocol. Lower it.")
+            raise ConfigError(
+                f"learner.{key} = {value} is more than {MAX_STEPS:,} inner steps per task; that is a "
+                "typo, not a protocol. Lower it."
+            )
     steps = config["learner"].get("inner_steps")
     # only plain reverse mode keeps every step's graph: first order, truncated, checkpointed, implicit
     # (iMAML) and Reptile do not, so this estimate would wrongly refuse them
     unrolled = config["learner"].get("hypergrad") in (None, "unrolled") and config["learner"]["name"] not in (
-        "reptile", "imaml")
+        "reptile",
+        "imaml",
+    )
     if isinstance(steps, int) and unrolled and not config["learner"].get("first_order", False):
         graph = 4 * numel * steps * config["meta_batch"]  # an unrolled step keeps at least one copy per task
         if graph > memory_limit():
-            raise ConfigError(f"learner.inner_steps = {steps} unrolled over meta_batch = {config['meta_batch']} tasks "
-                              f"keeps at least {_gib(graph)} of adapted parameters, more than half of this machine's "
-                              "memory. Lower inner_steps or meta_batch, or use first_order: true.")
+            raise ConfigError(
+                f"learner.inner_steps = {steps} unrolled over meta_batch = {config['meta_batch']} tasks "
+                f"keeps at least {_gib(graph)} of adapted parameters, more than half of this machine's "
+                "memory. Lower inner_steps or meta_batch, or use first_order: true."
+            )
 
 
 def _runs(net: nn.Module, channels: int, side: tuple[int, int]) -> Tensor | None:
@@ -153,8 +172,10 @@ def check_model_input(config: dict[str, Any], family) -> None:
         other = {1: "grey", 3: "RGB"}.get(takes)
         can_set = factory is not None and "channels" in inspect.signature(factory).parameters
         also = f", or task.channels: {takes} to read the images as {other}" if can_set and other else ""
-        raise ConfigError(f"the task's images have {channels} channel(s) but model {name!r} takes {takes} "
-                          f"(model.in_channels); set model.in_channels: {channels}{also}.")
+        raise ConfigError(
+            f"the task's images have {channels} channel(s) but model {name!r} takes {takes} "
+            f"(model.in_channels); set model.in_channels: {channels}{also}."
+        )
     try:
         with torch.no_grad():
             model(torch.zeros(2, *shape))
@@ -166,15 +187,21 @@ def check_model_input(config: dict[str, Any], family) -> None:
     features = _runs(body, channels, side) if body is not None else None
     head = getattr(model, "head", None)
     if features is not None and isinstance(head, nn.Linear) and features.shape[-1] != head.in_features:
-        raise ConfigError(f"model {name!r}: on {side[0]}x{side[1]} images its body gives {features.shape[-1]} "
-                          f"features but its head takes {head.in_features}; set model.flat_features: "
-                          f"{features.shape[-1]}.")
+        raise ConfigError(
+            f"model {name!r}: on {side[0]}x{side[1]} images its body gives {features.shape[-1]} "
+            f"features but its head takes {head.in_features}; set model.flat_features: "
+            f"{features.shape[-1]}."
+        )
     smallest = _smallest_side(body or model, channels, max(side)) if features is None else None
     if smallest is not None:
-        raise ConfigError(f"the task's images are {side[0]}x{side[1]}, too small for model {name!r}: its "
-                          f"downsampling needs at least {smallest}x{smallest}. Raise task.size to {smallest} or more.")
-    raise ConfigError(f"model {name!r} cannot take the task's images {list(shape)}: {failure}. Check the model "
-                      "section against task.size and task.channels.")
+        raise ConfigError(
+            f"the task's images are {side[0]}x{side[1]}, too small for model {name!r}: its "
+            f"downsampling needs at least {smallest}x{smallest}. Raise task.size to {smallest} or more."
+        )
+    raise ConfigError(
+        f"model {name!r} cannot take the task's images {list(shape)}: {failure}. Check the model "
+        "section against task.size and task.channels."
+    )
 
 
 def trial_step(learner: Learner, family, device: torch.device) -> None:

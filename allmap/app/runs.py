@@ -1,12 +1,12 @@
 """The run folder: what a training run leaves behind, and loading a trained learner back from it.
 
-    RUN_DIR/config.yaml        the resolved config (copy it to start a new run)
-    RUN_DIR/metrics.jsonl      one JSON object per log step (training loss, validation metrics, seconds)
-    RUN_DIR/checkpoint.pt      weights, optimizer and RNG state (+ checkpoint.pt.sha256)
-    RUN_DIR/results.json       "status" ("ok" or "failed", with the "reason"), the final test evaluation
-                               (mean ± 95% CI) and its protocol
-    RUN_DIR/classes.json       class datasets: the class names of each phase (train, val, test), and their source
-    RUN_DIR/learning_curve.png, RUN_DIR/adaptation.png
+RUN_DIR/config.yaml        the resolved config (copy it to start a new run)
+RUN_DIR/metrics.jsonl      one JSON object per log step (training loss, validation metrics, seconds)
+RUN_DIR/checkpoint.pt      weights, optimizer and RNG state (+ checkpoint.pt.sha256)
+RUN_DIR/results.json       "status" ("ok" or "failed", with the "reason"), the final test evaluation
+                           (mean ± 95% CI) and its protocol
+RUN_DIR/classes.json       class datasets: the class names of each phase (train, val, test), and their source
+RUN_DIR/learning_curve.png, RUN_DIR/adaptation.png
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from allmap.learners.base import Learner
 from allmap.app.build import build_family, build_learner, resolve_device
 from allmap.app.checkpoint import CheckpointError, load_checkpoint
 from allmap.app.config import ConfigError, read_yaml, validate, with_defaults
+from allmap.learners.base import Learner
 
 __all__ = ["RunDir", "load", "read_config", "to_json", "results_record", "non_finite_metrics"]
 
@@ -44,8 +44,9 @@ def to_json(value: Any, indent: int | None = None) -> str:
 
 def non_finite_metrics(metrics: dict[str, dict[str, float]]) -> list[str]:
     """Names of the metrics whose mean, CI or std is NaN or infinite."""
-    return [name for name, r in metrics.items()
-            if any(isinstance(v, float) and not math.isfinite(v) for v in r.values())]
+    return [
+        name for name, r in metrics.items() if any(isinstance(v, float) and not math.isfinite(v) for v in r.values())
+    ]
 
 
 def results_record(protocol: str, metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -54,8 +55,10 @@ def results_record(protocol: str, metrics: dict[str, dict[str, float]]) -> dict[
     bad = non_finite_metrics(metrics)
     record: dict[str, Any] = {"status": "failed" if bad else "ok"}
     if bad:
-        record["reason"] = (f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite (NaN or infinite, "
-                            "written as null): the model or its adaptation diverged")
+        record["reason"] = (
+            f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite (NaN or infinite, "
+            "written as null): the model or its adaptation diverged"
+        )
     return {**record, "protocol": protocol, "metrics": _nulls(metrics)}
 
 
@@ -86,8 +89,10 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     """The resolved config of a run folder, validated."""
     run = RunDir(run_dir)
     if not run.config.is_file():
-        raise ConfigError(f"{str(run.path)!r} is not a run folder: it has no config.yaml. Train one with "
-                          "`allmap train PRESET --out DIR`.")
+        raise ConfigError(
+            f"{str(run.path)!r} is not a run folder: it has no config.yaml. Train one with "
+            "`allmap train PRESET --out DIR`."
+        )
     data = read_yaml(run.config)
     if not isinstance(data, dict):
         raise ConfigError(f"{str(run.config)!r} must hold a mapping of config keys, got {type(data).__name__}.")
@@ -96,8 +101,9 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def load(run_dir: str | Path, device: str | torch.device | None = None,
-         config: dict[str, Any] | None = None) -> Learner:
+def load(
+    run_dir: str | Path, device: str | torch.device | None = None, config: dict[str, Any] | None = None
+) -> Learner:
     """The trained learner of a run folder (weights of its latest checkpoint, their average if the run set
     ``ema``), in eval mode.
 

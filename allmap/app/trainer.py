@@ -31,22 +31,35 @@ from typing import Any
 import torch
 import yaml
 
-from allmap.learners.base import Learner
 from allmap.app.averaging import WeightAverage, averaged
 from allmap.app.build import build_family, build_learner, build_optimizer, check_held_out, resolve_device
 from allmap.app.checkpoint import CheckpointError, loads_checkpoint, read_verified, save_checkpoint
 from allmap.app.config import ConfigError, apply_overrides, dump_config, validate
 from allmap.app.distributed import Dist, current, evaluate_sharded, reduce_step, restart_count
+from allmap.app.evaluation import evaluate_run
 from allmap.app.plots import plot_adaptation, plot_learning_curve
 from allmap.app.preflight import check_device, check_model_input, check_model_size, check_sizes, trial_step
 from allmap.app.progress import TaskProgress, progress_bar
 from allmap.app.report import format_results
-from allmap.app.runs import RunDir, read_config, results_record, to_json
+from allmap.app.runs import RunDir, read_config, to_json
 from allmap.engine.evaluate import fixed_tasks
+from allmap.learners.base import Learner
 
-__all__ = ["train", "resume", "finish", "check_config", "NonFiniteLossError", "DivergedError", "Interrupted",
-           "StoppedAtOnce", "RESUMABLE_KEYS", "MAX_CONSECUTIVE_SKIPS", "DIVERGENCE_FACTOR", "RECENT_STEPS",
-           "lower_rates"]
+__all__ = [
+    "train",
+    "resume",
+    "finish",
+    "check_config",
+    "NonFiniteLossError",
+    "DivergedError",
+    "Interrupted",
+    "StoppedAtOnce",
+    "RESUMABLE_KEYS",
+    "MAX_CONSECUTIVE_SKIPS",
+    "DIVERGENCE_FACTOR",
+    "RECENT_STEPS",
+    "lower_rates",
+]
 
 #: keys that ``--resume`` may change; anything else would make the resumed run a different run.
 RESUMABLE_KEYS = ("iterations", "log_every", "checkpoint_every", "device", "eval", "on_nonfinite")
@@ -72,9 +85,14 @@ class DivergedError(NonFiniteLossError):
 
 def lower_rates(config: dict[str, Any]) -> str:
     """The settings to lower when a run diverges, with their values: ``optimizer.lr (now 3.0) or ...``."""
-    rates = [f"{key} (now {value})" for key, value in (("optimizer.lr", config["optimizer"].get("lr")),
-                                                       ("learner.inner_lr", config["learner"].get("inner_lr")))
-             if value is not None]
+    rates = [
+        f"{key} (now {value})"
+        for key, value in (
+            ("optimizer.lr", config["optimizer"].get("lr")),
+            ("learner.inner_lr", config["learner"].get("inner_lr")),
+        )
+        if value is not None
+    ]
     return " or ".join(rates) or "optimizer.lr or learner.inner_lr"
 
 
@@ -84,8 +102,10 @@ class Interrupted(Exception):
     def __init__(self, signum: int, iteration: int, checkpoint: Path) -> None:
         self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
         name = signal.Signals(signum).name
-        super().__init__(f"{name} received: stopped after iteration {iteration} and saved {checkpoint}; continue "
-                         f"exactly with `allmap train --resume {checkpoint.parent}`.")
+        super().__init__(
+            f"{name} received: stopped after iteration {iteration} and saved {checkpoint}; continue "
+            f"exactly with `allmap train --resume {checkpoint.parent}`."
+        )
 
 
 class StoppedAtOnce(KeyboardInterrupt):
@@ -125,8 +145,11 @@ class _StopSignals:
             self._stop_at_once(signum)
         self.received = signum
         if self._notice:  # os.write: print() could re-enter a stream the main thread is writing to
-            os.write(2, f"\n{signal.Signals(signum).name} received: stopping after this iteration and saving a "
-                        "checkpoint; press Ctrl-C again to stop at once without saving.\n".encode())
+            os.write(
+                2,
+                f"\n{signal.Signals(signum).name} received: stopping after this iteration and saving a "
+                "checkpoint; press Ctrl-C again to stop at once without saving.\n".encode(),
+            )
 
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
@@ -164,8 +187,10 @@ class _Trainer:
         self.config, self.run, self.ctx = config, run, ctx
         self.progress = progress and ctx.is_main
         if config["meta_batch"] < ctx.world:
-            raise ConfigError(f"meta_batch = {config['meta_batch']} is smaller than the number of processes "
-                              f"({ctx.world}); every rank needs at least one task. Raise meta_batch or use fewer processes.")
+            raise ConfigError(
+                f"meta_batch = {config['meta_batch']} is smaller than the number of processes "
+                f"({ctx.world}); every rank needs at least one task. Raise meta_batch or use fewer processes."
+            )
         self.device = ctx.device(resolve_device(config["device"]))
         check_device(self.device)
         torch.manual_seed(config["seed"])
@@ -226,8 +251,9 @@ class _Trainer:
             if self.average is not None:
                 self.average.load_state_dict(state["averaged"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise CheckpointError(f"checkpoint {str(self.run.checkpoint)!r} does not fit this run's config: "
-                                  f"{str(err).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"checkpoint {str(self.run.checkpoint)!r} does not fit this run's config: {str(err).splitlines()[0]}"
+            ) from None
         self.pending = [row.to(self.device) for row in state.get("pending", torch.zeros(0, 2))]
         self.checked = len(self.pending)  # verified before they were saved
         self.skipped = int(state.get("skipped", 0))
@@ -267,13 +293,16 @@ class _Trainer:
         if not self.pending:
             return None
         rows = torch.stack(self.pending).cpu()
-        bad = (rows[self.checked:, 1] == 0).nonzero()
+        bad = (rows[self.checked :, 1] == 0).nonzero()
         if len(bad):
             i = self.checked + int(bad[0])
             it = self.iteration - len(self.pending) + 1 + i
             loss = float(rows[i, 0])
-            what = (f"the meta-loss was {loss}" if not torch.isfinite(rows[i, 0])
-                    else f"the meta-loss was finite ({loss:.6g}) but a meta-gradient entry was NaN or infinite")
+            what = (
+                f"the meta-loss was {loss}"
+                if not torch.isfinite(rows[i, 0])
+                else f"the meta-loss was finite ({loss:.6g}) but a meta-gradient entry was NaN or infinite"
+            )
             raise NonFiniteLossError(
                 f"{what} at iteration {it}; training stopped. Lower {lower_rates(self.config)} and start again, "
                 f"or set on_nonfinite: skip to skip such meta-batches. {self.checkpoint_note()}"
@@ -340,8 +369,9 @@ class _Trainer:
     def validate(self) -> dict[str, float]:
         """Validation metrics; raises :class:`DivergedError` if one is NaN or infinite."""
         with TaskProgress("validation", enabled=self.progress, total=len(self.val_tasks)) as bar:
-            res = evaluate_sharded(self.model, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx,
-                                   progress=bar)
+            res = evaluate_sharded(
+                self.model, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx, progress=bar
+            )
         metrics = {f"val_{k.split('@')[0]}": v["mean"] for k, v in res.items()}
         bad = [f"{k} = {v}" for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
@@ -360,10 +390,14 @@ class _Trainer:
         """What a second Ctrl-C leaves: the message of :class:`StoppedAtOnce`."""
         name = signal.Signals(signum).name
         if self.saved_at is None:
-            return (f"{name} received again: stopped at once, without saving; no checkpoint was written yet "
-                    f"(iteration {self.iteration}). Start the run again.")
-        return (f"{name} received again: stopped at once, without saving; {self.run.checkpoint} holds iteration "
-                f"{self.saved_at}. Continue from there with `allmap train --resume {self.run.path}`.")
+            return (
+                f"{name} received again: stopped at once, without saving; no checkpoint was written yet "
+                f"(iteration {self.iteration}). Start the run again."
+            )
+        return (
+            f"{name} received again: stopped at once, without saving; {self.run.checkpoint} holds iteration "
+            f"{self.saved_at}. Continue from there with `allmap train --resume {self.run.path}`."
+        )
 
     def fit(self, callback: Callable[[int, Learner], None] | None = None) -> None:
         cfg = self.config
@@ -444,8 +478,12 @@ def _from_main(ctx: Dist, produce: Callable[[], bytes]) -> bytes:
     return data[1:]
 
 
-def train(config: dict[str, Any], out_dir: str | Path, progress: bool = True,
-          callback: Callable[[int, Learner], None] | None = None) -> Learner:
+def train(
+    config: dict[str, Any],
+    out_dir: str | Path,
+    progress: bool = True,
+    callback: Callable[[int, Learner], None] | None = None,
+) -> Learner:
     """Meta-train from a validated ``config`` into ``out_dir``, evaluate on the test tasks and plot.
 
     Under torchrun every rank calls this with the same arguments. If torchrun restarted the worker group
@@ -462,8 +500,10 @@ def train(config: dict[str, Any], out_dir: str | Path, progress: bool = True,
         if run.checkpoint.exists():
             if restart_count() > 0 and run.config.is_file() and yaml.safe_load(run.config.read_text()) == wanted:
                 return b"resume"
-            raise ConfigError(f"{str(run.path)!r} already holds a run; continue it with `allmap train --resume "
-                              f"{run.path}` or choose another --out.")
+            raise ConfigError(
+                f"{str(run.path)!r} already holds a run; continue it with `allmap train --resume "
+                f"{run.path}` or choose another --out."
+            )
         run.path.mkdir(parents=True, exist_ok=True)
         run.config.write_text(dump_config(config))
         run.metrics.write_text("")
@@ -483,14 +523,25 @@ def _fit_and_finish(trainer: _Trainer, callback: Callable[[int, Learner], None] 
         trainer.fit(callback)
     except NonFiniteLossError as err:
         if trainer.ctx.is_main:
-            trainer.run.write_results({"status": "failed", "reason": str(err), "stopped_after_iteration": trainer.iteration,
-                                       "protocol": None, "metrics": None})
+            trainer.run.write_results(
+                {
+                    "status": "failed",
+                    "reason": str(err),
+                    "stopped_after_iteration": trainer.iteration,
+                    "protocol": None,
+                    "metrics": None,
+                }
+            )
         raise
     finish(trainer.run.path, trainer.model, trainer.config, trainer.ctx, progress=trainer.progress)
 
 
-def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True,
-           callback: Callable[[int, Learner], None] | None = None) -> Learner:
+def resume(
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    callback: Callable[[int, Learner], None] | None = None,
+) -> Learner:
     """Continue the run in ``run_dir`` from its checkpoint.
 
     ``overrides`` are ``key=value`` strings that may change only :data:`RESUMABLE_KEYS` (for example
@@ -504,20 +555,24 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None, progress: bo
     validate(before)
     config = apply_overrides(before, overrides or [])
     validate(config)
-    changed = sorted(k for k in set(config) | set(before)
-                     if config.get(k) != before.get(k) and k not in RESUMABLE_KEYS)
+    changed = sorted(k for k in set(config) | set(before) if config.get(k) != before.get(k) and k not in RESUMABLE_KEYS)
     if changed:
-        raise ConfigError(f"--resume can change only {', '.join(RESUMABLE_KEYS)}; changing {changed} would make it a "
-                          "different run. Start a new run with --out instead.")
+        raise ConfigError(
+            f"--resume can change only {', '.join(RESUMABLE_KEYS)}; changing {changed} would make it a "
+            "different run. Start a new run with --out instead."
+        )
 
-    state = loads_checkpoint(_from_main(ctx, lambda: read_verified(run.checkpoint)), str(run.checkpoint),
-                             map_location="cpu")
+    state = loads_checkpoint(
+        _from_main(ctx, lambda: read_verified(run.checkpoint)), str(run.checkpoint), map_location="cpu"
+    )
     done = state.get("iteration")
     if isinstance(done, int) and config["iterations"] < done:
-        raise ConfigError(f"--resume: {str(run.path)!r} has trained {done} iterations, and "
-                          f"iterations={config['iterations']} would leave its weights past the end of its config. "
-                          f"Pass iterations >= {done} "
-                          f"(iterations={done} repeats only the final test), or start a new run with --out.")
+        raise ConfigError(
+            f"--resume: {str(run.path)!r} has trained {done} iterations, and "
+            f"iterations={config['iterations']} would leave its weights past the end of its config. "
+            f"Pass iterations >= {done} "
+            f"(iterations={done} repeats only the final test), or start a new run with --out."
+        )
     trainer = _Trainer(config, run, progress, ctx)
     trainer.restore(state)
     if ctx.is_main:  # the config changes only once the resumed run starts
@@ -536,19 +591,9 @@ def _write_classes(run: RunDir, families: dict[str, Any]) -> None:
     run.classes.write_text(json.dumps({"sources": sources, **{p: list(n) for p, n in names.items()}}, indent=1) + "\n")
 
 
-def protocol(config: dict[str, Any], family, n: int) -> str:
-    """One line naming what the numbers are: family, shots, queries, number of tasks and seed."""
-    task = config["task"]
-    ways = f"{family.ways}-way " if hasattr(family, "ways") else ""
-    detail = f" ({family.describe()})" if callable(getattr(family, "describe", None)) else ""
-    shift = config["learner"].get("test_shift")
-    shifts = f", embeddings averaged over test-time shifts of up to {shift} px" if shift else ""
-    return (f"{task['family']} {ways}{family.shots}-shot, {family.queries} queries per task{detail}{shifts}, {n} fixed "
-            f"test tasks (seed {config['eval']['seed']}); mean ± 95% CI (1.96·std/sqrt(n))")
-
-
-def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: Dist | None = None,
-           progress: bool = False) -> dict[str, Any]:
+def finish(
+    run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: Dist | None = None, progress: bool = False
+) -> dict[str, Any]:
     """Final test evaluation (``results.json``) and plots of a run; sharded across ranks under torchrun,
     written by rank 0. A NaN or infinite test metric is written as null with ``status: failed`` and raises
     :class:`DivergedError`: it is not a result. ``progress``: a bar counting test tasks on rank 0's stderr
@@ -556,24 +601,24 @@ def finish(run_dir: str | Path, learner: Learner, config: dict[str, Any], ctx: D
     ctx = current() if ctx is None else ctx
     run = RunDir(run_dir)
     ev = config["eval"]
-    family = build_family(config, "test")
-    tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
-    with TaskProgress("test", enabled=progress and ctx.is_main, total=len(tasks)) as bar:
-        results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx, progress=bar)
-    text = protocol(config, family, len(tasks))
-    record = results_record(text, results)
+    family, record = evaluate_run(learner, config, ctx=ctx, progress=progress)
     if ctx.is_main:
         run.write_results(record)
-        plot_learning_curve(run.read_metrics(), run.curve,
-                            title=f"{type(learner).__name__} on {config['task']['family']} ({run.path.name})")
+        plot_learning_curve(
+            run.read_metrics(),
+            run.curve,
+            title=f"{type(learner).__name__} on {config['task']['family']} ({run.path.name})",
+        )
         if record["status"] == "ok":  # a diverged model has nothing to draw
             shown = fixed_tasks(family, 4, ev["seed"]).to(next(learner.parameters()).device)
             plot_adaptation(learner, family, shown, run.adaptation, steps=sorted({0, 1, max(ev["steps"])}))
     ctx.barrier()
     if record["status"] != "ok":
-        raise DivergedError(f"the final test failed: {record['reason']}. Lower {lower_rates(config)} and train "
-                            f"again; {run.results} records status \"failed\".")
-    return {"protocol": text, "metrics": results}
+        raise DivergedError(
+            f"the final test failed: {record['reason']}. Lower {lower_rates(config)} and train "
+            f'again; {run.results} records status "failed".'
+        )
+    return {"protocol": record["protocol"], "metrics": record["metrics"]}
 
 
 def format_run_results(res: dict[str, Any]) -> str:

@@ -40,7 +40,8 @@ def _describe(tp: Any) -> str:
         return "null"
     if isinstance(tp, type):
         return {"int": "an integer", "float": "a finite number", "bool": "true/false", "str": "a string"}.get(
-            tp.__name__, tp.__name__)
+            tp.__name__, tp.__name__
+        )
     return str(tp).replace("typing.", "").replace("collections.abc.", "")
 
 
@@ -122,8 +123,10 @@ def check_arguments(kind: str, name: str, factory: Callable[..., Any], kwargs: d
         try:
             converted = _coerce(value, hints[key])
         except (TypeError, RecursionError):
-            raise ConfigError(f"{kind} {name!r}: option {key!r} expects {_describe(hints[key])}, got {value!r} "
-                              f"({type(value).__name__}).") from None
+            raise ConfigError(
+                f"{kind} {name!r}: option {key!r} expects {_describe(hints[key])}, got {value!r} "
+                f"({type(value).__name__})."
+            ) from None
         if converted is not _UNJUDGED:
             out[key] = converted
     return out

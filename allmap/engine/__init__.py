@@ -7,5 +7,17 @@ from allmap.engine.execution import Execution, Plan, plan, resolve_execution
 from allmap.engine.spec import LearnerSpec, Mapping
 from allmap.engine.validate import check_support, check_tasks
 
-__all__ = ["meta_backward", "evaluate", "fixed_tasks", "summarize", "Execution", "Plan", "plan",
-           "resolve_execution", "LearnerSpec", "Mapping", "check_support", "check_tasks"]
+__all__ = [
+    "meta_backward",
+    "evaluate",
+    "fixed_tasks",
+    "summarize",
+    "Execution",
+    "Plan",
+    "plan",
+    "resolve_execution",
+    "LearnerSpec",
+    "Mapping",
+    "check_support",
+    "check_tasks",
+]

@@ -8,8 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from allmap.engine.execution import (chunk_ranges, compiled_meta_gradient, examples_per_task, functional_eligible,
-                                     plan, task_losses)
+from allmap.engine.execution import (
+    chunk_ranges,
+    compiled_meta_gradient,
+    examples_per_task,
+    functional_eligible,
+    plan,
+)
 from allmap.engine.forked import can_fork, even_shares, run_forked
 from allmap.engine.validate import check_tasks
 from allmap.tasks.batch import TaskBatch
@@ -32,8 +37,11 @@ def _can_fork(learner: nn.Module) -> bool:
     training updates buffers the parent would never see."""
     if not can_fork() or any(p.device.type != "cpu" for p in learner.parameters()):
         return False
-    stateful = [name for name, m in learner.named_modules()
-                if m.training and isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    stateful = [
+        name
+        for name, m in learner.named_modules()
+        if m.training and isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    ]
     if stateful:
         raise ValueError(
             f"{type(learner).__name__}: execution workers={learner.execution.workers} computes the meta-gradient in "

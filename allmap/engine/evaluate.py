@@ -105,8 +105,13 @@ def evaluate(
     if n_workers:
         bounds = even_shares(len(tasks), n_workers)
         shares = [tasks[lo:hi] for lo, hi in bounds]
-        values = torch.cat(run_forked(lambda share: _values(learner, share, steps, chunk), shares,
-                                      done=lambda i: counted(bounds[i][1] - bounds[i][0])))
+        values = torch.cat(
+            run_forked(
+                lambda share: _values(learner, share, steps, chunk),
+                shares,
+                done=lambda i: counted(bounds[i][1] - bounds[i][0]),
+            )
+        )
     else:
         values = _values(learner, tasks, steps, chunk, counted)
     results = {}
@@ -145,8 +150,9 @@ def _counter(progress: Progress | None, total: int) -> Callable[[int], None]:
     return add
 
 
-def _values(learner: Mapping, tasks: TaskBatch, steps: list[int], chunk: int,
-            done: Callable[[int], None] = lambda n: None) -> Tensor:
+def _values(
+    learner: Mapping, tasks: TaskBatch, steps: list[int], chunk: int, done: Callable[[int], None] = lambda n: None
+) -> Tensor:
     """``[tasks, steps, 2]``: query loss and accuracy of every task after each number of steps;
     ``done(n)`` after each chunk of ``n`` tasks."""
     fn = _per_task(learner, steps)

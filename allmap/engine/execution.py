@@ -69,8 +69,21 @@ from torch import Tensor, nn
 from allmap.compat import vmap_batch_norm_second_order_exact
 from allmap.tasks.batch import TaskBatch
 
-__all__ = ["Execution", "Plan", "resolve_execution", "plan", "task_losses", "chunk_ranges", "compiled_cache",
-           "compiled_meta_gradient", "functional_eligible", "evaluation_vmap", "evaluation_layout", "examples_per_task", "SMALL_TASK"]
+__all__ = [
+    "Execution",
+    "Plan",
+    "resolve_execution",
+    "plan",
+    "task_losses",
+    "chunk_ranges",
+    "compiled_cache",
+    "compiled_meta_gradient",
+    "functional_eligible",
+    "evaluation_vmap",
+    "evaluation_layout",
+    "examples_per_task",
+    "SMALL_TASK",
+]
 
 MODES = ("auto", "vmap", "loop")
 #: compiled chunk functions per learner (kept outside the module so deepcopy and pickling never see them)
@@ -108,15 +121,17 @@ class Execution:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"Execution: unknown mode {self.mode!r}; expected one of {', '.join(MODES)}.")
-        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int)
-                                       or self.chunk < 1):
+        if self.chunk is not None and (
+            isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1
+        ):
             raise ValueError(f"Execution: expected chunk to be a positive integer or None, got {self.chunk!r}.")
         if not isinstance(self.compile, bool):
             raise TypeError(f"Execution: expected compile to be a bool, got {type(self.compile).__name__}.")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(
                 f"Execution: expected workers (processes, this one included) to be an integer >= 0, "
-                f"got {self.workers!r}.")
+                f"got {self.workers!r}."
+            )
 
 
 def resolve_execution(spec: Execution | str | dict[str, Any] | None) -> Execution:
@@ -189,8 +204,13 @@ def _plan(learner: Any, ex: Execution, tasks: int, device: torch.device, small: 
         elif device.type == "cpu" and _has(learner, (nn.modules.conv._ConvNd,)) and not small:
             mode, reason = "loop", "convolutions on CPU: per-task batches are faster and keep memory flat"
         elif device.type == "cpu" and _has(learner, (nn.modules.conv._ConvNd,)):
-            mode, reason = "vmap", (f"convolutions on CPU, tasks of at most {SMALL_TASK} examples: per-task "
-                                    "batches are too small to keep the cores busy")
+            mode, reason = (
+                "vmap",
+                (
+                    f"convolutions on CPU, tasks of at most {SMALL_TASK} examples: per-task "
+                    "batches are too small to keep the cores busy"
+                ),
+            )
         else:
             mode, reason = "vmap", "small model or accelerator: batching across tasks removes per-task overhead"
     else:
@@ -312,9 +332,14 @@ def functional_eligible(learner: Any, p: Plan) -> bool:
     """Whether :func:`compiled_meta_gradient` may replace ``loss.backward()`` for this plan: compiled and
     vectorised, a learner whose meta-loss is the mean of its per-task losses and without buffers (nothing
     that a forward pass could update in place)."""
-    return (p.compile and p.vmap and not learner.execution_stats.get("compile_failed")
-            and learner.spec.per_task_loss and not learner.spec.whole_loss
-            and next(learner.buffers(), None) is None)
+    return (
+        p.compile
+        and p.vmap
+        and not learner.execution_stats.get("compile_failed")
+        and learner.spec.per_task_loss
+        and not learner.spec.whole_loss
+        and next(learner.buffers(), None) is None
+    )
 
 
 def _gradient_fn(learner: Any, vmap: bool) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
@@ -350,8 +375,12 @@ def compiled_meta_gradient(learner: Any, p: Plan, args: tuple[Tensor, ...], scal
         grads, loss = fn(params, frozen, *args)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the identical eager path
         stats["compile_failed"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        warnings.warn(f"{type(learner).__name__}: torch.compile failed ({stats['compile_failed']}); running eagerly "
-                      "from now on (same results, no speed-up).", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{type(learner).__name__}: torch.compile failed ({stats['compile_failed']}); running eagerly "
+            "from now on (same results, no speed-up).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     if key not in seen:
         seen.add(key)

@@ -105,8 +105,9 @@ def _one_thread(fn: Callable[[Any], T], piece: Any) -> T:
         torch.set_num_threads(threads)
 
 
-def run_forked(fn: Callable[[Any], T], pieces: Sequence[Any], here: bool = False,
-               done: Callable[[int], None] | None = None) -> list[T]:
+def run_forked(
+    fn: Callable[[Any], T], pieces: Sequence[Any], here: bool = False, done: Callable[[int], None] | None = None
+) -> list[T]:
     """``[fn(p) for p in pieces]``, each piece in a forked child process, all at once, every child with one
     intra-op thread (GNU OpenMP's thread pool does not survive ``fork``: a child that starts a parallel
     region after its parent has used the pool waits forever at its barrier; with one thread there is no

@@ -23,8 +23,10 @@ def check_tasks(learner: Any, tasks: TaskBatch, entry: str = "meta_loss") -> Non
     if not isinstance(tasks, TaskBatch):
         raise TypeError(f"{entry}: expected an allmap.TaskBatch, got {type(tasks).__name__}.")
     if len(tasks) == 0:
-        raise ValueError(f"{entry}: the TaskBatch holds no tasks (support_x has shape {shape_str(tasks.support_x)}); "
-                         "sample at least one task, e.g. family.sample(4, generator).")
+        raise ValueError(
+            f"{entry}: the TaskBatch holds no tasks (support_x has shape {shape_str(tasks.support_x)}); "
+            "sample at least one task, e.g. family.sample(4, generator)."
+        )
     _check_nonempty(learner, entry, "support_x", tasks.support_x.shape[1])
     _check_nonempty(learner, entry, "query_x", tasks.query_x.shape[1])
     check_targets(learner, tasks.support_x[0], {"support_y": tasks.support_y, "query_y": tasks.query_y})
@@ -33,19 +35,25 @@ def check_tasks(learner: Any, tasks: TaskBatch, entry: str = "meta_loss") -> Non
 def check_support(learner: Any, support_x: Tensor, support_y: Tensor, entry: str = "adapt") -> None:
     """:func:`check_tasks` for one task's support set (no task dimension), as ``adapt`` receives it."""
     if not isinstance(support_x, Tensor) or not isinstance(support_y, Tensor):
-        raise TypeError(f"{entry}: expected support_x and support_y to be tensors, got "
-                        f"{type(support_x).__name__} and {type(support_y).__name__}.")
+        raise TypeError(
+            f"{entry}: expected support_x and support_y to be tensors, got "
+            f"{type(support_x).__name__} and {type(support_y).__name__}."
+        )
     if support_x.dim() == 0 or support_y.dim() == 0 or support_x.shape[0] != support_y.shape[0]:
-        raise ValueError(f"{entry}: expected support_x [N, ...] and support_y [N, ...] with the same N (one task, "
-                         f"no task dimension), got {shape_str(support_x)} and {shape_str(support_y)}.")
+        raise ValueError(
+            f"{entry}: expected support_x [N, ...] and support_y [N, ...] with the same N (one task, "
+            f"no task dimension), got {shape_str(support_x)} and {shape_str(support_y)}."
+        )
     _check_nonempty(learner, entry, "support_x", support_x.shape[0])
     check_targets(learner, support_x, {"support_y": support_y.unsqueeze(0)})
 
 
 def _check_nonempty(learner: Any, entry: str, name: str, n: int) -> None:
     if n == 0:
-        raise ValueError(f"{type(learner).__name__}.{entry}: every task needs at least one example in {name}, "
-                         "got 0. Sample tasks with shots >= 1 (and queries >= 1).")
+        raise ValueError(
+            f"{type(learner).__name__}.{entry}: every task needs at least one example in {name}, "
+            "got 0. Sample tasks with shots >= 1 (and queries >= 1)."
+        )
 
 
 def check_targets(learner: Any, x: Tensor, ys: dict[str, Tensor]) -> None:
@@ -57,11 +65,14 @@ def check_targets(learner: Any, x: Tensor, ys: dict[str, Tensor]) -> None:
     if spec.classification:
         for key, y in ys.items():
             if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-                raise ValueError(f"{name}: cross_entropy needs integer class labels, got {key} of dtype {y.dtype}. "
-                                 "Convert with .long().")
+                raise ValueError(
+                    f"{name}: cross_entropy needs integer class labels, got {key} of dtype {y.dtype}. "
+                    "Convert with .long()."
+                )
             if y.dim() != 2:
-                raise ValueError(f"{name}: expected {key} of shape [tasks, examples] (class indices), got "
-                                 f"{shape_str(y)}.")
+                raise ValueError(
+                    f"{name}: expected {key} of shape [tasks, examples] (class indices), got {shape_str(y)}."
+                )
         if spec.labels == "support":
             _check_support_classes(name, ys)
             return
@@ -72,7 +83,8 @@ def check_targets(learner: Any, x: Tensor, ys: dict[str, Tensor]) -> None:
         if lo < 0 or hi >= classes:
             raise ValueError(
                 f"{name}: labels must lie in [0, {classes - 1}] for a model with {classes} outputs, got labels in "
-                f"[{lo}, {hi}]. Relabel each task's classes 0..N-1 or widen the model's output layer.")
+                f"[{lo}, {hi}]. Relabel each task's classes 0..N-1 or widen the model's output layer."
+            )
     elif learner.loss_name == "mse":
         out = learner.output_shape(x)
         for key, y in ys.items():
@@ -80,7 +92,8 @@ def check_targets(learner: Any, x: Tensor, ys: dict[str, Tensor]) -> None:
                 raise ValueError(
                     f"{name}: predictions have shape [examples, {', '.join(map(str, out))}] but {key} has shape "
                     f"{shape_str(y)} (per task [examples, {', '.join(map(str, y.shape[2:]))}]); mse would broadcast "
-                    "them. Reshape the targets (e.g. y.unsqueeze(-1)), or use loss='cross_entropy' for class labels.")
+                    "them. Reshape the targets (e.g. y.unsqueeze(-1)), or use loss='cross_entropy' for class labels."
+                )
 
 
 def _check_support_classes(name: str, ys: dict[str, Tensor]) -> None:
@@ -92,9 +105,13 @@ def _check_support_classes(name: str, ys: dict[str, Tensor]) -> None:
     present = F.one_hot(sy, ways).sum(1) > 0  # [tasks, N]
     if not bool(present.all()):
         task, cls = (int(v) for v in torch.nonzero(~present)[0])
-        raise ValueError(f"{name}: every class 0..{ways - 1} needs a support example, but task {task} has none of "
-                         f"class {cls}. Relabel each task's classes 0..N-1.")
+        raise ValueError(
+            f"{name}: every class 0..{ways - 1} needs a support example, but task {task} has none of "
+            f"class {cls}. Relabel each task's classes 0..N-1."
+        )
     qy = ys.get("query_y")
     if qy is not None and (int(qy.min()) < 0 or int(qy.max()) >= ways):
-        raise ValueError(f"{name}: expected integer query labels in [0, {ways - 1}] of shape [tasks, examples], got "
-                         f"{shape_str(qy)} ({qy.dtype}) with labels in [{int(qy.min())}, {int(qy.max())}].")
+        raise ValueError(
+            f"{name}: expected integer query labels in [0, {ways - 1}] of shape [tasks, examples], got "
+            f"{shape_str(qy)} ({qy.dtype}) with labels in [{int(qy.min())}, {int(qy.max())}]."
+        )

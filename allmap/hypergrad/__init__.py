@@ -20,14 +20,22 @@ Learners take ``hypergrad="truncated(5)"`` (a name, a call with literal argument
 ``name`` key as in config files, or a :class:`Strategy` object); :func:`resolve` does the parsing.
 """
 
-from allmap.hypergrad.base import (STRATEGIES, InnerStrategy, Strategy, WholeLossStrategy, check_strategy,
-                                   meta_loss_surrogate, register, resolve)
+from allmap.hypergrad.base import (
+    STRATEGIES,
+    InnerStrategy,
+    Strategy,
+    WholeLossStrategy,
+    check_strategy,
+    meta_loss_surrogate,
+    register,
+    resolve,
+)
 from allmap.hypergrad.basic import FirstOrder, Unrolled, stop_gradient
-from allmap.hypergrad.truncated import Truncated
 from allmap.hypergrad.checkpointed import Checkpointed
-from allmap.hypergrad.implicit import Implicit, ImplicitSolveError, ImplicitSolveWarning, conjugate_gradient, neumann
-from allmap.hypergrad.forward import Forward, hypergradient
 from allmap.hypergrad.finite_difference import FiniteDifference, central_differences, zeroth_order
+from allmap.hypergrad.forward import Forward, hypergradient
+from allmap.hypergrad.implicit import Implicit, ImplicitSolveError, ImplicitSolveWarning, conjugate_gradient, neumann
+from allmap.hypergrad.truncated import Truncated
 
 __all__ = [
     "STRATEGIES",

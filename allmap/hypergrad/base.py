@@ -24,7 +24,16 @@ from torch import Tensor, nn
 from allmap.inner.loop import gradient_descent
 from allmap.inner.optim import InnerOptimizer, Params
 
-__all__ = ["Strategy", "InnerStrategy", "WholeLossStrategy", "STRATEGIES", "register", "resolve", "check_strategy", "meta_loss_surrogate"]
+__all__ = [
+    "Strategy",
+    "InnerStrategy",
+    "WholeLossStrategy",
+    "STRATEGIES",
+    "register",
+    "resolve",
+    "check_strategy",
+    "meta_loss_surrogate",
+]
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -60,8 +69,10 @@ class Strategy:
         the learner's description (``learner.spec.strategies``) does not list it."""
         accepted = learner.spec.strategies
         if accepted and self.name not in accepted:
-            raise ValueError(f"{type(learner).__name__}: the {self.name!r} meta-gradient strategy does not apply to "
-                             f"this learner; it accepts {', '.join(accepted)}.")
+            raise ValueError(
+                f"{type(learner).__name__}: the {self.name!r} meta-gradient strategy does not apply to "
+                f"this learner; it accepts {', '.join(accepted)}."
+            )
 
     def state_dict(self) -> dict[str, Tensor]:
         """State that changes during training (e.g. a random generator), saved in checkpoints so that a

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
-from allmap.hypergrad.base import STRATEGIES, InnerStrategy, Strategy, check_strategy, register
+from allmap.hypergrad.base import STRATEGIES, InnerStrategy, check_strategy, register
 from allmap.inner.loop import gradient_descent, stop_gradient
 from allmap.inner.optim import InnerOptimizer, Params
 

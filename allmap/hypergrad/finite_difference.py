@@ -52,9 +52,7 @@ def zeroth_order(
         total = {k: torch.zeros_like(v) for k, v in params.items()}
         square = {k: torch.zeros_like(v) for k, v in params.items()}
         for _ in range(directions):
-            u = {
-                k: torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device) for k, v in params.items()
-            }
+            u = {k: torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device) for k, v in params.items()}
             slope = (fn(_shift(params, u, eps)) - fn(_shift(params, u, -eps))) / (2 * eps)
             for k in params:
                 term = slope * u[k]

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from allmap.checks import check_int
-from allmap.hypergrad.base import InnerStrategy, register
 from allmap.compat import in_transform
+from allmap.hypergrad.base import InnerStrategy, register
 from allmap.inner.loop import gradient_descent, monotone_descent
 from allmap.inner.optim import InnerOptimizer, Params
 
@@ -130,8 +130,9 @@ class _ImplicitSolution(torch.autograd.Function):
                 if coupling.requires_grad:
                     from_closure = torch.autograd.grad(coupling, need, allow_unused=True)
         it = iter(from_closure)
-        closure_grads = [(None if (c := next(it)) is None else -c / strategy.lam) if t.requires_grad else None
-                         for t in closure]
+        closure_grads = [
+            (None if (c := next(it)) is None else -c / strategy.lam) if t.requires_grad else None for t in closure
+        ]
         theta_grads = [x[k] if t.requires_grad else None for k, t in zip(ctx.names, theta)]
         return (None, None, None, None, *([None] * ctx.n), *theta_grads, *closure_grads)
 
@@ -214,8 +215,9 @@ class Implicit(InnerStrategy):
             return conjugate_gradient(matvec, v, self.iterations, self.tol if tol is None else tol)
         return neumann(matvec, v, self.iterations, self.alpha)
 
-    def implicit_solve(self, loss: Callable[[Params], Tensor], phi: Params, v: Params,
-                       tol: float | None = None) -> tuple[Params, Tensor]:
+    def implicit_solve(
+        self, loss: Callable[[Params], Tensor], phi: Params, v: Params, tol: float | None = None
+    ) -> tuple[Params, Tensor]:
         """``x = ((1 + damping) I + H / lam)^-1 v`` with ``H`` the Hessian of ``loss`` at ``phi``: the implicit
         meta-gradient for theta of a loss whose gradient at ``phi`` is ``v``. Hessian-vector products by
         reverse over reverse (``H`` is symmetric, so a vjp of the gradient is ``H x``), the linearisation

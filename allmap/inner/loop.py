@@ -22,8 +22,9 @@ T = TypeVar("T")
 C = TypeVar("C")
 
 
-def unroll(step: Callable[[C, int], C], carry: C, steps: int, record: Sequence[int] = (),
-           view: Callable[[C], T] = lambda c: c) -> list[T]:
+def unroll(
+    step: Callable[[C, int], C], carry: C, steps: int, record: Sequence[int] = (), view: Callable[[C], T] = lambda c: c
+) -> list[T]:
     """The one unroll-and-record loop: ``carry_t = step(carry_{t-1}, t)`` for ``t = 1..T``; returns
     ``view(carry_k)`` for each ``k`` in ``record`` (``0`` is the start), in ``record``'s order, where
     ``T = max(record)`` (``record`` empty: ``[steps]``). Every inner loop of allmap runs through it."""
@@ -96,8 +97,13 @@ def gradient_descent(
     Returns the final parameters, or, if ``record`` names step counts, the parameters after each of them
     (``0`` is ``params`` itself), computed in one pass of ``max(record)`` steps.
     """
-    path = unroll(lambda c, t: inner_step(loss, *c, optimizer, first_order=first_order),
-                  (params, optimizer.init(params)), steps, record, view=lambda c: c[0])
+    path = unroll(
+        lambda c, t: inner_step(loss, *c, optimizer, first_order=first_order),
+        (params, optimizer.init(params)),
+        steps,
+        record,
+        view=lambda c: c[0],
+    )
     return path if record else path[0]
 
 
@@ -136,8 +142,13 @@ def monotone_descent(
         candidate = {k: params[k] + scale * updates[k] for k in params}
         new_grads, new_value = grad_and_value(candidate)
         keep = torch.isfinite(new_value) & (new_value <= value + slack * value.abs())
-        return (_where(keep, candidate, params), _where(keep, new_grads, grads), torch.where(keep, new_value, value),
-                _where(keep, new_state, state), torch.where(keep, scale, 0.5 * scale))
+        return (
+            _where(keep, candidate, params),
+            _where(keep, new_grads, grads),
+            torch.where(keep, new_value, value),
+            _where(keep, new_state, state),
+            torch.where(keep, scale, 0.5 * scale),
+        )
 
     carry = (params, grads, value, optimizer.init(params), torch.ones_like(value))
     path = unroll(step, carry, steps, record, view=lambda c: c[0])

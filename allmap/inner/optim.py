@@ -8,7 +8,7 @@ meta-gradient can flow through the whole inner loop (or be stopped, see ``allmap
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from torch import Tensor
 __all__ = ["Params", "InnerOptimizer", "sgd", "adam", "apply_updates"]
 
 Params = dict[str, Tensor]
-LearningRate = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
+LearningRate = float | Tensor | Mapping[str, float | Tensor]
 
 
 class InnerOptimizer(NamedTuple):
@@ -95,9 +95,7 @@ def adam(
         m = {k: b1 * state["m"][k] + (1 - b1) * g for k, g in grads.items()}
         v = {k: b2 * state["v"][k] + (1 - b2) * g * g for k, g in grads.items()}
         c1, c2 = 1 - b1**count, 1 - b2**count
-        updates = {
-            k: -_rate(lr, k) * (m[k] / c1) / (torch.sqrt(v[k] / c2 + eps_root) + eps) for k in grads
-        }
+        updates = {k: -_rate(lr, k) * (m[k] / c1) / (torch.sqrt(v[k] / c2 + eps_root) + eps) for k in grads}
         return updates, {"count": count, "m": m, "v": v}
 
     return InnerOptimizer(init, update)

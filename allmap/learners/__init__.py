@@ -18,8 +18,23 @@ from allmap.learners.protonet import ProtoNet
 from allmap.learners.reptile import Reptile
 from allmap.learners.siamese import Siamese
 
-__all__ = ["Learner", "TaskModel", "GradientLearner", "MAML", "ANIL", "MetaSGD", "HyperNetwork", "Reptile", "IMAML",
-           "LSTMMetaLearner", "ProtoNet", "MatchingNet", "Siamese", "LEARNERS", "register"]
+__all__ = [
+    "Learner",
+    "TaskModel",
+    "GradientLearner",
+    "MAML",
+    "ANIL",
+    "MetaSGD",
+    "HyperNetwork",
+    "Reptile",
+    "IMAML",
+    "LSTMMetaLearner",
+    "ProtoNet",
+    "MatchingNet",
+    "Siamese",
+    "LEARNERS",
+    "register",
+]
 
 LEARNERS: dict[str, type[Learner]] = {
     "maml": MAML,
@@ -37,12 +52,14 @@ LEARNERS: dict[str, type[Learner]] = {
 
 def register(name: str) -> Callable[[type[Learner]], type[Learner]]:
     """Class decorator: make a learner available to config files and the CLI as ``learner: {name: NAME}``."""
+
     def add(cls: type[Learner]) -> type[Learner]:
         if not (isinstance(cls, type) and issubclass(cls, Learner)):
             raise TypeError(f"register({name!r}): expected a subclass of allmap.Learner, got {cls!r}.")
         if name in LEARNERS and LEARNERS[name] is not cls:
-            raise ValueError(f"register: the learner name {name!r} is taken by {LEARNERS[name].__name__}; "
-                             "choose another name.")
+            raise ValueError(
+                f"register: the learner name {name!r} is taken by {LEARNERS[name].__name__}; choose another name."
+            )
         LEARNERS[name] = cls
         return cls
 

@@ -185,11 +185,17 @@ class Learner(nn.Module):
         """What this learner is (see :class:`~allmap.engine.spec.LearnerSpec`)."""
         s = self.hypergrad
         return LearnerSpec(
-            adapts_in_steps=self.adapts_in_steps, per_task_loss=self.per_task_loss,
-            classification=self.classification, strategies=self.strategies, strategy=s.name if s else "",
-            whole_loss=isinstance(s, WholeLossStrategy), vmappable=s is None or s.vmappable,
-            first_order=s is not None and s.name == "first_order", inner_steps=self.inner_steps,
-            labels=self.labels)
+            adapts_in_steps=self.adapts_in_steps,
+            per_task_loss=self.per_task_loss,
+            classification=self.classification,
+            strategies=self.strategies,
+            strategy=s.name if s else "",
+            whole_loss=isinstance(s, WholeLossStrategy),
+            vmappable=s is None or s.vmappable,
+            first_order=s is not None and s.name == "first_order",
+            inner_steps=self.inner_steps,
+            labels=self.labels,
+        )
 
     @property
     def execution(self) -> Execution:

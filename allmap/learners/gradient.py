@@ -43,8 +43,9 @@ def adapted_names(owner: str, model: nn.Module, adapt_only: str | Sequence[str] 
     chosen = [n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)]
     if not chosen:
         top = sorted({n.split(".")[0] for n in names})
-        raise ValueError(f"{owner}: no parameter of the model matches {prefixes}; the model's top-level parameter "
-                         f"groups are {top}.")
+        raise ValueError(
+            f"{owner}: no parameter of the model matches {prefixes}; the model's top-level parameter groups are {top}."
+        )
     return chosen
 
 
@@ -80,8 +81,9 @@ class GradientLearner(Learner):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: expected model to be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(update, InnerUpdate):
-            raise TypeError(f"{owner}: expected update to be an allmap.learners.updates.InnerUpdate, got "
-                            f"{type(update).__name__}.")
+            raise TypeError(
+                f"{owner}: expected update to be an allmap.learners.updates.InnerUpdate, got {type(update).__name__}."
+            )
         self.model = use_batch_statistics(model)
         self.inner_steps = check_steps(owner, inner_steps)
         self.adapted_names = adapted_names(owner, model, adapt_only)
@@ -93,7 +95,8 @@ class GradientLearner(Learner):
         if strategy.name not in self.strategies:
             raise ValueError(
                 f"{owner}: the {strategy.name!r} meta-gradient strategy does not apply to the "
-                f"{type(update).__name__} inner update; expected one of {', '.join(self.strategies)}.")
+                f"{type(update).__name__} inner update; expected one of {', '.join(self.strategies)}."
+            )
         self.hypergrad = strategy
         strategy.check(self)
 
@@ -159,5 +162,7 @@ class GradientLearner(Learner):
         return self.model(x)
 
     def extra_repr(self) -> str:
-        return (f"inner_steps={self.inner_steps}, hypergrad={self.hypergrad!r}, "
-                f"adapted={len(self.adapted_names)} tensors, " + super().extra_repr())
+        return (
+            f"inner_steps={self.inner_steps}, hypergrad={self.hypergrad!r}, "
+            f"adapted={len(self.adapted_names)} tensors, " + super().extra_repr()
+        )

@@ -77,9 +77,15 @@ class HyperNetwork(GradientLearner):
         hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
         owner = type(self).__name__
-        super().__init__(model, _update(owner, "sgd", inner_lr), inner_steps=inner_steps, loss=loss,
-                         adapt_only=generate, hypergrad=first_order_strategy(owner, first_order, hypergrad),
-                         vectorize=vectorize)
+        super().__init__(
+            model,
+            _update(owner, "sgd", inner_lr),
+            inner_steps=inner_steps,
+            loss=loss,
+            adapt_only=generate,
+            hypergrad=first_order_strategy(owner, first_order, hypergrad),
+            vectorize=vectorize,
+        )
         if x_dim < 1 or y_dim < 1:
             raise ValueError(f"HyperNetwork: expected x_dim >= 1 and y_dim >= 1, got x_dim={x_dim}, y_dim={y_dim}.")
         self.x_dim, self.y_dim = int(x_dim), int(y_dim)

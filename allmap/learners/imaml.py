@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from allmap.hypergrad import Implicit
 from allmap.compat import in_transform
+from allmap.hypergrad import Implicit
 from allmap.inner.optim import Params
 from allmap.learners.base import LossFn, functional_forward
 from allmap.learners.gradient import GradientLearner
@@ -75,11 +75,23 @@ class IMAML(GradientLearner):
         vectorize: bool | None = None,
     ) -> None:
         strategy = _TrainingSurrogateImplicit(
-            lam=lam, iterations=cg_iterations, solver=solver, damping=damping, tol=tol, on_fail=on_fail,
+            lam=lam,
+            iterations=cg_iterations,
+            solver=solver,
+            damping=damping,
+            tol=tol,
+            on_fail=on_fail,
             safeguard=safeguard,
         )
-        super().__init__(model, _update(type(self).__name__, inner_optimizer, inner_lr), inner_steps=inner_steps,
-                         loss=loss, adapt_only=adapt_only, hypergrad=strategy, vectorize=vectorize)
+        super().__init__(
+            model,
+            _update(type(self).__name__, inner_optimizer, inner_lr),
+            inner_steps=inner_steps,
+            loss=loss,
+            adapt_only=adapt_only,
+            hypergrad=strategy,
+            vectorize=vectorize,
+        )
         self.strategies = ("implicit",)
         self.inner_optimizer = inner_optimizer
         self.lam = float(lam)

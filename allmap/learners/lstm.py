@@ -55,7 +55,13 @@ class LSTMMetaLearner(GradientLearner):
         hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
         owner = type(self).__name__
-        super().__init__(model, LSTMUpdate(hidden, _rate(owner, inner_lr), forget_bias), inner_steps=inner_steps, loss=loss,
-                         adapt_only=adapt_only, hypergrad=first_order_strategy(owner, first_order, hypergrad),
-                         vectorize=vectorize)
+        super().__init__(
+            model,
+            LSTMUpdate(hidden, _rate(owner, inner_lr), forget_bias),
+            inner_steps=inner_steps,
+            loss=loss,
+            adapt_only=adapt_only,
+            hypergrad=first_order_strategy(owner, first_order, hypergrad),
+            vectorize=vectorize,
+        )
         self.hidden = hidden

@@ -24,8 +24,9 @@ from allmap.learners.updates import descent
 __all__ = ["MAML", "ANIL", "first_order_strategy"]
 
 
-def first_order_strategy(owner: str, first_order: bool,
-                         hypergrad: str | Mapping[str, Any] | Strategy | None) -> Strategy:
+def first_order_strategy(
+    owner: str, first_order: bool, hypergrad: str | Mapping[str, Any] | Strategy | None
+) -> Strategy:
     """The strategy of ``first_order`` and ``hypergrad`` together: ``first_order=True`` is ``"first_order"``."""
     strategy = resolve(hypergrad, default="first_order" if first_order else "unrolled")
     if first_order and strategy.name != "first_order":
@@ -73,9 +74,15 @@ class MAML(GradientLearner):
         hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
         owner = type(self).__name__
-        super().__init__(model, _update(owner, inner_optimizer, inner_lr), inner_steps=inner_steps, loss=loss,
-                         adapt_only=adapt_only, hypergrad=first_order_strategy(owner, first_order, hypergrad),
-                         vectorize=vectorize)
+        super().__init__(
+            model,
+            _update(owner, inner_optimizer, inner_lr),
+            inner_steps=inner_steps,
+            loss=loss,
+            adapt_only=adapt_only,
+            hypergrad=first_order_strategy(owner, first_order, hypergrad),
+            vectorize=vectorize,
+        )
         self.inner_optimizer = inner_optimizer
 
 
@@ -93,8 +100,10 @@ def _rate(owner: str, inner_lr: Any) -> float:
     except (TypeError, ValueError, RuntimeError):
         rate = float("nan")
     if isinstance(inner_lr, bool) or not math.isfinite(rate) or rate < 0:
-        raise ValueError(f"{owner}: inner_lr must be a finite number >= 0 (the inner step size; 0 keeps theta), got "
-                         f"{inner_lr!r}. A negative step climbs the support loss instead of lowering it.")
+        raise ValueError(
+            f"{owner}: inner_lr must be a finite number >= 0 (the inner step size; 0 keeps theta), got "
+            f"{inner_lr!r}. A negative step climbs the support loss instead of lowering it."
+        )
     return rate
 
 
@@ -119,8 +128,14 @@ class ANIL(GradientLearner):
         hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
         owner = type(self).__name__
-        super().__init__(model, _update(owner, inner_optimizer, inner_lr), inner_steps=inner_steps, loss=loss,
-                         adapt_only=head, hypergrad=first_order_strategy(owner, first_order, hypergrad),
-                         vectorize=vectorize)
+        super().__init__(
+            model,
+            _update(owner, inner_optimizer, inner_lr),
+            inner_steps=inner_steps,
+            loss=loss,
+            adapt_only=head,
+            hypergrad=first_order_strategy(owner, first_order, hypergrad),
+            vectorize=vectorize,
+        )
         self.head = head
         self.inner_optimizer = inner_optimizer

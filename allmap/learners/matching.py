@@ -37,8 +37,9 @@ class MatchingNet(MetricLearner):
         >>> learner.meta_loss(tasks).backward()
     """
 
-    def __init__(self, model: nn.Module, scale: float = 1.0, vectorize: bool | None = None,
-                 test_shift: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, scale: float = 1.0, vectorize: bool | None = None, test_shift: int = 0
+    ) -> None:
         super().__init__(model, vectorize=vectorize, test_shift=test_shift)
         if not scale > 0:
             raise ValueError(f"MatchingNet: expected scale > 0, got {scale!r}.")

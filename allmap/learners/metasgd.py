@@ -47,9 +47,15 @@ class MetaSGD(GradientLearner):
         hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
         owner = type(self).__name__
-        super().__init__(model, LearnedRates(_rate(owner, inner_lr)), inner_steps=inner_steps, loss=loss,
-                         adapt_only=adapt_only, hypergrad=first_order_strategy(owner, first_order, hypergrad),
-                         vectorize=vectorize)
+        super().__init__(
+            model,
+            LearnedRates(_rate(owner, inner_lr)),
+            inner_steps=inner_steps,
+            loss=loss,
+            adapt_only=adapt_only,
+            hypergrad=first_order_strategy(owner, first_order, hypergrad),
+            vectorize=vectorize,
+        )
 
     @property
     def inner_lrs(self) -> LearnedRates:

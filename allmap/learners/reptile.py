@@ -53,8 +53,15 @@ class Reptile(GradientLearner):
         vectorize: bool | None = None,
     ) -> None:
         update = _update(type(self).__name__, inner_optimizer, inner_lr, betas=(0.0, 0.999))
-        super().__init__(model, update, inner_steps=inner_steps, loss=loss, adapt_only=adapt_only,
-                         hypergrad="first_order", vectorize=vectorize)
+        super().__init__(
+            model,
+            update,
+            inner_steps=inner_steps,
+            loss=loss,
+            adapt_only=adapt_only,
+            hypergrad="first_order",
+            vectorize=vectorize,
+        )
         self.strategies = ("first_order",)  # its meta-gradient is its own direction, never another strategy's
         self.inner_optimizer = inner_optimizer
 
@@ -62,8 +69,12 @@ class Reptile(GradientLearner):
         theta = self.initial_params(support_x, support_y)
         frozen = self.frozen_params()
         with torch.no_grad():
-            adapted = gradient_descent(self.support_loss(support_x, support_y, frozen), stop_gradient(theta),
-                                       self.optimizer(), self.inner_steps)
+            adapted = gradient_descent(
+                self.support_loss(support_x, support_y, frozen),
+                stop_gradient(theta),
+                self.optimizer(),
+                self.inner_steps,
+            )
             value = self.loss_fn(functional_forward(self.model, {**frozen, **adapted}, query_x), query_y)
         distance = 0.5 * sum(((theta[k] - adapted[k]) ** 2).sum() for k in theta)
         return value + distance - distance.detach()

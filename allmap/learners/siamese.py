@@ -44,8 +44,9 @@ class Siamese(MetricLearner):
         >>> learner.meta_loss(tasks).backward()
     """
 
-    def __init__(self, model: nn.Module, features: int = 64, vectorize: bool | None = None,
-                 test_shift: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, features: int = 64, vectorize: bool | None = None, test_shift: int = 0
+    ) -> None:
         super().__init__(model, vectorize=vectorize, test_shift=test_shift)
         check_int("Siamese", "features", features, what="the embedding size")
         self.similarity = nn.Linear(features, 1)

@@ -9,6 +9,7 @@ meta-trained with the rest of the learner) that builds a pure inner optimizer
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor, nn
 

@@ -35,9 +35,11 @@ PRECISIONS = ("float32", "bfloat16")
 
 def _check_precision(owner: str, precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"{owner}: expected precision to be one of {', '.join(PRECISIONS)}, got {precision!r}. "
-                         "'bfloat16' runs the blocks under torch.autocast (mixed precision: weights and the "
-                         "returned embedding stay float32).")
+        raise ValueError(
+            f"{owner}: expected precision to be one of {', '.join(PRECISIONS)}, got {precision!r}. "
+            "'bfloat16' runs the blocks under torch.autocast (mixed precision: weights and the "
+            "returned embedding stay float32)."
+        )
 
 
 def nhwc(x: Tensor) -> Tensor:
@@ -52,8 +54,15 @@ def nhwc(x: Tensor) -> Tensor:
 
 
 class _Blocks(nn.Module):
-    def __init__(self, in_channels: int, hidden: int, pool: bool, channels_last: bool = False, blocks: int = 4,
-                 precision: str = "float32") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int,
+        pool: bool,
+        channels_last: bool = False,
+        blocks: int = 4,
+        precision: str = "float32",
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(blocks):
@@ -111,8 +120,15 @@ class Conv4(nn.Module):
         torch.Size([2, 5])
     """
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, out_features: int | None = None,
-                 flat_features: int | None = None, channels_last: bool = False, precision: str = "float32") -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        hidden: int = 64,
+        out_features: int | None = None,
+        flat_features: int | None = None,
+        channels_last: bool = False,
+        precision: str = "float32",
+    ) -> None:
         super().__init__()
         _check("Conv4", in_channels, hidden, out_features)
         _check_precision("Conv4", precision)
@@ -134,8 +150,14 @@ class MAMLConv(nn.Module):
         torch.Size([2, 20])
     """
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, out_features: int | None = 5,
-                 channels_last: bool = False, precision: str = "float32") -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        hidden: int = 64,
+        out_features: int | None = 5,
+        channels_last: bool = False,
+        precision: str = "float32",
+    ) -> None:
         super().__init__()
         _check("MAMLConv", in_channels, hidden, out_features)
         _check_precision("MAMLConv", precision)

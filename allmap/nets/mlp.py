@@ -26,8 +26,9 @@ class MLP(nn.Module):
         torch.Size([5, 1])
     """
 
-    def __init__(self, sizes: Sequence[int], activation: str = "relu", norm: str | None = None,
-                 init: str = "torch") -> None:
+    def __init__(
+        self, sizes: Sequence[int], activation: str = "relu", norm: str | None = None, init: str = "torch"
+    ) -> None:
         super().__init__()
         sizes = list(sizes)
         if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):

@@ -1,10 +1,23 @@
 """Where tasks come from."""
 
 from allmap.tasks.batch import TaskBatch
-from allmap.tasks.episodes import ClassImages, EpisodeStream, Episodes, gaussian_classes
+from allmap.tasks.episodes import ClassImages, Episodes, EpisodeStream, gaussian_classes
 from allmap.tasks.families import FAMILIES, LinearRegression, Logistic2D, Sinusoid, TaskFamily
 from allmap.tasks.imagefolder import ImageFolder
 from allmap.tasks.omniglot import Omniglot, load_omniglot
 
-__all__ = ["TaskBatch", "TaskFamily", "Sinusoid", "LinearRegression", "Logistic2D", "FAMILIES", "ClassImages",
-           "Episodes", "EpisodeStream", "gaussian_classes", "ImageFolder", "Omniglot", "load_omniglot"]
+__all__ = [
+    "TaskBatch",
+    "TaskFamily",
+    "Sinusoid",
+    "LinearRegression",
+    "Logistic2D",
+    "FAMILIES",
+    "ClassImages",
+    "Episodes",
+    "EpisodeStream",
+    "gaussian_classes",
+    "ImageFolder",
+    "Omniglot",
+    "load_omniglot",
+]

@@ -110,6 +110,9 @@ class TaskBatch:
             return t.to(device=device)
 
         return TaskBatch(
-            move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y),
+            move(self.support_x),
+            move(self.support_y),
+            move(self.query_x),
+            move(self.query_y),
             {k: move(v) for k, v in self.info.items()},
         )

@@ -28,8 +28,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["default_cache_dir", "cache_limit", "files_digest", "load_entry", "store_entry", "evict",
-           "DEFAULT_LIMIT", "PREFIXES"]
+__all__ = [
+    "default_cache_dir",
+    "cache_limit",
+    "files_digest",
+    "load_entry",
+    "store_entry",
+    "evict",
+    "DEFAULT_LIMIT",
+    "PREFIXES",
+]
 
 #: the default bound of the cache, in bytes (2 GiB).
 DEFAULT_LIMIT = 2 << 30
@@ -53,8 +61,10 @@ def cache_limit() -> int:
         return DEFAULT_LIMIT
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", raw, flags=re.IGNORECASE)
     if match is None:
-        raise ValueError(f"ALLMAP_CACHE_LIMIT: expected a size in bytes such as 2000000000, 500M or 2G (0 turns the "
-                         f"disk cache off), got {raw!r}.")
+        raise ValueError(
+            f"ALLMAP_CACHE_LIMIT: expected a size in bytes such as 2000000000, 500M or 2G (0 turns the "
+            f"disk cache off), got {raw!r}."
+        )
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 

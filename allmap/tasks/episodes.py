@@ -29,7 +29,16 @@ from torch import Tensor
 from allmap.checks import check_int
 from allmap.tasks.batch import TaskBatch
 
-__all__ = ["ClassImages", "Episodes", "EpisodeStream", "gaussian_classes", "translate", "translations", "warp", "affine"]
+__all__ = [
+    "ClassImages",
+    "Episodes",
+    "EpisodeStream",
+    "gaussian_classes",
+    "translate",
+    "translations",
+    "warp",
+    "affine",
+]
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
@@ -52,7 +61,9 @@ def translations(x: Tensor, radius: int) -> list[Tensor]:
     ``[-radius, radius]^2`` pixels, zero filled, the unmoved copy first (views of one padded tensor)."""
     h, w = x.shape[-2:]
     padded = torch.nn.functional.pad(x, (radius, radius, radius, radius))
-    offsets = [(0, 0)] + [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if dy or dx]
+    offsets = [(0, 0)] + [
+        (dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if dy or dx
+    ]
     return [padded[..., radius + dy : radius + dy + h, radius + dx : radius + dx + w] for dy, dx in offsets]
 
 
@@ -112,8 +123,12 @@ class ClassImages:
                 f"{list(images.shape)}."
             )
         c, k = images.shape[:2]
-        return cls(images.reshape(c * k, *images.shape[2:]), torch.full((c,), k, dtype=torch.long), group,
-                   None if names is None else tuple(names))
+        return cls(
+            images.reshape(c * k, *images.shape[2:]),
+            torch.full((c,), k, dtype=torch.long),
+            group,
+            None if names is None else tuple(names),
+        )
 
     @property
     def classes(self) -> int:
@@ -183,13 +198,17 @@ class Episodes:
         self.rotations = rotations
         self.within_group = bool(within_group)
         if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < min(h, w):
-            raise ValueError(f"Episodes: expected shift (random translation in pixels) to be an integer in "
-                             f"[0, {min(h, w) - 1}], got {shift!r}.")
+            raise ValueError(
+                f"Episodes: expected shift (random translation in pixels) to be an integer in "
+                f"[0, {min(h, w) - 1}], got {shift!r}."
+            )
         self.shift = shift
         for name, value, top in (("rotate", rotate, 180.0), ("scale", scale, 1.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < top:
-                raise ValueError(f"Episodes: expected {name} (random {'angle in degrees' if top > 1 else 'zoom'} "
-                                 f"augmentation) to be a number in [0, {top:g}), got {value!r}.")
+                raise ValueError(
+                    f"Episodes: expected {name} (random {'angle in degrees' if top > 1 else 'zoom'} "
+                    f"augmentation) to be a number in [0, {top:g}), got {value!r}."
+                )
         self.rotate, self.scale = float(rotate), float(scale)
         need = self.shots + self.queries
         small = torch.nonzero(data.counts < need).flatten()
@@ -323,5 +342,8 @@ def gaussian_classes(
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(classes, 1, *shape, generator=g)
     x = mu + noise * torch.randn(classes, per_class, *shape, generator=g)
-    return ClassImages(x.reshape(classes * per_class, *shape), torch.full((classes,), per_class, dtype=torch.long),
-                       group=torch.arange(classes) % 4)
+    return ClassImages(
+        x.reshape(classes * per_class, *shape),
+        torch.full((classes,), per_class, dtype=torch.long),
+        group=torch.arange(classes) % 4,
+    )

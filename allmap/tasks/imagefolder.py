@@ -33,8 +33,15 @@ import torch
 from allmap.tasks.cache import default_cache_dir, files_digest, load_entry, store_entry
 from allmap.tasks.episodes import ClassImages, Episodes
 
-__all__ = ["load_image_folder", "ImageFolder", "IMAGE_SUFFIXES", "PHASES", "SPLIT_FRACTIONS", "split_classes",
-           "folder_layout"]
+__all__ = [
+    "load_image_folder",
+    "ImageFolder",
+    "IMAGE_SUFFIXES",
+    "PHASES",
+    "SPLIT_FRACTIONS",
+    "split_classes",
+    "folder_layout",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 #: the phases a run reads: training, validation and test classes.
@@ -74,8 +81,9 @@ def folder_layout(root: str | os.PathLike) -> str:
     return "flat"
 
 
-def split_classes(names: Sequence[str], seed: int = 0,
-                  fractions: Sequence[float] = SPLIT_FRACTIONS) -> dict[str, tuple[str, ...]]:
+def split_classes(
+    names: Sequence[str], seed: int = 0, fractions: Sequence[float] = SPLIT_FRACTIONS
+) -> dict[str, tuple[str, ...]]:
     """The classes of a flat folder for each phase: ``sorted(names)`` in the order of NumPy's legacy
     ``RandomState(seed).permutation`` (a stream NumPy keeps stable across versions); the last
     ``round(fractions[2] * n)`` are the test classes, the ``round(fractions[1] * n)`` before them the
@@ -87,18 +95,24 @@ def split_classes(names: Sequence[str], seed: int = 0,
     """
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or not all(0 < f < 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"image folder: expected split_fractions to be three shares of the classes (train, val, "
-                         f"test), each in (0, 1), adding up to 1, such as {list(SPLIT_FRACTIONS)}; got {list(fractions)}.")
+        raise ValueError(
+            f"image folder: expected split_fractions to be three shares of the classes (train, val, "
+            f"test), each in (0, 1), adding up to 1, such as {list(SPLIT_FRACTIONS)}; got {list(fractions)}."
+        )
     ordered = sorted(names)
     n = len(ordered)
     n_val, n_test = (max(1, math.floor(f * n + 0.5)) for f in fractions[1:])
     if n - n_val - n_test < 1:
-        raise ValueError(f"image folder: a flat folder needs at least 3 classes to split between train, val and "
-                         f"test; it has {n}.")
+        raise ValueError(
+            f"image folder: a flat folder needs at least 3 classes to split between train, val and test; it has {n}."
+        )
     shuffled = [ordered[i] for i in np.random.RandomState(seed).permutation(n)]
     n_train = n - n_val - n_test
-    return {"train": tuple(shuffled[:n_train]), "val": tuple(shuffled[n_train : n_train + n_val]),
-            "test": tuple(shuffled[n_train + n_val :])}
+    return {
+        "train": tuple(shuffled[:n_train]),
+        "val": tuple(shuffled[n_train : n_train + n_val]),
+        "test": tuple(shuffled[n_train + n_val :]),
+    }
 
 
 def _missing_phase(root: Path, split: str, layout: str) -> ValueError:
@@ -188,9 +202,15 @@ def _select(data: ClassImages, names: Sequence[str]) -> ClassImages:
     return ClassImages(data.images[rows], data.counts[keep], names=tuple(n for n in data.names if n in wanted))
 
 
-def _load(root: str | os.PathLike, split: str | None, size: int | None, channels: int,
-          cache_dir: str | os.PathLike | None, split_seed: int,
-          split_fractions: Sequence[float]) -> tuple[ClassImages, str]:
+def _load(
+    root: str | os.PathLike,
+    split: str | None,
+    size: int | None,
+    channels: int,
+    cache_dir: str | os.PathLike | None,
+    split_seed: int,
+    split_fractions: Sequence[float],
+) -> tuple[ClassImages, str]:
     """The classes of ``split`` (see :func:`load_image_folder`) and where they came from, in words."""
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -203,22 +223,27 @@ def _load(root: str | os.PathLike, split: str | None, size: int | None, channels
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     layout = folder_layout(root)
     if split is not None and (root / f"{split}.csv").is_file():
-        return _decode_classes(_list_csv(root / f"{split}.csv", root / "images"), size, channels, cache), \
-            f"{root / split}.csv"
+        return _decode_classes(
+            _list_csv(root / f"{split}.csv", root / "images"), size, channels, cache
+        ), f"{root / split}.csv"
     if split is not None and (root / split).is_dir() and _visible(root / split):
         return _decode_classes(_list_folder(root / split), size, channels, cache), f"{root / split}/"
     if split in PHASES and layout != "flat":
         raise _missing_phase(root, split, layout)
     if split is not None and split not in PHASES:
-        raise ValueError(f"image folder: {root} has no {split}/ folder nor {split}.csv; expected a phase "
-                         f"({', '.join(PHASES)}) or the name of a sub-folder or CSV file of {root}.")
+        raise ValueError(
+            f"image folder: {root} has no {split}/ folder nor {split}.csv; expected a phase "
+            f"({', '.join(PHASES)}) or the name of a sub-folder or CSV file of {root}."
+        )
     data = _decode_classes(_list_folder(root), size, channels, cache)
     if split is None:
         return data, f"{root} (all classes)"
     chosen = split_classes(data.names, split_seed, split_fractions)[split]
     shares = "/".join(f"{100 * f:g}" for f in split_fractions)
-    return _select(data, chosen), (f"{root}, {split} classes of a flat folder: {len(chosen)} of {data.classes}, "
-                                   f"sorted class names shuffled with seed {split_seed}, {shares}% train/val/test")
+    return _select(data, chosen), (
+        f"{root}, {split} classes of a flat folder: {len(chosen)} of {data.classes}, "
+        f"sorted class names shuffled with seed {split_seed}, {shares}% train/val/test"
+    )
 
 
 def load_image_folder(

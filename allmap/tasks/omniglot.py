@@ -57,8 +57,15 @@ from allmap.tasks.cache import default_cache_dir, files_digest, load_entry, stor
 from allmap.tasks.episodes import ClassImages, Episodes
 
 __all__ = [
-    "Omniglot", "OmniglotData", "load_omniglot", "SPLITS", "SHUFFLED_SPLITS", "PROTOCOLS", "default_cache_dir",
-    "preprocess", "shuffled_order",
+    "Omniglot",
+    "OmniglotData",
+    "load_omniglot",
+    "SPLITS",
+    "SHUFFLED_SPLITS",
+    "PROTOCOLS",
+    "default_cache_dir",
+    "preprocess",
+    "shuffled_order",
 ]
 
 SETS = ("background", "evaluation")
@@ -243,7 +250,9 @@ def _read_npz(path: Path, which: str) -> tuple[np.ndarray, np.ndarray]:
             f"Omniglot: {path} holds images of shape {list(images.shape)} ({images.dtype}); expected bool "
             f"[{count}, {DRAWINGS}, {RAW_SIZE}, {RAW_SIZE}]. Is it a partial or different file?"
         )
-    if labels.shape != (count, DRAWINGS) or not np.array_equal(labels, np.repeat(np.arange(count)[:, None], DRAWINGS, 1)):
+    if labels.shape != (count, DRAWINGS) or not np.array_equal(
+        labels, np.repeat(np.arange(count)[:, None], DRAWINGS, 1)
+    ):
         raise ValueError(f"Omniglot: {path}: labels must be the row index repeated, [{count}, {DRAWINGS}].")
     return images, np.arange(first, first + count)
 
@@ -302,8 +311,7 @@ def _read_release(path: Path, which: str, complete: bool) -> tuple[np.ndarray, n
         match = _PNG.match(parts[-1])
         if len(parts) < 3 or not match or not parts[-2].startswith("character"):
             raise ValueError(
-                f"Omniglot: unexpected file {path}/{key}; the official layout is "
-                "Alphabet/characterNN/NNNN_DD.png."
+                f"Omniglot: unexpected file {path}/{key}; the official layout is Alphabet/characterNN/NNNN_DD.png."
             )
         char_dir = "/".join(parts[-3:-1])
         number, drawing = int(match.group(1)), int(match.group(2))
@@ -404,7 +412,9 @@ def load_omniglot(
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"load_omniglot: expected size to be a positive integer, got {size!r}.")
     if resize not in RESIZE_FILTERS:
-        raise ValueError(f"load_omniglot: unknown resize filter {resize!r}; expected one of {', '.join(RESIZE_FILTERS)}.")
+        raise ValueError(
+            f"load_omniglot: unknown resize filter {resize!r}; expected one of {', '.join(RESIZE_FILTERS)}."
+        )
     kind, files = _sources(root)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_file = cache / f"omniglot-{_cache_key(kind, files, size, complete, resize, cache)}.pt"
@@ -434,8 +444,10 @@ def load_omniglot(
         torch.tensor([alphabets.index(n) for n in names], dtype=torch.long),
         alphabets,
     )
-    store_entry(cache_file, {"images": data.images, "numbers": data.numbers, "alphabet": data.alphabet,
-                             "alphabets": list(alphabets)})
+    store_entry(
+        cache_file,
+        {"images": data.images, "numbers": data.numbers, "alphabet": data.alphabet, "alphabets": list(alphabets)},
+    )
     return data
 
 
@@ -530,8 +542,17 @@ class Omniglot(Episodes):
         # standard, lake and shuffled validate on characters of their training side, by design: that tracks
         # fitting, and a run may start with it (any other overlap with the training classes is refused)
         self.overlaps_training = split == "val" and _members(name) <= _members(PROTOCOLS[protocol]["train"])
-        super().__init__(data.classes(), ways, shots, queries, rotations, within_group=within_alphabet, shift=shift,
-                         rotate=rotate, scale=scale)
+        super().__init__(
+            data.classes(),
+            ways,
+            shots,
+            queries,
+            rotations,
+            within_group=within_alphabet,
+            shift=shift,
+            rotate=rotate,
+            scale=scale,
+        )
 
     def describe(self) -> str:
         """The protocol in words, written next to every reported number."""

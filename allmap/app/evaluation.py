@@ -1,0 +1,54 @@
+"""The one test-evaluation pipeline of a run, used by the trainer at the end of training and by
+``allmap eval``: the fixed test tasks of the config's protocol, scored (sharded under torchrun), with the
+line that names the protocol and the record's status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from allmap.app.build import build_family, check_disjoint
+from allmap.app.distributed import Dist, current, evaluate_sharded
+from allmap.app.progress import TaskProgress
+from allmap.app.runs import results_record
+from allmap.engine.evaluate import fixed_tasks
+from allmap.learners.base import Learner
+
+__all__ = ["evaluate_run", "protocol"]
+
+
+def protocol(config: dict[str, Any], family: Any, n: int) -> str:
+    """One line naming what the numbers are: family, shots, queries, number of tasks and seed."""
+    task = config["task"]
+    ways = f"{family.ways}-way " if hasattr(family, "ways") else ""
+    detail = f" ({family.describe()})" if callable(getattr(family, "describe", None)) else ""
+    shift = config["learner"].get("test_shift")
+    shifts = f", embeddings averaged over test-time shifts of up to {shift} px" if shift else ""
+    return (
+        f"{task['family']} {ways}{family.shots}-shot, {family.queries} queries per task{detail}{shifts}, {n} fixed "
+        f"test tasks (seed {config['eval']['seed']}); mean ± 95% CI (1.96·std/sqrt(n))"
+    )
+
+
+def evaluate_run(
+    learner: Learner,
+    config: dict[str, Any],
+    trained: dict[str, Any] | None = None,
+    ctx: Dist | None = None,
+    progress: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """``(test family, record)`` of ``learner`` on the test protocol of ``config``.
+
+    ``record`` is :func:`~allmap.app.runs.results_record`'s: ``status`` ("ok", or "failed" with the reason
+    when a metric is NaN or infinite), ``protocol`` and ``metrics`` (mean ± 95% CI). With ``trained`` (the
+    config the weights were trained with, when ``config`` is another protocol) the test classes must not
+    overlap its training classes. ``progress``: a bar counting test tasks on rank 0's stderr.
+    """
+    ctx = current() if ctx is None else ctx
+    family = build_family(config, "test")
+    if trained is not None:
+        check_disjoint(build_family(trained, "train"), family)
+    ev = config["eval"]
+    tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
+    with TaskProgress("test", enabled=progress and ctx.is_main, total=len(tasks)) as bar:
+        results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx, progress=bar)
+    return family, results_record(protocol(config, family, len(tasks)), results)
