@@ -26,7 +26,7 @@ from allmap.inner.optim import InnerOptimizer, Params
 from allmap.learners.base import Learner, LossFn, TaskModel, functional_forward, use_batch_statistics
 from allmap.learners.updates import InnerUpdate
 
-__all__ = ["GradientLearner", "adapted_names", "check_steps"]
+__all__ = ["GradientLearner", "adapted_names", "check_steps", "first_order_strategy"]
 
 
 def check_steps(owner: str, inner_steps: Any, minimum: int = 0) -> int:
@@ -47,6 +47,16 @@ def adapted_names(owner: str, model: nn.Module, adapt_only: str | Sequence[str] 
             f"{owner}: no parameter of the model matches {prefixes}; the model's top-level parameter groups are {top}."
         )
     return chosen
+
+
+def first_order_strategy(
+    owner: str, first_order: bool, hypergrad: str | Mapping[str, Any] | Strategy | None
+) -> Strategy:
+    """The strategy of ``first_order`` and ``hypergrad`` together: ``first_order=True`` is ``"first_order"``."""
+    strategy = resolve(hypergrad, default="first_order" if first_order else "unrolled")
+    if first_order and strategy.name != "first_order":
+        raise ValueError(f"{owner}: first_order=True contradicts hypergrad={strategy!r}; pass only one of them.")
+    return strategy
 
 
 class GradientLearner(Learner):

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from allmap.hypergrad import Strategy
 from allmap.inner.optim import Params
 from allmap.learners.base import LossFn
-from allmap.learners.gradient import GradientLearner
-from allmap.learners.maml import _update, first_order_strategy
+from allmap.learners.gradient import GradientLearner, first_order_strategy
+from allmap.learners.updates import descent
 
 __all__ = ["HyperNetwork"]
 
@@ -79,7 +79,7 @@ class HyperNetwork(GradientLearner):
         owner = type(self).__name__
         super().__init__(
             model,
-            _update(owner, "sgd", inner_lr),
+            descent(owner, "sgd", inner_lr),
             inner_steps=inner_steps,
             loss=loss,
             adapt_only=generate,

@@ -24,7 +24,7 @@ from allmap.hypergrad import Implicit
 from allmap.inner.optim import Params
 from allmap.learners.base import LossFn, functional_forward
 from allmap.learners.gradient import GradientLearner
-from allmap.learners.maml import _update
+from allmap.learners.updates import descent
 
 __all__ = ["IMAML"]
 
@@ -85,7 +85,7 @@ class IMAML(GradientLearner):
         )
         super().__init__(
             model,
-            _update(type(self).__name__, inner_optimizer, inner_lr),
+            descent(type(self).__name__, inner_optimizer, inner_lr),
             inner_steps=inner_steps,
             loss=loss,
             adapt_only=adapt_only,

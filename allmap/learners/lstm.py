@@ -13,9 +13,8 @@ from torch import nn
 
 from allmap.hypergrad import Strategy
 from allmap.learners.base import LossFn
-from allmap.learners.gradient import GradientLearner
-from allmap.learners.maml import _rate, first_order_strategy
-from allmap.learners.updates import LSTMUpdate, preprocess
+from allmap.learners.gradient import GradientLearner, first_order_strategy
+from allmap.learners.updates import LSTMUpdate, preprocess, step_size
 
 __all__ = ["LSTMMetaLearner", "preprocess"]
 
@@ -57,7 +56,7 @@ class LSTMMetaLearner(GradientLearner):
         owner = type(self).__name__
         super().__init__(
             model,
-            LSTMUpdate(hidden, _rate(owner, inner_lr), forget_bias),
+            LSTMUpdate(hidden, step_size(owner, inner_lr), forget_bias),
             inner_steps=inner_steps,
             loss=loss,
             adapt_only=adapt_only,

@@ -10,28 +10,17 @@ shared across tasks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from allmap.hypergrad import Strategy, resolve
+from allmap.hypergrad import Strategy
 from allmap.learners.base import LossFn
-from allmap.learners.gradient import GradientLearner
+from allmap.learners.gradient import GradientLearner, first_order_strategy
 from allmap.learners.updates import descent
 
-__all__ = ["MAML", "ANIL", "first_order_strategy"]
-
-
-def first_order_strategy(
-    owner: str, first_order: bool, hypergrad: str | Mapping[str, Any] | Strategy | None
-) -> Strategy:
-    """The strategy of ``first_order`` and ``hypergrad`` together: ``first_order=True`` is ``"first_order"``."""
-    strategy = resolve(hypergrad, default="first_order" if first_order else "unrolled")
-    if first_order and strategy.name != "first_order":
-        raise ValueError(f"{owner}: first_order=True contradicts hypergrad={strategy!r}; pass only one of them.")
-    return strategy
+__all__ = ["MAML", "ANIL"]
 
 
 class MAML(GradientLearner):
@@ -76,7 +65,7 @@ class MAML(GradientLearner):
         owner = type(self).__name__
         super().__init__(
             model,
-            _update(owner, inner_optimizer, inner_lr),
+            descent(owner, inner_optimizer, inner_lr),
             inner_steps=inner_steps,
             loss=loss,
             adapt_only=adapt_only,
@@ -84,27 +73,6 @@ class MAML(GradientLearner):
             vectorize=vectorize,
         )
         self.inner_optimizer = inner_optimizer
-
-
-def _update(owner: str, inner_optimizer: str, inner_lr: float, betas: tuple[float, float] = (0.9, 0.999)):
-    try:
-        return descent(inner_optimizer, _rate(owner, inner_lr), betas)
-    except ValueError as err:
-        raise ValueError(f"{owner}: {err}") from None
-
-
-def _rate(owner: str, inner_lr: Any) -> float:
-    """``inner_lr`` as a finite number >= 0, or a clear error naming the option."""
-    try:
-        rate = float(inner_lr)
-    except (TypeError, ValueError, RuntimeError):
-        rate = float("nan")
-    if isinstance(inner_lr, bool) or not math.isfinite(rate) or rate < 0:
-        raise ValueError(
-            f"{owner}: inner_lr must be a finite number >= 0 (the inner step size; 0 keeps theta), got "
-            f"{inner_lr!r}. A negative step climbs the support loss instead of lowering it."
-        )
-    return rate
 
 
 class ANIL(GradientLearner):
@@ -130,7 +98,7 @@ class ANIL(GradientLearner):
         owner = type(self).__name__
         super().__init__(
             model,
-            _update(owner, inner_optimizer, inner_lr),
+            descent(owner, inner_optimizer, inner_lr),
             inner_steps=inner_steps,
             loss=loss,
             adapt_only=head,

@@ -14,9 +14,8 @@ from torch import nn
 
 from allmap.hypergrad import Strategy
 from allmap.learners.base import LossFn
-from allmap.learners.gradient import GradientLearner
-from allmap.learners.maml import _rate, first_order_strategy
-from allmap.learners.updates import LearnedRates
+from allmap.learners.gradient import GradientLearner, first_order_strategy
+from allmap.learners.updates import LearnedRates, step_size
 
 __all__ = ["MetaSGD"]
 
@@ -49,7 +48,7 @@ class MetaSGD(GradientLearner):
         owner = type(self).__name__
         super().__init__(
             model,
-            LearnedRates(_rate(owner, inner_lr)),
+            LearnedRates(step_size(owner, inner_lr)),
             inner_steps=inner_steps,
             loss=loss,
             adapt_only=adapt_only,

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from allmap.inner.loop import gradient_descent, stop_gradient
 from allmap.learners.base import LossFn, functional_forward
 from allmap.learners.gradient import GradientLearner
-from allmap.learners.maml import _update
+from allmap.learners.updates import descent
 
 __all__ = ["Reptile"]
 
@@ -52,7 +52,7 @@ class Reptile(GradientLearner):
         adapt_only: Sequence[str] | None = None,
         vectorize: bool | None = None,
     ) -> None:
-        update = _update(type(self).__name__, inner_optimizer, inner_lr, betas=(0.0, 0.999))
+        update = descent(type(self).__name__, inner_optimizer, inner_lr, betas=(0.0, 0.999))
         super().__init__(
             model,
             update,

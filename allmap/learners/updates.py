@@ -9,6 +9,7 @@ meta-trained with the rest of the learner) that builds a pure inner optimizer
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,7 @@ from allmap.checks import check_int
 from allmap.hypergrad import STRATEGIES
 from allmap.inner.optim import InnerOptimizer, Params, adam, sgd
 
-__all__ = ["InnerUpdate", "SGD", "Adam", "LearnedRates", "LSTMUpdate", "descent", "preprocess"]
+__all__ = ["InnerUpdate", "SGD", "Adam", "LearnedRates", "LSTMUpdate", "descent", "step_size", "preprocess"]
 
 
 class InnerUpdate(nn.Module):
@@ -70,13 +71,27 @@ class Adam(InnerUpdate):
         return f"lr={self.lr}, betas={self.betas}"
 
 
-def descent(name: str, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> InnerUpdate:
-    """The update named by a learner's ``inner_optimizer`` argument: ``"sgd"`` or ``"adam"``."""
-    if name == "sgd":
-        return SGD(lr)
-    if name == "adam":
-        return Adam(lr, betas)
-    raise ValueError(f"unknown inner_optimizer {name!r}; expected one of sgd, adam.")
+def step_size(owner: str, inner_lr: Any) -> float:
+    """``inner_lr`` as a finite number >= 0, or a clear error naming ``owner``'s option."""
+    try:
+        rate = float(inner_lr)
+    except (TypeError, ValueError, RuntimeError):
+        rate = float("nan")
+    if isinstance(inner_lr, bool) or not math.isfinite(rate) or rate < 0:
+        raise ValueError(
+            f"{owner}: inner_lr must be a finite number >= 0 (the inner step size; 0 keeps theta), got "
+            f"{inner_lr!r}. A negative step climbs the support loss instead of lowering it."
+        )
+    return rate
+
+
+def descent(owner: str, name: str, inner_lr: Any, betas: tuple[float, float] = (0.9, 0.999)) -> InnerUpdate:
+    """The update named by ``owner``'s ``inner_optimizer`` argument, ``"sgd"`` or ``"adam"``, with step
+    size ``inner_lr`` (checked by :func:`step_size`)."""
+    if name not in ("sgd", "adam"):
+        raise ValueError(f"{owner}: unknown inner_optimizer {name!r}; expected one of sgd, adam.")
+    lr = step_size(owner, inner_lr)
+    return SGD(lr) if name == "sgd" else Adam(lr, betas)
 
 
 def _key(name: str) -> str:
