@@ -513,7 +513,7 @@ def table(results: dict[str, list[dict]], ws: dict[str, Workload]) -> str:
                 f"| {name} | {r['impl']} | {r['tasks_per_s']:.1f} | {r['seconds']:.3f} | {peak} | {ratio} "
                 f"| {mem} | {diff} | {err} | {'; '.join(n for n in notes if n)} |"
             )
-    for name, rows in results.items():  # the compiled path against learn2learn (issue 5's sinusoid target)
+    for name, rows in results.items():  # the compiled path against learn2learn, amortised over a long run
         by = {r["impl"]: r for r in rows if "tasks_per_s" in r}
         if "allmap+compile" in by and "learn2learn" in by:
             c, l2l = by["allmap+compile"], by["learn2learn"]["tasks_per_s"]

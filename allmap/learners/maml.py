@@ -75,8 +75,9 @@ class MAML(GradientLearner):
         self.inner_optimizer = inner_optimizer
 
 
-class ANIL(GradientLearner):
-    """ANIL: MAML that adapts only the head (parameters under the module named ``head``).
+class ANIL(MAML):
+    """ANIL: MAML that adapts only the head (parameters under the module named ``head``); MAML's
+    configuration with ``adapt_only=head``.
 
     Raghu et al., "Rapid Learning or Feature Reuse?", ICLR 2020. Update rule: ``w' = w - inner_lr *
     grad_w L_support(body, w)`` for the head ``w``; the body is meta-learned through the query loss only.
@@ -95,15 +96,15 @@ class ANIL(GradientLearner):
         vectorize: bool | None = None,
         hypergrad: str | Mapping[str, Any] | Strategy | None = None,
     ) -> None:
-        owner = type(self).__name__
         super().__init__(
             model,
-            descent(owner, inner_optimizer, inner_lr),
+            inner_lr=inner_lr,
             inner_steps=inner_steps,
+            first_order=first_order,
             loss=loss,
+            inner_optimizer=inner_optimizer,
             adapt_only=head,
-            hypergrad=first_order_strategy(owner, first_order, hypergrad),
             vectorize=vectorize,
+            hypergrad=hypergrad,
         )
         self.head = head
-        self.inner_optimizer = inner_optimizer
