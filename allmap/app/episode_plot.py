@@ -97,7 +97,7 @@ def plot_episode(
     for spine in ax.spines.values():
         spine.set_visible(False)
     acc = float((pred == qy).float().mean())
-    after = f" after {steps[-1]} step{'s' * (steps[-1] != 1)}" if getattr(learner, "adapts_in_steps", False) else ""
+    after = f" after {steps[-1]} step{'s' * (steps[-1] != 1)}" if learner.spec.adapts_in_steps else ""
     ax.set_title(
         f"episode {i}: {ways}-way {shots}-shot, {100 * acc:.0f}% of {len(qy)} queries right{after}", fontsize=9
     )
