@@ -102,8 +102,9 @@ class Learner(nn.Module):
     per_task_loss: ClassVar[bool] = True
     #: what class labels index: ``"outputs"`` of the model, or the ``"support"`` set's classes.
     labels: ClassVar[str] = "outputs"
-    #: the meta-gradient strategies this learner accepts (names of :mod:`allmap.hypergrad`).
-    strategies: ClassVar[tuple[str, ...]] = ()
+    #: the meta-gradient strategies this learner accepts (names of :mod:`allmap.hypergrad`); gradient-based
+    #: learners set it from their inner update
+    strategies: tuple[str, ...] = ()
     #: the strategy in use, for learners that adapt through inner steps
     hypergrad: Strategy | None = None
     #: the default number of inner steps, for learners that adapt in steps
