@@ -288,6 +288,25 @@ def _signature(args: tuple[Tensor, ...]) -> tuple:
     return tuple((tuple(a.shape), a.dtype, a.device) for a in args) + (torch.is_grad_enabled(),)
 
 
+def _compile_failed(learner: Any, err: Exception, stacklevel: int) -> None:
+    """Record a compiler failure in ``learner.execution_stats`` and warn once: the learner runs eagerly from
+    now on (the same function, so the same results)."""
+    stats = learner.execution_stats
+    stats["compile_failed"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    warnings.warn(
+        f"{type(learner).__name__}: torch.compile failed ({stats['compile_failed']}); running eagerly from now on "
+        "(same results, no speed-up).",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def _count_compile(stats: dict, start: float) -> None:
+    """Add one compilation, begun at ``start`` (``time.perf_counter``), to ``execution_stats``."""
+    stats["compile_seconds"] = stats.get("compile_seconds", 0.0) + time.perf_counter() - start
+    stats["compiles"] = stats.get("compiles", 0) + 1
+
+
 def _run_chunk(learner: Any, p: Plan, args: tuple[Tensor, ...]) -> Tensor:
     fn = _chunk_fn(learner, p)
     if not p.compile or learner.execution_stats.get("compile_failed"):
@@ -301,18 +320,10 @@ def _run_chunk(learner: Any, p: Plan, args: tuple[Tensor, ...]) -> Tensor:
     try:
         out = fn(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the identical eager path
-        stats["compile_failed"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        warnings.warn(
-            f"{type(learner).__name__}: torch.compile failed ({stats['compile_failed']}); running eagerly from "
-            "now on (same results, no speed-up).",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        _compile_failed(learner, err, stacklevel=5)
         return _eager_fn(learner, p.vmap)(*args)
     seen.add(key)
-    # the first call with new shapes compiles (its time includes one run of the chunk)
-    stats["compile_seconds"] = stats.get("compile_seconds", 0.0) + time.perf_counter() - start
-    stats["compiles"] = stats.get("compiles", 0) + 1
+    _count_compile(stats, start)  # the first call with new shapes compiles (its time includes one run)
     return out
 
 
@@ -374,18 +385,11 @@ def compiled_meta_gradient(learner: Any, p: Plan, args: tuple[Tensor, ...], scal
     try:
         grads, loss = fn(params, frozen, *args)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the identical eager path
-        stats["compile_failed"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        warnings.warn(
-            f"{type(learner).__name__}: torch.compile failed ({stats['compile_failed']}); running eagerly "
-            "from now on (same results, no speed-up).",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _compile_failed(learner, err, stacklevel=4)
         return None
     if key not in seen:
         seen.add(key)
-        stats["compile_seconds"] = stats.get("compile_seconds", 0.0) + time.perf_counter() - start
-        stats["compiles"] = stats.get("compiles", 0) + 1
+        _count_compile(stats, start)
     with torch.no_grad():
         for name, t in named:
             if name in grads:
