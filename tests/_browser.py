@@ -184,7 +184,10 @@ class Chromium:
         """The value of a JavaScript expression in the page (JSON-serialisable results)."""
         res = self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True, awaitPromise=True)
         if "exceptionDetails" in res:
-            raise RuntimeError(f"{expression[:80]}: {res['exceptionDetails'].get('text')}")
+            details = res["exceptionDetails"]
+            raise RuntimeError(
+                f"{expression[:80]}: {details.get('exception', {}).get('description') or details.get('text')}"
+            )
         return res["result"].get("value")
 
     def click(self, selector: str) -> None:
