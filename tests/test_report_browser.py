@@ -138,3 +138,16 @@ def test_a_screenshot_is_written(page, tmp_path):
         colours = img.convert("RGB").resize((64, 256)).getcolors(64 * 256)
     assert width == 1280 and height > 2000  # the whole page
     assert colours is not None and len(colours) > 20  # drawn, not blank
+
+
+def test_render_benchmark_runs(page, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import report_render
+
+    _, runs, _ = page
+    assert report_render.main([str(runs["maml"]), "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("report of 1 runs") and lines[-1].startswith("navigate -> load event (driver)")
+    assert float(lines[-1].split()[-1]) > 0

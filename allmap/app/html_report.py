@@ -59,6 +59,7 @@ svg text{font-size:11px;fill:#555}svg .axis-label{font-size:12px;fill:#222}
 .legend button{border:1px solid #ccc;background:#fff;margin:2px 4px 0 0;padding:1px 7px;cursor:pointer;font:12px system-ui}
 .legend button.off{opacity:.35}.swatch{display:inline-block;width:14px;height:3px;margin:0 5px 3px 0;vertical-align:middle}
 .series.off{display:none}img.figure{max-width:100%;height:auto;display:block}
+.figures figure{margin:0 0 14px;width:fit-content;max-width:100%}
 pre{background:#fff;border:1px solid #e2e2e2;padding:8px;overflow:auto;font-size:12px}
 dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:6px 0}dl.meta dt{color:#666}
 dl.meta dd{margin:0}
@@ -315,7 +316,7 @@ def _figures(ids: _Ids, i: int, run: RunSummary, limit: int) -> str:
             f'<img class="figure" src="{src}" alt="{_e(fig.caption)}"><figcaption>{_e(fig.caption)}{_e(note)}'
             "</figcaption></figure>"
         )
-    return f'<div class="charts">{"".join(parts)}</div>' if parts else "<p>No figure files yet.</p>"
+    return f'<div class="figures">{"".join(parts)}</div>' if parts else "<p>No figure files yet.</p>"
 
 
 def _run_section(ids: _Ids, i: int, run: RunSummary, label: str, limit: int) -> str:
