@@ -230,3 +230,27 @@ def test_eval_takes_a_preset_with_weights(runs, tmp_path, capsys):
     assert "is a run folder, which has its own weights" in capsys.readouterr().err
     assert main(["eval", "sinusoid-maml", "--weights", str(tmp_path / "missing.pt")]) == 2
     assert re.search(r"--weights .*missing.pt' is not a file", capsys.readouterr().err)
+
+
+def test_tensorboard_of_a_resumed_run_continues_without_a_doubled_stretch(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from allmap.app import load_config, resume, train
+    from allmap.app.trainer import Interrupted
+
+    config = load_config("sinusoid-maml", [*TINY, "log.tensorboard=true", "log_every=2"])
+    out = tmp_path / "run"
+
+    def stop(iteration, learner):
+        if iteration == 7:  # after the checkpoint at 6 and a logged row at 6; the row of 8 never comes
+            raise Interrupted(15, iteration, out / "checkpoint.pt")
+
+    with pytest.raises(Interrupted):
+        train(config, out, progress=False, callback=stop)
+    resume(out, progress=False)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    rows = read_rows(out / "metrics.jsonl")
+    assert steps == [r["iteration"] for r in rows if "loss" in r] == [2, 4, 6, 8, 10, 12]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows if "loss" in r])

@@ -62,12 +62,14 @@ def require() -> type:
 
 
 class TensorBoardLog:
-    """A ``SummaryWriter`` on ``RUN_DIR/tensorboard``; ``start`` is the iteration training (re)starts at."""
+    """A ``SummaryWriter`` on ``RUN_DIR/tensorboard``; ``start`` is the iteration training (re)starts at: the
+    events logged after it by an earlier process (past the checkpoint resumed from) are purged, those at it
+    kept, as ``metrics.jsonl`` keeps its rows up to the checkpoint."""
 
     def __init__(self, run_dir: str | Path, start: int = 0) -> None:
         SummaryWriter = require()
         self.dir = Path(run_dir) / "tensorboard"
-        self.writer = SummaryWriter(str(self.dir), purge_step=start if start > 0 else None)
+        self.writer = SummaryWriter(str(self.dir), purge_step=start + 1 if start > 0 else None)
 
     def row(self, row: dict[str, Any]) -> None:
         """One row of the metrics log as scalars at its iteration."""
