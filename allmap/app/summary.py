@@ -85,7 +85,7 @@ class Figure:
 
 @dataclass
 class RunSummary:
-    """One run folder as it is now."""
+    """One run folder as it is now; ``config`` is its config.yaml as written (None if unreadable)."""
 
     path: Path
     config: dict[str, Any] | None
@@ -108,11 +108,11 @@ class RunSummary:
 
     @property
     def learner(self) -> str:
-        return str(self.config["learner"].get("name", "?")) if self.config else "?"
+        return _name(self.config, "learner", "name")
 
     @property
     def family(self) -> str:
-        return str(self.config["task"].get("family", "?")) if self.config else "?"
+        return _name(self.config, "task", "family")
 
     @property
     def protocol(self) -> str | None:
@@ -128,6 +128,12 @@ class RunSummary:
         if self.preset is None:
             return "own config"
         return self.preset + "".join(f" {c}" for c in self.changes)
+
+
+def _name(config: dict[str, Any] | None, section: str, key: str) -> str:
+    """The component a config section names (``learner.name``), or ``?`` where the config does not say."""
+    part = (config or {}).get(section)
+    return str(part[key]) if isinstance(part, dict) and key in part else "?"
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -285,7 +291,7 @@ def summarize(path: str | Path) -> RunSummary:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
         data = None
-    config = with_defaults(data) if isinstance(data, dict) else None
+    config = data if isinstance(data, dict) else None  # as written: no defaults shown as if the run set them
     rows = read_rows(run.metrics)
     results = _read_json(run.results)
     ck_iter, ck_elapsed = _checkpoint_progress(run.checkpoint)
