@@ -45,8 +45,9 @@ def _finite(v: float | None) -> bool:
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     """About ``n`` round tick values (1, 2 or 5 times a power of ten apart) covering ``[lo, hi]``."""
-    if hi <= lo:
-        lo, hi = lo - (abs(lo) or 1) * 0.5, hi + (abs(hi) or 1) * 0.5
+    if hi <= lo:  # one value: a narrow range around it
+        half = abs(lo) * 0.05 or 0.5
+        lo, hi = lo - half, hi + half
     raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
