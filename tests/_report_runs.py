@@ -54,6 +54,7 @@ def _new_family(path: Path) -> Path:
                 "metrics": {"target_loglik": _record(1.3646318, 0.0487), "coverage95": _record(0.97580303, 0.00466)},
             }
         },
+        "stream": {"forgetting": 0.1234567, "classes": 100, "order": [3, 1, 2]},
         "curves": {
             "accuracy_vs_classes": {
                 "title": "accuracy against classes seen",

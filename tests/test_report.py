@@ -141,6 +141,13 @@ def test_report_is_one_self_contained_file_with_every_number_traceable(runs, tmp
                     shown = [a for a in nums if a["data-run"] == str(i) and a["data-src"] == src]
                     assert shown, (key, src)
                     assert all(float(a["data-value"]) == record[field] for a in shown)
+    for key, record in (
+        ("np", ("stream", "forgetting")),
+        ("np", ("stream", "classes")),
+        ("failed", ("stopped_after_iteration",)),
+    ):
+        src = "results.json#/" + "/".join(record)
+        assert any(a["data-run"] == str(order.index(key)) and a["data-src"] == src for a in nums), src
     for a in nums:  # and each one's exact value is the file's
         run = runs[order[int(a["data-run"])]]
         assert float(a["data-value"]) == resolve_source(run, a["data-src"]), a
@@ -165,6 +172,7 @@ def test_report_is_one_self_contained_file_with_every_number_traceable(runs, tmp
         "run2-table1",
         "run2-family-curve-accuracy-vs-classes",
         "run2-fig-predictive-bands",
+        "run2-fields",
         "run3-status",
         "run4-reason",
     ):

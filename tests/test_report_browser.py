@@ -72,6 +72,7 @@ def test_key_figures_and_cells_are_visible(page):
         "run2-table1",
         "run2-family-curve-accuracy-vs-classes",
         "run2-fig-predictive-bands",
+        "run2-fields",
         "run3-status",
         "run4-reason",
     ]

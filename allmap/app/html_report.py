@@ -28,7 +28,16 @@ from typing import Any
 from allmap import __version__
 from allmap.app.report import format_number
 from allmap.app.runs_table import wall_time
-from allmap.app.summary import Figure, MetricTable, RunSummary, finite, step_curves, summarize
+from allmap.app.summary import (
+    Figure,
+    MetricTable,
+    RunSummary,
+    finite,
+    json_pointer,
+    other_numbers,
+    step_curves,
+    summarize,
+)
 from allmap.app.svg import PALETTE, Point, Series, line_chart
 
 __all__ = ["build_report", "write_report", "resolve_source", "run_labels", "MAX_IMAGE_BYTES"]
@@ -285,6 +294,20 @@ def _metric_table(ids: _Ids, i: int, t: int, table: MetricTable) -> str:
     )
 
 
+def _other_numbers(ids: _Ids, i: int, run: RunSummary) -> str:
+    """The numbers of results.json outside its tables (a family's own summary figures), one row each."""
+    found = other_numbers(run.results or {})
+    if not found:
+        return ""
+    tid = ids(f"run{i}", "fields")
+    rows = "".join(
+        f'<tr><th scope="row">{_e(" / ".join(path))}</th><td class="n">'
+        f"{_num(ids, path[-1], value, 'results.json#' + json_pointer(path), i, tid, *path)}</td></tr>"
+        for path, value in found
+    )
+    return f'<h3>other numbers in results.json</h3><table id="{tid}" class="metrics"><tbody>{rows}</tbody></table>'
+
+
 def _image(figure: Figure, limit: int) -> tuple[str, str]:
     """``(data URI, note)`` of a figure file; a PNG over ``limit`` bytes is shrunk until it fits."""
     data = figure.path.read_bytes()
@@ -335,6 +358,7 @@ def _run_section(ids: _Ids, i: int, run: RunSummary, label: str, limit: int) -> 
     tables = "".join(_metric_table(ids, i, t, table) for t, table in enumerate(run.tables))
     if not run.tables:
         tables = '<p class="warn">No final evaluation yet.</p>' if run.status != "failed" else ""
+    tables += _other_numbers(ids, i, run)
     charts = _learning_curves(ids, i, run) + _adaptation_curves(ids, i, run) + _curves_of_family(ids, i, run)
     charts_html = f'<div class="charts">{"".join(charts)}</div>' if charts else "<p>No logged metrics yet.</p>"
     return (

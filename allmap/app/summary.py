@@ -36,6 +36,8 @@ __all__ = [
     "FIGURE_SUFFIXES",
     "CAPTIONS",
     "finite",
+    "other_numbers",
+    "json_pointer",
 ]
 
 #: figure files a report embeds: every file with one of these suffixes in the run folder
@@ -71,8 +73,12 @@ class MetricTable:
 
     def pointer(self, metric: str, field_name: str) -> str:
         """The JSON pointer (RFC 6901) of one number of the table inside ``results.json``."""
-        parts = [*self.path, metric, field_name]
-        return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+        return json_pointer((*self.path, metric, field_name))
+
+
+def json_pointer(parts: tuple[str, ...] | list[str]) -> str:
+    """The JSON pointer (RFC 6901) of a path of keys: ``("metrics", "loss@0", "mean")`` -> ``/metrics/loss@0/mean``."""
+    return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
 @dataclass
@@ -178,6 +184,21 @@ def metric_tables(results: dict[str, Any], path: tuple[str, ...] = ()) -> list[M
         else:
             tables.extend(metric_tables(value, (*path, key)))
     return tables
+
+
+def other_numbers(results: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
+    """The numbers of ``results`` outside its evaluation tables and ``curves``: ``(path, value)`` of every
+    numeric leaf (``("stopped_after_iteration",)``, ``("continual", "forgetting")``), lists left out."""
+    out: list[tuple[tuple[str, ...], float]] = []
+    for key, value in results.items():
+        if not path and key == "curves":
+            continue
+        if isinstance(value, dict):
+            if not (value and all(_is_record(v) for v in value.values())):
+                out.extend(other_numbers(value, (*path, key)))
+        elif finite(value):
+            out.append(((*path, key), value))
+    return out
 
 
 def step_curves(metrics: dict[str, dict[str, Any]]) -> dict[str, list[tuple[int, str]]]:
