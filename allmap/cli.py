@@ -1,9 +1,12 @@
-"""The ``allmap`` command: train | eval | presets | show | plot.
+"""The ``allmap`` command: train | eval | report | runs | presets | show | plot.
 
     allmap train PRESET_OR_CONFIG_FILE [--set key=value ...] [--out DIR]
     allmap train --resume RUN_DIR [--set iterations=N]
     torchrun --nproc_per_node=N -m allmap train ...      (data-parallel over N processes)
     allmap eval RUN_DIR [--tasks N] [--shots K] [--steps 0,1,5,10] [--set key=value ...] [--json]
+    allmap eval PRESET_OR_CONFIG_FILE --weights CHECKPOINT [...]   (weights from elsewhere)
+    allmap report RUN_DIR [RUN_DIR ...] --out report.html  (one self-contained HTML page)
+    allmap runs DIR [--format text|csv|markdown]         (a table of the run folders under DIR)
     allmap presets                                       (each preset with its one-line description)
     allmap show PRESET_OR_CONFIG_FILE [--file]           (the resolved config, notes included)
     allmap plot RUN_DIR
@@ -64,7 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="evaluate a trained run: mean ± 95%% CI over fixed test tasks")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", metavar="RUN_DIR_OR_PRESET", help="a run folder, or a preset / config with --weights")
+    e.add_argument(
+        "--weights",
+        metavar="CHECKPOINT",
+        help="evaluate these weights (a checkpoint.pt, or a learner state_dict saved with torch.save) with the "
+        "preset or config file given instead of a run folder",
+    )
     e.add_argument("--tasks", type=int, help="number of test tasks (default: the run's eval.tasks, 600)")
     e.add_argument("--shots", type=int, help="support examples per test task (default: the run's)")
     e.add_argument("--steps", help="comma-separated inner step counts, e.g. 0,1,5,10")
@@ -78,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", action="store_true", help="print JSON: each metric with mean and ci95")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("report", help="write one self-contained HTML page about one or several run folders")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (finished, failed or still training)")
+    r.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
+    r.add_argument("--title", help="the page's title (default: the run names)")
+
+    rs = sub.add_parser("runs", help="a table of the run folders under DIR: status, progress, final metrics")
+    rs.add_argument("dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
+    rs.add_argument("--format", default="text", choices=("text", "csv", "markdown"), help="output format")
+    rs.add_argument("--metrics", help="comma-separated metric columns, e.g. loss@0,loss@10 (default: all)")
 
     sub.add_parser("presets", help="list the shipped presets")
     pl = sub.add_parser("plot", help="redraw a run's plots")
@@ -177,10 +196,18 @@ def _eval(args: argparse.Namespace) -> int:
     from allmap.app.evaluation import evaluate_run
     from allmap.app.host import apply_host_settings
     from allmap.app.report import format_results
-    from allmap.app.runs import load, read_config, to_json
+    from allmap.app.runs import load, load_weights, read_config, to_json
     from allmap.app.trainer import DivergedError
 
-    trained = read_config(args.run_dir)
+    if args.weights is None:
+        trained = read_config(args.run_dir)
+    elif (Path(args.run_dir) / "config.yaml").is_file():
+        raise ConfigError(
+            f"{args.run_dir!r} is a run folder, which has its own weights; pass a preset or config file with "
+            "--weights, or drop --weights to evaluate the run's checkpoint."
+        )
+    else:
+        trained = load_config(args.run_dir)
     extra = list(args.overrides)
     if args.tasks is not None:
         extra.append(f"eval.tasks={args.tasks}")
@@ -191,7 +218,10 @@ def _eval(args: argparse.Namespace) -> int:
     config = apply_overrides(trained, extra)  # a copy: ``trained`` stays the run's own config
     validate(config)
     apply_host_settings(config)
-    learner = load(args.run_dir, config=config)  # with the overrides (e.g. learner.test_shift), the run's weights
+    if args.weights is None:  # the run's weights, into the learner of the overrides (e.g. learner.test_shift)
+        learner = load(args.run_dir, config=config)
+    else:
+        learner = load_weights(args.weights, config)
     _, record = evaluate_run(learner, config, trained=trained, progress=not args.no_progress)
     results, text = record["metrics"], record["protocol"]
     if args.json:
@@ -207,6 +237,28 @@ def _eval(args: argparse.Namespace) -> int:
             else "Retrain with a lower optimizer.lr"
         )
         raise DivergedError(f"the evaluation failed: {record['reason']}; these numbers are not a result. {fix}.")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from allmap.app.html_report import write_report
+
+    out = write_report(args.runs, args.out, title=args.title)
+    print(f"{out} ({out.stat().st_size / 1e6:.2f} MB, {len(args.runs)} run{'s' * (len(args.runs) != 1)})")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from allmap.app.runs_table import runs_table
+    from allmap.app.summary import find_runs, summarize
+
+    root = Path(args.dir)
+    found = find_runs(root)
+    if not found:
+        raise ConfigError(f"no run folders (folders with a config.yaml) under {str(root)!r}.")
+    names = [p.relative_to(root).as_posix() if p != root else p.name for p in found]
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    print(runs_table([summarize(p) for p in found], args.format, metrics, names), end="")
     return 0
 
 
@@ -251,6 +303,10 @@ def _run(args: argparse.Namespace) -> int:
         return _eval(args)
     if args.command == "plot":
         return _plot(args)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "runs":
+        return _runs(args)
     if args.command == "show":
         return _show(args)
     return _presets()

@@ -1,4 +1,4 @@
-"""Meta-training, evaluation (mean ± 95% CI), checkpoints, plots and configs."""
+"""Meta-training, evaluation (mean ± 95% CI), checkpoints, plots and configs; reports of run folders."""
 
 from allmap.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from allmap.app.config import ConfigError, list_presets, load_config

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 1000,
     "on_nonfinite": "raise",
     "ema": None,
+    "log": {"tensorboard": False},
     "task": {"family": "sinusoid"},
     "model": {"name": "mlp"},
     "learner": {"name": "maml"},
@@ -251,7 +252,7 @@ def _did_you_mean(name: str, known: list[str]) -> str:
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key in ("eval",):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key in ("eval", "log"):
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -325,7 +326,7 @@ def validate(config: dict[str, Any]) -> None:
     for key in _POSITIVE_INTS:
         if not _is_int(config[key]) or config[key] < 1:
             raise ConfigError(f"config key {key!r} must be a positive integer, got {config[key]!r}.")
-    missing = sorted(set(DEFAULTS) - set(config) - {"on_nonfinite", "ema", "imports"})
+    missing = sorted(set(DEFAULTS) - set(config) - {"on_nonfinite", "ema", "imports", "log"})
     if missing:
         raise ConfigError(f"config key(s) {missing} are missing; start from a preset (`allmap show NAME`).")
     ev = config["eval"]
@@ -384,6 +385,12 @@ def validate(config: dict[str, Any]) -> None:
             f"config key 'ema' must be null (evaluate the last weights) or a decay in (0, 1) such as "
             f"0.998 (evaluate an exponential moving average of the weights over about "
             f"1 / (1 - decay) steps), got {ema!r}."
+        )
+    log = config.get("log", {})
+    if not isinstance(log, dict) or set(log) - {"tensorboard"} or not isinstance(log.get("tensorboard", False), bool):
+        raise ConfigError(
+            f"config key 'log' must be a mapping {{tensorboard: true/false}} (true: also write TensorBoard event "
+            f"files to RUN_DIR/tensorboard), got {log!r}."
         )
     if not isinstance(config["device"], str):
         raise ConfigError(

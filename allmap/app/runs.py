@@ -23,7 +23,7 @@ from allmap.app.checkpoint import CheckpointError, load_checkpoint
 from allmap.app.config import ConfigError, read_yaml, validate, with_defaults
 from allmap.learners.base import Learner
 
-__all__ = ["RunDir", "load", "read_config", "to_json", "results_record", "non_finite_metrics"]
+__all__ = ["RunDir", "load", "load_weights", "read_config", "to_json", "results_record", "non_finite_metrics"]
 
 
 def _nulls(value: Any) -> Any:
@@ -116,18 +116,36 @@ def load(
         >>> task_model = learner.adapt(support_x, support_y)  # doctest: +SKIP
     """
     config = read_config(run_dir) if config is None else config
+    return _into_learner(load_checkpoint(RunDir(run_dir).checkpoint, map_location="cpu"), config, str(run_dir), device)
+
+
+def load_weights(path: str | Path, config: dict[str, Any], device: str | torch.device | None = None) -> Learner:
+    """The learner of ``config`` (a preset or config file's, resolved) with the weights in the file ``path``: a
+    ``checkpoint.pt`` that allmap wrote (its weight average if it has one), or a learner ``state_dict`` saved
+    with ``torch.save`` (read weights-only: loading never runs code). ``allmap eval PRESET --weights PATH``."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--weights {str(path)!r} is not a file; pass a checkpoint.pt or a saved state_dict.")
+    return _into_learner(load_checkpoint(path, map_location="cpu"), config, str(path), device)
+
+
+def _into_learner(
+    state: dict[str, Any], config: dict[str, Any], source: str, device: str | torch.device | None
+) -> Learner:
+    """Build the learner of ``config`` and load the weights of ``state`` (a checkpoint, or a bare state_dict)."""
     device = resolve_device(config["device"]) if device is None else torch.device(device)
     torch.manual_seed(config["seed"])
     learner = build_learner(config, build_family(config, "test"))
-    state = load_checkpoint(RunDir(run_dir).checkpoint, map_location="cpu")
-    if "learner" not in state:
-        raise CheckpointError(f"checkpoint of {str(run_dir)!r} has no learner weights.")
-    # a run with `ema` is evaluated with its weight average (allmap.app.averaging)
+    if "learner" in state:  # a checkpoint; a run with `ema` is evaluated with its weight average
+        weights = state["averaged"]["module"] if "averaged" in state else state["learner"]
+    elif state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        weights = state
+    else:
+        raise CheckpointError(f"checkpoint of {source!r} has no learner weights.")
     try:
-        learner.load_state_dict(state["averaged"]["module"] if "averaged" in state else state["learner"])
+        learner.load_state_dict(weights)
     except RuntimeError as err:
         raise ConfigError(
-            f"the weights of {str(run_dir)!r} do not fit the learner of this config: "
+            f"the weights of {source!r} do not fit the learner of this config: "
             f"{str(err).splitlines()[-1].strip() or err}. At evaluation, override only settings that keep the "
             "parameters (e.g. learner.inner_lr, learner.test_shift, eval.*), not model or learner sizes."
         ) from None

@@ -42,6 +42,7 @@ from allmap.app.preflight import check_device, check_model_input, check_model_si
 from allmap.app.progress import TaskProgress, progress_bar
 from allmap.app.report import format_results
 from allmap.app.runs import RunDir, read_config, to_json
+from allmap.app.tensorboard import TensorBoardLog, enabled, require
 from allmap.engine.evaluate import fixed_tasks
 from allmap.learners.base import Learner
 
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 #: keys that ``--resume`` may change; anything else would make the resumed run a different run.
-RESUMABLE_KEYS = ("iterations", "log_every", "checkpoint_every", "device", "eval", "on_nonfinite")
+RESUMABLE_KEYS = ("iterations", "log_every", "checkpoint_every", "device", "eval", "on_nonfinite", "log")
 
 #: with ``on_nonfinite: skip``, this many non-finite meta-batches in a row stop the run (it has diverged).
 MAX_CONSECUTIVE_SKIPS = 10
@@ -221,6 +222,10 @@ class _Trainer:
         self.skipped, self.consecutive = 0, 0
         self.first_loss: float | None = None  # the first meta-batch's loss: the start of the divergence rule
         self.saved_at: int | None = None  # the iteration of the checkpoint on disk, once there is one
+        if enabled(config) and ctx.is_main:
+            require()  # before training: a missing tensorboard package is a config error, not a late crash
+        self.tensorboard: TensorBoardLog | None = None  # opened at the first log row (rank 0)
+        self.started_at = 0  # the iteration this process started training at (a resumed run's checkpoint)
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -258,7 +263,7 @@ class _Trainer:
         self.checked = len(self.pending)  # verified before they were saved
         self.skipped = int(state.get("skipped", 0))
         self.first_loss = state.get("first_loss")
-        self.saved_at = self.iteration
+        self.saved_at = self.started_at = self.iteration
         if self.ctx.is_main:
             rows = self.continued_log(self.run.read_metrics())
             self.run.metrics.write_text("".join(to_json(r) + "\n" for r in rows))
@@ -330,6 +335,20 @@ class _Trainer:
         if self.ctx.is_main:
             with open(self.run.metrics, "a") as f:
                 f.write(to_json(row) + "\n")
+            if enabled(self.config):
+                if self.tensorboard is None:
+                    self.tensorboard = TensorBoardLog(self.run.path, start=self.started_at)
+                self.tensorboard.row(row)
+
+    def close_log(self, record: dict[str, Any] | None = None) -> None:
+        """Write the final test evaluation (if any) to TensorBoard and close its event files."""
+        if self.tensorboard is None and record is not None and enabled(self.config) and self.ctx.is_main:
+            self.tensorboard = TensorBoardLog(self.run.path, start=self.started_at)
+        if self.tensorboard is not None:
+            if record is not None:
+                self.tensorboard.evaluation(record, self.config, self.iteration)
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def step(self, stop: bool) -> bool:
         """One meta-batch; returns whether any rank was asked to stop."""
@@ -522,6 +541,7 @@ def _fit_and_finish(trainer: _Trainer, callback: Callable[[int, Learner], None] 
     try:
         trainer.fit(callback)
     except NonFiniteLossError as err:
+        trainer.close_log()
         if trainer.ctx.is_main:
             trainer.run.write_results(
                 {
@@ -533,7 +553,15 @@ def _fit_and_finish(trainer: _Trainer, callback: Callable[[int, Learner], None] 
                 }
             )
         raise
-    finish(trainer.run.path, trainer.model, trainer.config, trainer.ctx, progress=trainer.progress)
+    except BaseException:  # interrupted: what was logged stays in the event files
+        trainer.close_log()
+        raise
+    try:
+        record = finish(trainer.run.path, trainer.model, trainer.config, trainer.ctx, progress=trainer.progress)
+    except BaseException:
+        trainer.close_log()
+        raise
+    trainer.close_log(record)
 
 
 def resume(
