@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _util import guide_module
 
 import allmap
 from allmap.app import load_config, train
@@ -277,3 +278,15 @@ def test_two_torchrun_ranks_score_the_gp_tasks_as_one_process(tmp_path):
     for key in res_one:
         assert res_two[key]["n"] == 25
         assert res_two[key]["mean"] == pytest.approx(res_one[key]["mean"], rel=1e-4, abs=1e-6), key
+
+
+def test_the_guides_tiny_cnp_is_allmaps_cnp():
+    """docs/extending.md's CNP in a few lines computes what allmap.CNP does, with the same weights."""
+    cnp = small_cnp()
+    tiny = guide_module("tiny_cnp.py").TinyCNP(MLP([2, 16, 16]), MLP([17, 16, 2])).double()
+    tiny.load_state_dict(cnp.state_dict())
+    tasks = gp_tasks()
+    torch.testing.assert_close(tiny.meta_loss(tasks), cnp.meta_loss(tasks), rtol=1e-12, atol=0)
+    got = evaluate(tiny, tasks, steps=[0])
+    for key, r in evaluate(cnp, tasks, steps=[0]).items():
+        assert got[key]["mean"] == pytest.approx(r["mean"], rel=1e-10), key
