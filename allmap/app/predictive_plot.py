@@ -72,8 +72,8 @@ def predictive_figure(learner: Learner, family, tasks: TaskBatch, n: int = 6):
                 ax.plot(xs, gm, "C3--", lw=1.2, label="GP posterior mean ± 2 std")
                 ax.plot(xs, gm - 2 * gs, "C3:", lw=0.8)
                 ax.plot(xs, gm + 2 * gs, "C3:", lw=0.8)
-            ax.plot(sx[:, 0].cpu(), sy[:, 0].cpu(), "ko", ms=5, label=f"context ({len(sx)})")
-            ax.set_title(f"test task {i}", fontsize=9)
+            ax.plot(sx[:, 0].cpu(), sy[:, 0].cpu(), "ko", ms=5, label="context")
+            ax.set_title(f"test task {i}: {len(sx)} context points", fontsize=9)
             ax.grid(alpha=0.3)
     finally:
         learner.train(was_training)
