@@ -74,12 +74,21 @@ class TaskModel:
     """The model a learner produced for one task: ``task_model(x) -> predictions``.
 
     ``params`` are the adapted parameters (differentiable w.r.t. the learner's meta-parameters) where the
-    learner has them, else ``None``.
+    learner has them, else ``None``. ``distribution``, for task models whose predictive distribution is a
+    mixture (an ANP's draws of its latent), maps ``x`` to ``(mean [S, N, *y], std [S, N, *y])`` of ``S``
+    equally weighted Gaussians (see :mod:`allmap.engine.predictive`).
     """
 
-    def __init__(self, forward: Callable[[Tensor], Tensor], params: Params | None = None) -> None:
+    def __init__(
+        self,
+        forward: Callable[[Tensor], Tensor],
+        params: Params | None = None,
+        distribution: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
         self._forward = forward
         self.params = params
+        if distribution is not None:
+            self.distribution = distribution
 
     def __call__(self, x: Tensor) -> Tensor:
         return self._forward(x)

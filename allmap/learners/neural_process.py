@@ -290,7 +290,6 @@ class ANP(NeuralProcess):
         ``distribution(x)`` is the mixture over ``samples`` draws of ``z`` from the prior."""
         sx, sy = support_x[None], support_y[None]
         mean, std = self.latent_distribution(sx, sy)
-        model = TaskModel(lambda x: self.decode(self.deterministic(sx, sy, x[None]), mean, x[None])[0])
 
         def distribution(x: Tensor) -> tuple[Tensor, Tensor]:
             z = mean + std * torch.randn(self.samples, self.latent_dim, dtype=mean.dtype, device=mean.device)
@@ -298,8 +297,9 @@ class ANP(NeuralProcess):
             pred = self.decode(self.deterministic(sx, sy, x[None]).expand(self.samples, -1, -1), z, xs)
             return pred.chunk(2, dim=-1)
 
-        model.distribution = distribution
-        return model
+        return TaskModel(
+            lambda x: self.decode(self.deterministic(sx, sy, x[None]), mean, x[None])[0], None, distribution
+        )
 
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}, samples={self.samples}, {super().extra_repr()}"
