@@ -33,6 +33,8 @@ _NAMES = {
             "ProtoNet",
             "MatchingNet",
             "Siamese",
+            "CNP",
+            "ANP",
         ),
         "allmap.learners",
     ),
@@ -46,6 +48,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load o
     from allmap.engine import Execution, LearnerSpec  # noqa: F401
     from allmap.learners import (  # noqa: F401
         ANIL,
+        ANP,
+        CNP,
         IMAML,
         MAML,
         GradientLearner,

@@ -77,3 +77,21 @@ def test_mixed_precision_smoke(capsys):
     # bfloat16 keeps about 3 significant digits: close to float32, but not equal
     assert 0 < cost["embedding_rel_diff"] < 0.05 and 0 < cost["gradient_rel_diff"] < 0.2
     assert cost["gradient_cosine"] > 0.98
+
+
+def test_np_step_benchmark_smoke(capsys):
+    assert _load("np_step").main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("relative): ")[1].split()[0]) < 1e-12  # the plain CNP is the same function
+    assert float(out.split("allmap CNP / plain CNP: ")[1].split("x")[0]) > 0
+
+
+def test_np_budget_smoke(tmp_path, capsys):
+    np_budget = _load("np_budget")
+    args = ["train", "--presets", "gp-cnp", "--cpu-minutes", "0.002", "--out", str(tmp_path), "--smoke"]
+    args += ["--set", "model.sizes=[2, 16, 16]", "--set", "learner.decoder=[16]"]
+    assert np_budget.main(args) == 0
+    assert json.loads((tmp_path / "gp-cnp" / "results.json").read_text())["status"] == "ok"
+    assert np_budget.main(["compare", str(tmp_path / "gp-cnp")]) == 0
+    out = capsys.readouterr().out
+    assert "gap to the GP oracle, target log-likelihood (paired)" in out and "oracle_target_loglik" in out

@@ -26,7 +26,7 @@ from _util import as_function, assert_vmap_equals_loop, guide_module
 import allmap
 from allmap.engine.forked import can_fork
 from allmap.nets import MLP
-from allmap.tasks import Episodes, LinearRegression, Logistic2D, Sinusoid, gaussian_classes
+from allmap.tasks import Episodes, GPRegression, LinearRegression, Logistic2D, Sinusoid, gaussian_classes
 
 RidgeHead = guide_module("ridge_head.py").RidgeHead  # the learner written in docs/extending.md
 
@@ -93,10 +93,21 @@ CASES: dict[str, Callable[[], tuple[allmap.Learner, object]]] = {
     "siamese": lambda: (allmap.Siamese(_flat_mlp(), features=8), _episodes()),
     "ridge": lambda: (RidgeHead(MLP([1, 32, 32]), y_dim=1), Sinusoid(shots=5, queries=5)),
     "ridge-episodes": lambda: (RidgeHead(_flat_mlp(), y_dim=5, loss="cross_entropy"), _episodes()),
+    "cnp": lambda: (allmap.CNP(MLP([2, 32, 32]), decoder=[32]), GPRegression()),
+    "cnp-sinusoid": lambda: (allmap.CNP(MLP([2, 32, 32]), decoder=[32]), Sinusoid(shots=5, queries=5)),
+    # in eval mode the ANP's ELBO is taken at the mean of q(z | targets): deterministic, so two runs compare
+    # exactly; its training-mode sample is checked in tests/test_neural_process.py
+    "anp": lambda: (
+        allmap.ANP(MLP([2, 32, 32]), latent=[32], latent_dim=8, attention=[32], heads=4, decoder=[32]).eval(),
+        GPRegression(),
+    ),
 }
 
 #: cases whose held-out meta-loss ends below zero (the "it learns" check must not depend on the loss's sign)
 NEGATIVE_LOSS = {"maml-nll"}
+
+#: cases whose evaluation loss is not their meta-loss: the ANP trains on its ELBO (with a KL term and z from
+#: q(z | targets)); evaluation predicts with z from q(z | context)
 
 #: meta-gradient strategies whose gradient is the exact derivative of the meta-loss ("": plain backprop);
 #: the others are by design another direction (first order, truncated, implicit, Reptile's theta - theta')
@@ -316,10 +327,12 @@ def test_evaluate(name):
     results = allmap.engine.evaluate(learner, tasks, steps=steps)
     suffixes = [f"@{k}" for k in steps] if spec.adapts_in_steps else [""]
     metrics = ["loss", "accuracy"] if spec.classification else ["loss"]
+    if spec.predictive:
+        metrics += ["target_loglik", "context_loglik", "mse", "coverage95"]
     assert set(results) == {m + s for m in metrics for s in suffixes}
     for key, r in results.items():
         assert math.isfinite(r["mean"]) and math.isfinite(r["ci95"]) and r["ci95"] >= 0 and r["n"] == len(tasks), key
-        if key.startswith("accuracy"):
+        if key.startswith(("accuracy", "coverage")):
             assert 0 <= r["mean"] <= 1, key
     # evaluation scores the task model that meta-training adapts: its query loss is the meta-loss
     with torch.no_grad():
@@ -331,7 +344,7 @@ def test_evaluate(name):
 
 #: learners whose training objective is not the query loss of their task model (evaluation scores the
 #: latter): Siamese networks train on the verification loss of support-query pairs
-OWN_OBJECTIVE = {"siamese"}
+OWN_OBJECTIVE = {"siamese", "anp"}
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -52,7 +52,7 @@ def guide_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_the_guide_has_its_files():
     files = guide_files()
-    assert set(files) == {"ridge_head.py", "train_ridge.py", "ridge.yaml", "commands.sh"}
+    assert set(files) == {"ridge_head.py", "train_ridge.py", "ridge.yaml", "commands.sh", "tiny_cnp.py"}
     code = files["ridge_head.py"][0]
     assert code.count('@allmap.register("ridge")') == 1
     lines = [line for line in code.splitlines() if line.strip()]

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from allmap.engine.evaluate import Progress, evaluate, step_names
+from allmap.engine.evaluate import Progress, evaluate, metric_names, step_names, task_batches
 from allmap.engine.forked import even_shares
 from allmap.learners.base import Learner
 from allmap.tasks.batch import TaskBatch
@@ -212,19 +212,22 @@ def pool_summaries(parts: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 def evaluate_sharded(
-    learner: Learner, tasks: TaskBatch, steps: Sequence[int], chunk: int, ctx: Dist, progress: Progress | None = None
+    learner: Learner,
+    tasks: TaskBatch | Sequence[TaskBatch],
+    steps: Sequence[int],
+    chunk: int,
+    ctx: Dist,
+    progress: Progress | None = None,
 ) -> dict[str, dict[str, float]]:
-    """:func:`~allmap.engine.evaluate.evaluate` with the tasks split across ranks; every rank gets the
-    pooled result, equal to one process's mean ± CI over all tasks. ``progress`` counts this rank's tasks."""
+    """:func:`~allmap.engine.evaluate.evaluate` with the tasks split across ranks (each batch of a list of
+    batches split alike); every rank gets the pooled result, equal to one process's mean ± CI over all
+    tasks. ``progress`` counts this rank's tasks."""
     if not ctx.active:
         return evaluate(learner, tasks, steps=steps, chunk=chunk, progress=progress)
-    keys = []
-    for suffix in step_names(learner, steps):
-        keys.append(f"loss{suffix}")
-        if learner.classification:
-            keys.append(f"accuracy{suffix}")
-    part = tasks[ctx.shard(len(tasks))]
-    local = evaluate(learner, part, steps=steps, chunk=chunk, progress=progress) if len(part) else {}
+    keys = [f"{metric}{suffix}" for suffix in step_names(learner, steps) for metric in metric_names(learner)]
+    part = [b[ctx.shard(len(b))] for b in task_batches(tasks)]
+    part = [b for b in part if len(b)]
+    local = evaluate(learner, part, steps=steps, chunk=chunk, progress=progress) if part else {}
     row = torch.tensor(
         [[local[k]["n"], local[k]["mean"], local[k]["std"]] if k in local else [0.0, 0.0, 0.0] for k in keys],
         dtype=torch.float64,

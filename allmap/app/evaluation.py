@@ -10,7 +10,8 @@ from allmap.app.build import build_family, check_disjoint
 from allmap.app.distributed import Dist, current, evaluate_sharded
 from allmap.app.progress import TaskProgress
 from allmap.app.runs import results_record
-from allmap.engine.evaluate import fixed_tasks
+from allmap.engine.evaluate import count_tasks, fixed_tasks, summarize
+from allmap.engine.predictive import oracle_per_task
 from allmap.learners.base import Learner
 
 __all__ = ["evaluate_run", "protocol"]
@@ -23,9 +24,11 @@ def protocol(config: dict[str, Any], family: Any, n: int) -> str:
     detail = f" ({family.describe()})" if callable(getattr(family, "describe", None)) else ""
     shift = config["learner"].get("test_shift")
     shifts = f", embeddings averaged over test-time shifts of up to {shift} px" if shift else ""
+    counts = family.counts() if callable(getattr(family, "counts", None)) else None
+    counts = counts or f"{ways}{family.shots}-shot, {family.queries} queries per task"
     return (
-        f"{task['family']} {ways}{family.shots}-shot, {family.queries} queries per task{detail}{shifts}, {n} fixed "
-        f"test tasks (seed {config['eval']['seed']}); mean ± 95% CI (1.96·std/sqrt(n))"
+        f"{task['family']} {counts}{detail}{shifts}, {n} fixed test tasks (seed {config['eval']['seed']}); "
+        "mean ± 95% CI (1.96·std/sqrt(n))"
     )
 
 
@@ -39,7 +42,9 @@ def evaluate_run(
     """``(test family, record)`` of ``learner`` on the test protocol of ``config``.
 
     ``record`` is :func:`~allmap.app.runs.results_record`'s: ``status`` ("ok", or "failed" with the reason
-    when a metric is NaN or infinite), ``protocol`` and ``metrics`` (mean ± 95% CI). With ``trained`` (the
+    when a metric is NaN or infinite), ``protocol`` and ``metrics`` (mean ± 95% CI). For a predictive
+    learner on a family with an exact posterior (``family.oracle``: GP tasks), the oracle's metrics on the
+    same tasks are reported beside the learner's (``oracle_target_loglik``, ...). With ``trained`` (the
     config the weights were trained with, when ``config`` is another protocol) the test classes must not
     overlap its training classes. ``progress``: a bar counting test tasks on rank 0's stderr.
     """
@@ -49,6 +54,9 @@ def evaluate_run(
         check_disjoint(build_family(trained, "train"), family)
     ev = config["eval"]
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
-    with TaskProgress("test", enabled=progress and ctx.is_main, total=len(tasks)) as bar:
+    n = count_tasks(tasks)
+    with TaskProgress("test", enabled=progress and ctx.is_main, total=n) as bar:
         results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx, progress=bar)
-    return family, results_record(protocol(config, family, len(tasks)), results)
+    if learner.spec.predictive and callable(getattr(family, "oracle", None)):  # e.g. the exact GP posterior
+        results.update({k: summarize(v) for k, v in oracle_per_task(family, tasks).items()})
+    return family, results_record(protocol(config, family, n), results)

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from allmap.app.episode_plot import plot_episode, plot_episodes  # noqa: E402
+from allmap.app.predictive_plot import plot_predictive  # noqa: E402
 from allmap.learners.base import Learner  # noqa: E402
 from allmap.tasks.batch import TaskBatch  # noqa: E402
 from allmap.tasks.episodes import Episodes  # noqa: E402
@@ -123,7 +124,12 @@ ADAPTATION_PLOTS = {
 def plot_adaptation(
     learner: Learner, family, tasks: TaskBatch, path: str | Path, steps: Sequence[int] = (0, 1, 10), n: int = 4
 ) -> bool:
-    """Adapted predictions against the true function on the first ``n`` tasks; False if the family has none."""
+    """Adapted predictions against the true function on the first ``n`` tasks; False if the family has none.
+    Predictive learners on 1-d regression (GP tasks, sinusoids) draw their predictive mean ± 2 std instead
+    (:func:`~allmap.app.predictive_plot.plot_predictive`), beside the exact GP posterior where there is one."""
+    if learner.spec.predictive and getattr(family, "x_dim", None) == 1 and hasattr(family, "x_range"):
+        plot_predictive(learner, family, tasks, path)
+        return True
     plot = next((fn for cls, fn in ADAPTATION_PLOTS.items() if isinstance(family, cls)), None)
     if plot is None:
         return False

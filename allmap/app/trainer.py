@@ -43,7 +43,7 @@ from allmap.app.progress import TaskProgress, progress_bar
 from allmap.app.report import format_results
 from allmap.app.runs import RunDir, read_config, to_json
 from allmap.app.tensorboard import TensorBoardLog, enabled, require
-from allmap.engine.evaluate import fixed_tasks
+from allmap.engine.evaluate import count_tasks, fixed_tasks, task_batches
 from allmap.learners.base import Learner
 
 __all__ = [
@@ -387,7 +387,7 @@ class _Trainer:
 
     def validate(self) -> dict[str, float]:
         """Validation metrics; raises :class:`DivergedError` if one is NaN or infinite."""
-        with TaskProgress("validation", enabled=self.progress, total=len(self.val_tasks)) as bar:
+        with TaskProgress("validation", enabled=self.progress, total=count_tasks(self.val_tasks)) as bar:
             res = evaluate_sharded(
                 self.model, self.val_tasks, self.val_steps, self.config["eval"]["chunk"], self.ctx, progress=bar
             )
@@ -638,7 +638,7 @@ def finish(
             title=f"{type(learner).__name__} on {config['task']['family']} ({run.path.name})",
         )
         if record["status"] == "ok":  # a diverged model has nothing to draw
-            shown = fixed_tasks(family, 4, ev["seed"]).to(next(learner.parameters()).device)
+            shown = task_batches(fixed_tasks(family, 4, ev["seed"]))[0].to(next(learner.parameters()).device)
             plot_adaptation(learner, family, shown, run.adaptation, steps=sorted({0, 1, max(ev["steps"])}))
     ctx.barrier()
     if record["status"] != "ok":

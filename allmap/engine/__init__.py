@@ -2,7 +2,7 @@
 forked workers, ``meta_backward``, evaluation), knowing learners only through :mod:`allmap.engine.spec`."""
 
 from allmap.engine.backward import meta_backward
-from allmap.engine.evaluate import evaluate, fixed_tasks, summarize
+from allmap.engine.evaluate import evaluate, evaluate_per_task, fixed_tasks, summarize
 from allmap.engine.execution import Execution, Plan, plan, resolve_execution
 from allmap.engine.spec import LearnerSpec, Mapping
 from allmap.engine.validate import check_support, check_tasks
@@ -10,6 +10,7 @@ from allmap.engine.validate import check_support, check_tasks
 __all__ = [
     "meta_backward",
     "evaluate",
+    "evaluate_per_task",
     "fixed_tasks",
     "summarize",
     "Execution",

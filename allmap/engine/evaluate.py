@@ -10,21 +10,48 @@ from torch import Tensor
 
 from allmap.engine.execution import evaluation_layout, evaluation_vmap
 from allmap.engine.forked import can_fork, even_shares, run_forked
+from allmap.engine.predictive import PREDICTIVE_METRICS, distribution_of, mixture_metrics
 from allmap.engine.spec import Mapping
 from allmap.engine.validate import check_tasks
 from allmap.nets.conv import nhwc
 from allmap.nets.norm import first_order_only
 from allmap.tasks.batch import TaskBatch
 
-__all__ = ["evaluate", "evaluation_workers", "summarize", "fixed_tasks", "step_names", "Progress"]
+__all__ = [
+    "evaluate",
+    "evaluate_per_task",
+    "evaluation_workers",
+    "summarize",
+    "fixed_tasks",
+    "task_batches",
+    "count_tasks",
+    "metric_names",
+    "step_names",
+    "Progress",
+]
 
 #: ``progress(done, total)``: ``done`` of the ``total`` tasks this process evaluates are finished.
 Progress = Callable[[int, int], None]
 
 
-def fixed_tasks(family, n: int, seed: int) -> TaskBatch:
-    """The ``n`` test tasks fixed by ``seed`` (the same on every call and machine)."""
-    return family.sample(n, torch.Generator().manual_seed(seed))
+def fixed_tasks(family, n: int, seed: int) -> TaskBatch | list[TaskBatch]:
+    """The ``n`` test tasks fixed by ``seed`` (the same on every call and machine): one batch, or for a family
+    whose test tasks differ in size (``family.fixed_tasks``: GP tasks with their own context counts) a list of
+    batches, one per size, holding ``n`` tasks in all."""
+    generator = torch.Generator().manual_seed(seed)
+    if callable(getattr(family, "fixed_tasks", None)):
+        return family.fixed_tasks(n, generator)
+    return family.sample(n, generator)
+
+
+def task_batches(tasks: TaskBatch | Sequence[TaskBatch]) -> list[TaskBatch]:
+    """``tasks`` as a list of batches (a single batch is a list of one)."""
+    return [tasks] if isinstance(tasks, TaskBatch) else list(tasks)
+
+
+def count_tasks(tasks: TaskBatch | Sequence[TaskBatch]) -> int:
+    """The number of tasks in a batch or a list of batches."""
+    return sum(len(b) for b in task_batches(tasks))
 
 
 def summarize(values: Tensor) -> dict[str, float]:
@@ -40,14 +67,30 @@ def step_names(learner: Mapping, steps: Sequence[int]) -> list[str]:
     return [f"@{k}" for k in steps] if learner.spec.adapts_in_steps else [""]
 
 
+def metric_names(learner: Mapping) -> list[str]:
+    """What :func:`evaluate` reports per task (before the step suffix): the loss, the accuracy of
+    classifiers, and for predictive learners (``[mean, std]`` outputs, see :mod:`allmap.engine.predictive`)
+    the log-likelihood per point of the targets and of the context, the MSE of the predictive mean and the
+    coverage of the central 95% interval of the targets."""
+    names = ["loss"] + (["accuracy"] if learner.classification else [])
+    return names + (list(PREDICTIVE_METRICS) if learner.spec.predictive else [])
+
+
 def _per_task(learner: Mapping, steps: Sequence[int]):
+    predictive = learner.spec.predictive
+
     def metrics(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
         rows = []
         for model in learner.adapt_path(sx, sy, steps):
             pred = model(qx)
             loss = learner.loss_fn(pred, qy)
-            acc = (pred.argmax(-1) == qy).to(loss.dtype).mean() if learner.classification else torch.zeros_like(loss)
-            rows.append(torch.stack([loss.detach(), acc.detach()]))
+            row = [loss]
+            if learner.classification:
+                row.append((pred.argmax(-1) == qy).to(loss.dtype).mean())
+            if predictive:
+                target_ll, mse, coverage = mixture_metrics(*distribution_of(model, qx), qy)
+                row += [target_ll, mixture_metrics(*distribution_of(model, sx), sy)[0], mse, coverage]
+            rows.append(torch.stack(row).detach())
         return torch.stack(rows)
 
     return metrics
@@ -73,7 +116,7 @@ def _convert_weights(learner: Mapping, layout: torch.memory_format | None) -> Ca
 
 def evaluate(
     learner: Mapping,
-    tasks: TaskBatch,
+    tasks: TaskBatch | Sequence[TaskBatch],
     steps: Sequence[int] = (0, 1, 5, 10),
     chunk: int = 100,
     workers: int | str = "auto",
@@ -82,7 +125,9 @@ def evaluate(
     """Loss (and accuracy for classification) of ``learner`` on ``tasks``, as mean ± 95% CI over tasks.
 
     Gradient-based learners are scored after each number of inner steps in ``steps`` (0 = before
-    adaptation); one-shot learners (metric, amortised) once. Adaptation computes inner gradients, but no
+    adaptation); one-shot learners (metric, amortised) once. Predictive learners (``[mean, std]`` outputs)
+    are also scored by the log-likelihood of their predictive distribution, its MSE and its coverage
+    (:func:`metric_names`). Adaptation computes inner gradients, but no
     meta-gradient is kept, so it runs under ``torch.inference_mode`` (``no_grad`` for learners that call
     ``torch.autograd`` while adapting). Tasks run under ``vmap`` per chunk of ``chunk`` tasks, or one at a
     time for convolution nets on CPU, run in NHWC layout (see :func:`allmap.engine.execution.evaluation_vmap`
@@ -91,35 +136,59 @@ def evaluate(
     :func:`evaluation_workers`. Every setting gives the same numbers up to float rounding (the thread count
     changes the order of sums inside kernels, which can flip a near-tie prediction of an untrained model).
     ``progress(done, total)``, if given, is called as tasks finish: after each chunk here, after each
-    worker's share with workers (e.g. the CLI's progress bar); it changes no number.
+    worker's share with workers (e.g. the CLI's progress bar); it changes no number. ``tasks`` may be a list
+    of batches (test tasks of several sizes, :func:`fixed_tasks`): the statistics are over all their tasks.
     Returns ``{"loss@1": {"mean", "ci95", "std", "n"}, ...}``.
     """
-    check_tasks(learner, tasks, "evaluate")
+    return {
+        name: summarize(v) for name, v in evaluate_per_task(learner, tasks, steps, chunk, workers, progress).items()
+    }
+
+
+def evaluate_per_task(
+    learner: Mapping,
+    tasks: TaskBatch | Sequence[TaskBatch],
+    steps: Sequence[int] = (0, 1, 5, 10),
+    chunk: int = 100,
+    workers: int | str = "auto",
+    progress: Progress | None = None,
+) -> dict[str, Tensor]:
+    """The metrics of :func:`evaluate` task by task (``{"loss@1": Tensor [tasks], ...}``), for paired
+    comparisons of two learners on the same tasks."""
+    batches = task_batches(tasks)
+    for batch in batches:
+        check_tasks(learner, batch, "evaluate")
     names = step_names(learner, steps)
     steps = list(steps) if names != [""] else [0]
-    n_workers = evaluation_workers(learner, len(tasks)) if workers == "auto" else workers
+    total = count_tasks(batches)
+    n_workers = evaluation_workers(learner, total) if workers == "auto" else workers
     if not isinstance(n_workers, int) or n_workers < 0:
         raise ValueError(f"evaluate: workers must be 'auto' or a number of processes >= 0, got {workers!r}.")
-    n_workers = min(n_workers, len(tasks)) if can_fork() else 0
-    counted = _counter(progress, len(tasks))
-    if n_workers:
-        bounds = even_shares(len(tasks), n_workers)
-        shares = [tasks[lo:hi] for lo, hi in bounds]
-        values = torch.cat(
-            run_forked(
-                lambda share: _values(learner, share, steps, chunk),
-                shares,
-                done=lambda i: counted(bounds[i][1] - bounds[i][0]),
-            )
+    counted = _counter(progress, total)
+    values = torch.cat([_batch_values(learner, b, steps, chunk, n_workers, counted) for b in batches])
+    return {
+        f"{metric}{suffix}": values[:, j, m]
+        for j, suffix in enumerate(names)
+        for m, metric in enumerate(metric_names(learner))
+    }
+
+
+def _batch_values(
+    learner: Mapping, tasks: TaskBatch, steps: list[int], chunk: int, workers: int, counted: Callable[[int], None]
+) -> Tensor:
+    """``[tasks, steps, metrics]`` of one batch, here or in ``workers`` forked processes."""
+    workers = min(workers, len(tasks)) if can_fork() else 0
+    if not workers:
+        return _values(learner, tasks, steps, chunk, counted)
+    bounds = even_shares(len(tasks), workers)
+    shares = [tasks[lo:hi] for lo, hi in bounds]
+    return torch.cat(
+        run_forked(
+            lambda share: _values(learner, share, steps, chunk),
+            shares,
+            done=lambda i: counted(bounds[i][1] - bounds[i][0]),
         )
-    else:
-        values = _values(learner, tasks, steps, chunk, counted)
-    results = {}
-    for j, suffix in enumerate(names):
-        results[f"loss{suffix}"] = summarize(values[:, j, 0])
-        if learner.classification:
-            results[f"accuracy{suffix}"] = summarize(values[:, j, 1])
-    return results
+    )
 
 
 def evaluation_workers(learner: Mapping, n_tasks: int) -> int:
@@ -153,7 +222,7 @@ def _counter(progress: Progress | None, total: int) -> Callable[[int], None]:
 def _values(
     learner: Mapping, tasks: TaskBatch, steps: list[int], chunk: int, done: Callable[[int], None] = lambda n: None
 ) -> Tensor:
-    """``[tasks, steps, 2]``: query loss and accuracy of every task after each number of steps;
+    """``[tasks, steps, metrics]``: the :func:`metric_names` of every task after each number of steps;
     ``done(n)`` after each chunk of ``n`` tasks."""
     fn = _per_task(learner, steps)
     device = next(learner.parameters()).device

@@ -34,6 +34,9 @@ class LearnerSpec:
             with a custom backward pass that calls ``torch.autograd`` cannot).
         first_order: the meta-gradient has no second-order terms through adaptation.
         inner_steps: the default number of inner steps (``None`` for one-pass learners).
+        predictive: the task model predicts a Gaussian, ``[mean, std]`` along the last dimension (the
+            ``gaussian_nll`` loss), so evaluation also scores its predictive distribution
+            (:mod:`allmap.engine.predictive`).
         labels: for classification, ``"outputs"`` (a label indexes the model's outputs) or ``"support"``
             (labels name the support set's classes 0..N-1, each with a support example: metric learners).
     """
@@ -48,6 +51,7 @@ class LearnerSpec:
     first_order: bool = False
     inner_steps: int | None = None
     labels: str = "outputs"
+    predictive: bool = False
 
 
 @runtime_checkable

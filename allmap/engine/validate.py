@@ -94,6 +94,16 @@ def check_targets(learner: Any, x: Tensor, ys: dict[str, Tensor]) -> None:
                     f"{shape_str(y)} (per task [examples, {', '.join(map(str, y.shape[2:]))}]); mse would broadcast "
                     "them. Reshape the targets (e.g. y.unsqueeze(-1)), or use loss='cross_entropy' for class labels."
                 )
+    elif spec.predictive:
+        out = learner.output_shape(x)
+        for key, y in ys.items():
+            if not out or out[:-1] != tuple(y.shape[2:-1]) or out[-1] != 2 * (y.shape[-1] if y.dim() > 2 else 0):
+                raise ValueError(
+                    f"{name}: gaussian_nll needs predictions [examples, 2 * y_dim] (mean, then std) for targets "
+                    f"[examples, y_dim]; the predictions have shape [examples, {', '.join(map(str, out))}] and "
+                    f"{key} has shape {shape_str(y)}. Give the model 2 * y_dim outputs and targets a last dimension "
+                    "(e.g. y.unsqueeze(-1))."
+                )
 
 
 def _check_support_classes(name: str, ys: dict[str, Tensor]) -> None:

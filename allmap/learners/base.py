@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from allmap.engine.backward import meta_backward
 from allmap.engine.execution import Execution, Plan, compiled_cache, plan, resolve_execution, task_losses
+from allmap.engine.predictive import gaussian_nll
 from allmap.engine.spec import LearnerSpec
 from allmap.engine.validate import check_support, check_tasks
 from allmap.hypergrad import Strategy, WholeLossStrategy, meta_loss_surrogate
@@ -22,7 +23,7 @@ from allmap.tasks.batch import TaskBatch
 __all__ = ["Learner", "TaskModel", "LOSSES", "resolve_loss", "use_batch_statistics", "functional_forward"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-LOSSES: dict[str, LossFn] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
+LOSSES: dict[str, LossFn] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy, "gaussian_nll": gaussian_nll}
 
 
 def resolve_loss(loss: str | LossFn) -> tuple[LossFn, bool]:
@@ -73,12 +74,21 @@ class TaskModel:
     """The model a learner produced for one task: ``task_model(x) -> predictions``.
 
     ``params`` are the adapted parameters (differentiable w.r.t. the learner's meta-parameters) where the
-    learner has them, else ``None``.
+    learner has them, else ``None``. ``distribution``, for task models whose predictive distribution is a
+    mixture (an ANP's draws of its latent), maps ``x`` to ``(mean [S, N, *y], std [S, N, *y])`` of ``S``
+    equally weighted Gaussians (see :mod:`allmap.engine.predictive`).
     """
 
-    def __init__(self, forward: Callable[[Tensor], Tensor], params: Params | None = None) -> None:
+    def __init__(
+        self,
+        forward: Callable[[Tensor], Tensor],
+        params: Params | None = None,
+        distribution: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
         self._forward = forward
         self.params = params
+        if distribution is not None:
+            self.distribution = distribution
 
     def __call__(self, x: Tensor) -> Tensor:
         return self._forward(x)
@@ -196,6 +206,7 @@ class Learner(nn.Module):
             first_order=s is not None and s.name == "first_order",
             inner_steps=self.inner_steps,
             labels=self.labels,
+            predictive=self.loss_fn is gaussian_nll,
         )
 
     @property

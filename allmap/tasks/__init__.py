@@ -3,6 +3,7 @@
 from allmap.tasks.batch import TaskBatch
 from allmap.tasks.episodes import ClassImages, Episodes, EpisodeStream, gaussian_classes
 from allmap.tasks.families import FAMILIES, LinearRegression, Logistic2D, Sinusoid, TaskFamily
+from allmap.tasks.gp import GPRegression, gp_posterior
 from allmap.tasks.imagefolder import ImageFolder
 from allmap.tasks.omniglot import Omniglot, load_omniglot
 
@@ -17,6 +18,8 @@ __all__ = [
     "Episodes",
     "EpisodeStream",
     "gaussian_classes",
+    "GPRegression",
+    "gp_posterior",
     "ImageFolder",
     "Omniglot",
     "load_omniglot",

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from allmap.checks import check_int
 from allmap.tasks.batch import TaskBatch
+from allmap.tasks.gp import GPRegression
 from allmap.tasks.imagefolder import ImageFolder
 from allmap.tasks.omniglot import Omniglot
 
@@ -169,4 +170,5 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "logistic2d": Logistic2D,
     "omniglot": Omniglot,
     "imagefolder": ImageFolder,
+    "gp": GPRegression,
 }
