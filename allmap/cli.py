@@ -1,4 +1,4 @@
-"""The ``allmap`` command: train | eval | presets | show | plot.
+"""The ``allmap`` command: train | eval | presets | show | plot | automl.
 
     allmap train PRESET_OR_CONFIG_FILE [--set key=value ...] [--out DIR]
     allmap train --resume RUN_DIR [--set iterations=N]
@@ -7,6 +7,7 @@
     allmap presets                                       (each preset with its one-line description)
     allmap show PRESET_OR_CONFIG_FILE [--file]           (the resolved config, notes included)
     allmap plot RUN_DIR
+    allmap automl [PRESET_OR_CONFIG_FILE] [--set key=value ...] [--out DIR]   (no preset: list them)
     allmap --version
 
 Errors are one line on stderr (exit status 2); Ctrl-C exits with 130, a closed pipe (``allmap presets |
@@ -89,7 +90,41 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the file as written (with its `base:`) instead of the resolved config",
     )
+    a = sub.add_parser("automl", help="learn hyperparameters or a cell by hypergradients (AutoML presets)")
+    a.add_argument("config", nargs="?", help="AutoML preset name or YAML file; omit it to list the presets")
+    a.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set seeds=2 --set outer_steps=10",
+    )
+    a.add_argument("--out", help="run folder (default: runs/NAME)")
+    a.add_argument("--quiet", action="store_true", help="no line per seed")
     return p
+
+
+def _automl(args: argparse.Namespace) -> int:
+    """Run an AutoML experiment into a run folder and print its metrics (mean ± 95% CI over seeds)."""
+    from allmap.app.automl import automl_presets, load_automl_config, run_experiment
+    from allmap.app.host import apply_threads
+    from allmap.app.report import format_results
+
+    if not args.config:
+        presets = automl_presets()
+        width = max(map(len, presets), default=0) + 2
+        for name, desc in presets.items():
+            print(f"{name:<{width}}{desc}")
+        return 0
+    config = load_automl_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    _check_out_dir(out)
+    apply_threads(config)
+    record = run_experiment(config, out, progress=not args.quiet)
+    print(format_results(record["metrics"], record["protocol"]))
+    print(f"run folder: {out}")
+    return 0
 
 
 def _host_settings(config: dict | None, run_dir: str | None) -> None:
@@ -253,6 +288,8 @@ def _run(args: argparse.Namespace) -> int:
         return _plot(args)
     if args.command == "show":
         return _show(args)
+    if args.command == "automl":
+        return _automl(args)
     return _presets()
     return 0
 
