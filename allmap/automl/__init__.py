@@ -12,7 +12,11 @@ hypergradient strategies of :mod:`allmap.hypergrad` differentiate across trainin
 """
 
 from allmap.automl.bilevel import BilevelProblem, History, Hyperparameters, HyperStep, evaluate, optimize, train_fixed
+from allmap.automl.darts import CellNetwork, Genotype, SearchNetwork, random_cell, search
 from allmap.automl.data import Split, digits, flip_labels, from_class_images, load_data, omniglot_classes
+from allmap.automl.hd import HDSGD, HDAdam
+from allmap.automl.reweight import ValidationReweighting, example_weights
+from allmap.automl.training import fit
 
 __all__ = [
     "Hyperparameters",
@@ -28,4 +32,14 @@ __all__ = [
     "from_class_images",
     "flip_labels",
     "load_data",
+    "HDSGD",
+    "HDAdam",
+    "example_weights",
+    "ValidationReweighting",
+    "fit",
+    "SearchNetwork",
+    "CellNetwork",
+    "Genotype",
+    "search",
+    "random_cell",
 ]
