@@ -13,7 +13,15 @@ hypergradient strategies of :mod:`allmap.hypergrad` differentiate across trainin
 
 from allmap.automl.bilevel import BilevelProblem, History, Hyperparameters, HyperStep, evaluate, optimize, train_fixed
 from allmap.automl.darts import CellNetwork, Genotype, SearchNetwork, random_cell, search
-from allmap.automl.data import Split, digits, flip_labels, from_class_images, load_data, omniglot_classes
+from allmap.automl.data import (
+    Split,
+    digits,
+    flip_labels,
+    from_class_images,
+    load_data,
+    omniglot_classes,
+    stratified_split,
+)
 from allmap.automl.hd import HDSGD, HDAdam
 from allmap.automl.reweight import ValidationReweighting, example_weights
 from allmap.automl.training import fit
@@ -32,6 +40,7 @@ __all__ = [
     "from_class_images",
     "flip_labels",
     "load_data",
+    "stratified_split",
     "HDSGD",
     "HDAdam",
     "example_weights",

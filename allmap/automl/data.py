@@ -124,8 +124,9 @@ def flip_labels(split: Split, fraction: float, seed: int = 0) -> tuple[Split, Te
 
 
 def load_data(name: str, seed: int = 0, flat: bool = True, root: str | None = None, **kwargs) -> Split:
-    """A split by name: ``digits``, ``omniglot`` (``root`` the Omniglot folder) or ``folder`` (``root`` a
-    class-folder dataset: one sub-folder of images per class)."""
+    """A split by name: ``digits``, ``omniglot`` (``root`` the Omniglot folder, ``classes``, ``size``) or
+    ``folder`` (``root`` a class-folder dataset, one sub-folder of images per class; ``size``, ``channels``,
+    ``cache_dir`` as :func:`~allmap.tasks.imagefolder.load_image_folder`). ``flat``: inputs as vectors."""
     if name == "digits":
         return digits(seed=seed, flat=flat, **kwargs)
     if name == "omniglot":
@@ -137,8 +138,10 @@ def load_data(name: str, seed: int = 0, flat: bool = True, root: str | None = No
             raise ValueError("dataset 'folder' needs root, the folder with one sub-folder of images per class.")
         from allmap.tasks.imagefolder import load_image_folder
 
-        size, channels = kwargs.pop("size", 28), kwargs.pop("channels", 1)
-        split = from_class_images(load_image_folder(root, size=size, channels=channels), seed=seed, **kwargs)
+        read = {k: kwargs.pop(k) for k in ("size", "channels", "cache_dir") if k in kwargs}
+        read.setdefault("size", 28)
+        read.setdefault("channels", 1)
+        split = from_class_images(load_image_folder(root, **read), seed=seed, **kwargs)
     else:
         raise ValueError(f"unknown dataset {name!r}; expected digits, omniglot or folder.")
     return (
