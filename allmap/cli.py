@@ -41,6 +41,11 @@ from allmap.app.trainer import Interrupted, NonFiniteLossError
 __all__ = ["main"]
 
 
+def _add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option of the commands that read a config."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="allmap",
@@ -52,14 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="meta-train from a preset or a YAML config file")
     t.add_argument("config", nargs="?", help="preset name (see `allmap presets`) or path of a YAML config")
-    t.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set iterations=200 --set learner.inner_lr=0.1",
-    )
+    _add_overrides(t, "override a config key, e.g. --set iterations=200 --set learner.inner_lr=0.1")
     t.add_argument("--out", help="run folder (default: runs/NAME)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,14 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     a = sub.add_parser("automl", help="learn hyperparameters or a cell by hypergradients (AutoML presets)")
     a.add_argument("config", nargs="?", help="AutoML preset name or YAML file; omit it to list the presets")
-    a.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set seeds=2 --set outer_steps=10",
-    )
+    _add_overrides(a, "override a config key, e.g. --set seeds=2 --set outer_steps=10")
     a.add_argument("--out", help="run folder (default: runs/NAME)")
     a.add_argument("--quiet", action="store_true", help="no line per seed")
     return p

@@ -35,6 +35,27 @@ def _hypergradient(params: list[Tensor], state: dict, key: str) -> Tensor | None
     return torch.stack(terms).sum() if terms else None
 
 
+def _evaluate(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _adapt_rate(group: dict, state: dict) -> list[Tensor]:
+    """Add the weight decay to the gradients of ``group`` and move its rate by ``beta h``; returns the
+    parameters that have a gradient."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if group["weight_decay"]:
+        for p in params:
+            p.grad.add_(p, alpha=group["weight_decay"])
+    h = _hypergradient(params, state, "direction")
+    if h is not None:
+        group["hypergradient"] = float(h)
+        group["lr"] = group["lr"] + group["hypergrad_lr"] * float(h)
+    return params
+
+
 class HDSGD(torch.optim.Optimizer):
     """SGD whose learning rate follows its hypergradient (SGD-HD of Baydin et al. 2018).
 
@@ -61,19 +82,9 @@ class HDSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if group["weight_decay"]:
-                for p in params:
-                    p.grad.add_(p, alpha=group["weight_decay"])
-            h = _hypergradient(params, self.state, "direction")
-            if h is not None:
-                group["hypergradient"] = float(h)
-                group["lr"] = group["lr"] + group["hypergrad_lr"] * float(h)
+            params = _adapt_rate(group, self.state)
             for p in params:
                 self.state[p]["direction"] = p.grad.clone()
                 p.add_(p.grad, alpha=-group["lr"])
@@ -108,20 +119,10 @@ class HDAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = _adapt_rate(group, self.state)
             b1, b2 = group["betas"]
-            if group["weight_decay"]:
-                for p in params:
-                    p.grad.add_(p, alpha=group["weight_decay"])
-            h = _hypergradient(params, self.state, "direction")
-            if h is not None:
-                group["hypergradient"] = float(h)
-                group["lr"] = group["lr"] + group["hypergrad_lr"] * float(h)
             for p in params:
                 state = self.state[p]
                 if "m" not in state:
