@@ -103,10 +103,7 @@ def _automl(args: argparse.Namespace) -> int:
     from allmap.app.report import format_results
 
     if not args.config:
-        presets = automl_presets()
-        width = max(map(len, presets), default=0) + 2
-        for name, desc in presets.items():
-            print(f"{name:<{width}}{desc}")
+        _print_presets(automl_presets())
         return 0
     config = load_automl_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
@@ -263,11 +260,15 @@ def _show(args: argparse.Namespace) -> int:
 
 def _presets() -> int:
     """Print each shipped preset with its one-line description."""
-    presets = list_presets()
+    _print_presets(list_presets())
+    return 0
+
+
+def _print_presets(presets: dict[str, str]) -> None:
+    """One line per preset: its name, padded, then its description."""
     width = max(map(len, presets), default=0) + 2
     for name, desc in presets.items():
         print(f"{name:<{width}}{desc}")
-    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
