@@ -280,11 +280,13 @@ def _nonzero(value: Tensor | float) -> bool:
 @dataclass
 class History:
     """What an optimisation run leaves: per outer step the process CPU seconds since the start, the validation
-    loss, the hyperparameter summary; the final weights and hyperparameters."""
+    loss, the hyperparameter summary and (for ``implicit``) the relative residual of the linear solve; the
+    final weights and hyperparameters."""
 
     cpu_seconds: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     hyper: list[dict[str, float]] = field(default_factory=list)
+    residual: list[float | None] = field(default_factory=list)
     params: Params = field(default_factory=dict)
     raw: Params = field(default_factory=dict)
 
@@ -312,6 +314,7 @@ def optimize(
         history.cpu_seconds.append(time.process_time() - start)
         history.val_loss.append(step.val_loss)
         history.hyper.append(problem.hyper.summary(raw))
+        history.residual.append(getattr(problem.strategy, "last_residual", None))
         if callback is not None:
             callback(t, step)
     history.raw = {k: v.detach() for k, v in raw.items()}
