@@ -127,3 +127,4 @@ def test_optimize_lowers_the_validation_loss_below_fixed_training(small):
     assert len(history.val_loss) == 20 and history.hyper[-1]["lr"] > 0.05
     assert history.val_loss[-1] < fixed.val_loss[-1]
     assert all(b >= a for a, b in zip(history.cpu_seconds, history.cpu_seconds[1:]))
+    assert history.residual == [None] * 20  # only the implicit strategy solves a linear system
