@@ -246,7 +246,7 @@ def run_experiment(config: dict[str, Any], out: str | Path, progress: bool = Tru
     record = {
         "status": "ok",
         "experiment": config["experiment"],
-        "protocol": f"{config['description'].strip()} Mean ± 95% CI (1.96·std/sqrt(n)) over {len(per_seed)} seeds; "
+        "protocol": f"{str(config.get('description', config['experiment'])).strip()} Mean ± 95% CI (1.96·std/sqrt(n)) over {len(per_seed)} seeds; "
         "times in process CPU seconds.",
         "metrics": summarize_seeds(per_seed),
         "per_seed": [r["metrics"] for r in per_seed],
