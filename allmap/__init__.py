@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("tasks", "nets", "inner", "hypergrad", "engine", "learners", "app")
+_SUBPACKAGES = ("tasks", "nets", "inner", "hypergrad", "engine", "learners", "automl", "app")
 _NAMES = {
     **dict.fromkeys(("Execution", "LearnerSpec"), "allmap.engine"),
     **dict.fromkeys(
@@ -41,10 +41,10 @@ _NAMES = {
     "TaskBatch": "allmap.tasks",
 }
 
-__all__ = [*_NAMES, "tasks", "nets", "inner", "hypergrad", "engine", "learners", "load", "__version__"]
+__all__ = [*_NAMES, "tasks", "nets", "inner", "hypergrad", "engine", "learners", "automl", "load", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time the names load on first use
-    from allmap import engine, hypergrad, inner, learners, nets, tasks  # noqa: F401
+    from allmap import automl, engine, hypergrad, inner, learners, nets, tasks  # noqa: F401
     from allmap.engine import Execution, LearnerSpec  # noqa: F401
     from allmap.learners import (  # noqa: F401
         ANIL,

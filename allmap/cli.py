@@ -1,4 +1,4 @@
-"""The ``allmap`` command: train | eval | report | runs | presets | show | plot.
+"""The ``allmap`` command: train | eval | report | runs | presets | show | plot | automl.
 
     allmap train PRESET_OR_CONFIG_FILE [--set key=value ...] [--out DIR]
     allmap train --resume RUN_DIR [--set iterations=N]
@@ -10,6 +10,7 @@
     allmap presets                                       (each preset with its one-line description)
     allmap show PRESET_OR_CONFIG_FILE [--file]           (the resolved config, notes included)
     allmap plot RUN_DIR
+    allmap automl [PRESET_OR_CONFIG_FILE] [--set key=value ...] [--out DIR]   (no preset: list them)
     allmap --version
 
 Errors are one line on stderr (exit status 2); Ctrl-C exits with 130, a closed pipe (``allmap presets |
@@ -43,6 +44,11 @@ from allmap.app.trainer import Interrupted, NonFiniteLossError
 __all__ = ["main"]
 
 
+def _add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option of the commands that read a config."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="allmap",
@@ -54,14 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="meta-train from a preset or a YAML config file")
     t.add_argument("config", nargs="?", help="preset name (see `allmap presets`) or path of a YAML config")
-    t.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set iterations=200 --set learner.inner_lr=0.1",
-    )
+    _add_overrides(t, "override a config key, e.g. --set iterations=200 --set learner.inner_lr=0.1")
     t.add_argument("--out", help="run folder (default: runs/NAME)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -108,7 +107,31 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the file as written (with its `base:`) instead of the resolved config",
     )
+    a = sub.add_parser("automl", help="learn hyperparameters or a cell by hypergradients (AutoML presets)")
+    a.add_argument("config", nargs="?", help="AutoML preset name or YAML file; omit it to list the presets")
+    _add_overrides(a, "override a config key, e.g. --set seeds=2 --set outer_steps=10")
+    a.add_argument("--out", help="run folder (default: runs/NAME)")
+    a.add_argument("--quiet", action="store_true", help="no line per seed")
     return p
+
+
+def _automl(args: argparse.Namespace) -> int:
+    """Run an AutoML experiment into a run folder and print its metrics (mean ± 95% CI over seeds)."""
+    from allmap.app.automl import automl_presets, load_automl_config, run_experiment
+    from allmap.app.host import apply_threads
+    from allmap.app.report import format_results
+
+    if not args.config:
+        _print_presets(automl_presets())
+        return 0
+    config = load_automl_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    _check_out_dir(out)
+    apply_threads(config)
+    record = run_experiment(config, out, progress=not args.quiet)
+    print(format_results(record["metrics"], record["protocol"]))
+    print(f"run folder: {out}")
+    return 0
 
 
 def _host_settings(config: dict | None, run_dir: str | None) -> None:
@@ -289,11 +312,15 @@ def _show(args: argparse.Namespace) -> int:
 
 def _presets() -> int:
     """Print each shipped preset with its one-line description."""
-    presets = list_presets()
+    _print_presets(list_presets())
+    return 0
+
+
+def _print_presets(presets: dict[str, str]) -> None:
+    """One line per preset: its name, padded, then its description."""
     width = max(map(len, presets), default=0) + 2
     for name, desc in presets.items():
         print(f"{name:<{width}}{desc}")
-    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -309,8 +336,9 @@ def _run(args: argparse.Namespace) -> int:
         return _runs(args)
     if args.command == "show":
         return _show(args)
+    if args.command == "automl":
+        return _automl(args)
     return _presets()
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,12 @@ from allmap.hypergrad.base import (
 )
 from allmap.hypergrad.basic import FirstOrder, Unrolled, stop_gradient
 from allmap.hypergrad.checkpointed import Checkpointed
-from allmap.hypergrad.finite_difference import FiniteDifference, central_differences, zeroth_order
+from allmap.hypergrad.finite_difference import (
+    FiniteDifference,
+    central_differences,
+    directional_difference,
+    zeroth_order,
+)
 from allmap.hypergrad.forward import Forward, hypergradient
 from allmap.hypergrad.implicit import Implicit, ImplicitSolveError, ImplicitSolveWarning, conjugate_gradient, neumann
 from allmap.hypergrad.truncated import Truncated
@@ -61,4 +66,5 @@ __all__ = [
     "FiniteDifference",
     "central_differences",
     "zeroth_order",
+    "directional_difference",
 ]
