@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from allmap.rl import ENVS, MAMLRL, PPO, TRPO, BatchedEnv, WithTask, make_policy
 
 __all__ = ["RL_DEFAULTS", "validate_rl", "build_env", "build_rl_learner", "build_outer", "is_rl"]
@@ -20,6 +22,7 @@ RL_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "threads": None,
     "retain_memory": True,
+    "dtype": "float32",
     "iterations": 500,
     "meta_batch": 20,
     "trajectories": 20,
@@ -60,11 +63,11 @@ def validate_rl(config: dict[str, Any]) -> None:
         if not isinstance(config.get(section), dict):
             raise _error(f"config section {section!r} must be a mapping, got {config.get(section)!r}.")
     if config["env"].get("name") not in ENVS and config["env"].get("name") != "gymnasium":
-        raise _error(
-            f"unknown env {config['env'].get('name')!r}; expected one of {', '.join([*ENVS, 'gymnasium'])}."
-        )
+        raise _error(f"unknown env {config['env'].get('name')!r}; expected one of {', '.join([*ENVS, 'gymnasium'])}.")
     if config["outer"].get("name") not in _OUTER:
         raise _error(f"unknown outer loop {config['outer'].get('name')!r}; expected one of {', '.join(_OUTER)}.")
+    if config["dtype"] not in ("float32", "float64"):
+        raise _error(f"config key 'dtype' must be 'float32' or 'float64', got {config['dtype']!r}.")
     steps = config["eval"].get("steps")
     if not isinstance(steps, list) or not steps or not all(isinstance(s, int) and 0 <= s <= 100 for s in steps):
         raise _error(f"config key 'eval.steps' must be a non-empty list of integers in [0, 100], got {steps!r}.")
@@ -95,7 +98,7 @@ def build_rl_learner(config: dict[str, Any], env: BatchedEnv) -> MAMLRL:
     """The policy and the MAML-RL learner of ``config``."""
     try:
         policy = make_policy(env, **config["policy"])
-        return MAMLRL(policy, **config["learner"])
+        return MAMLRL(policy, **config["learner"]).to(getattr(torch, config["dtype"]))
     except TypeError as err:
         raise _error(f"policy or learner section: {err}") from None
 

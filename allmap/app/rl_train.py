@@ -22,7 +22,7 @@ from allmap.app.rl_config import build_env, build_outer, build_rl_learner
 from allmap.app.rl_plots import plot_returns, plot_rl_curve, plot_trajectories
 from allmap.app.runs import RunDir, read_config, results_record, to_json
 from allmap.engine.evaluate import summarize
-from allmap.rl import PPO, MAMLRL, Navigation2D, Surrogate, adaptation_returns, test_tasks
+from allmap.rl import MAMLRL, PPO, Navigation2D, Surrogate, adaptation_returns, test_tasks
 from allmap.rl.envs import BatchedEnv
 
 __all__ = ["train_rl", "resume_rl", "evaluate_rl", "load_rl", "format_rl_results"]
@@ -69,7 +69,9 @@ class _RLTrainer:
         total, batch = self.config["meta_batch"], self.config["trajectories"]
         rows = self.ctx.shard(total)
         tasks = self.env.sample_tasks(total, self.generator)[rows]
-        _, trajs = self.learner.adapt_and_sample(self.env, tasks, batch, generator=self.generator, rows=rows, total=total)
+        _, trajs = self.learner.adapt_and_sample(
+            self.env, tasks, batch, generator=self.generator, rows=rows, total=total
+        )
         clip = self.outer.clip if isinstance(self.outer, PPO) else None
         surrogate = Surrogate(self.learner, trajs[:-1], trajs[-1], total, clip=clip, offset=rows.start)
         if isinstance(self.outer, PPO):
@@ -222,4 +224,3 @@ def format_rl_results(record: dict[str, Any]) -> str:
             cells.append(f"{r['mean']:>12.2f} ± {r['ci95']:<7.2f}" if r else f"{'':>22}")
         lines.append("  " + "".join(cells))
     return "\n".join(lines)
-

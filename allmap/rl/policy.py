@@ -126,13 +126,15 @@ class CategoricalPolicy(Policy):
         self.actions = actions
 
     def dist(self, params: Params, obs: Tensor) -> tuple[Tensor]:
-        return (torch.log_softmax(self.forward_stacked(params, obs), dim=-1),)
+        # unnormalised logits: the KL is curved in them (in log-probabilities it would be linear)
+        return (self.forward_stacked(params, obs),)
 
     def log_prob(self, dist: tuple[Tensor, ...], actions: Tensor) -> Tensor:
-        return dist[0].gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        return torch.log_softmax(dist[0], -1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
     def kl(self, old: tuple[Tensor, ...], new: tuple[Tensor, ...]) -> Tensor:
-        return (old[0].exp() * (old[0] - new[0])).sum(-1)
+        old_lp, new_lp = torch.log_softmax(old[0], -1), torch.log_softmax(new[0], -1)
+        return (old_lp.exp() * (old_lp - new_lp)).sum(-1)
 
     def noise(self, shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
         u = torch.rand(*shape, self.actions, generator=generator, dtype=dtype)
