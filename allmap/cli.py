@@ -275,6 +275,12 @@ def _plot(args: argparse.Namespace) -> int:
     from allmap.app.runs import RunDir, load, read_config
     from allmap.app.trainer import finish
 
+    if _is_rl(None, args.run_dir):
+        from allmap.app.rl_train import replot
+
+        print("\n".join(str(p) for p in replot(args.run_dir)))
+        return 0
+
     finish(args.run_dir, load(args.run_dir), read_config(args.run_dir), progress=True)
     run = RunDir(args.run_dir)
     print("\n".join(str(p) for p in (run.curve, run.adaptation) if p.exists()))

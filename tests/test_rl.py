@@ -353,3 +353,14 @@ def test_ppo_clip_outer_loop_with_adam_lowers_the_surrogate():
     with torch.no_grad():
         loss, kl = surrogate()
     assert float(loss) < info["loss"] and float(kl) > 0
+
+
+def test_cli_plot_redraws_an_rl_run_and_errors_name_the_fix(tmp_path, capsys):
+    train_rl(load_config("navigation2d-maml-trpo", [*TINY, "iterations=1"]), tmp_path / "r", progress=False)
+    (tmp_path / "r" / "returns.png").unlink()
+    assert main(["plot", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "returns.png").stat().st_size > 1000
+    assert main(["eval", str(tmp_path / "r"), "--shots", "3"]) == 2
+    assert "set eval.trajectories=N instead" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_rl(load_config("navigation2d-maml-trpo", [*TINY, "iterations=1"]), tmp_path / "r", progress=False)

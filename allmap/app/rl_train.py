@@ -8,6 +8,7 @@ of every task are drawn as one process would draw them, so the run equals the on
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from allmap.engine.evaluate import summarize
 from allmap.rl import MAMLRL, PPO, Navigation2D, Surrogate, adaptation_returns, test_tasks
 from allmap.rl.envs import BatchedEnv
 
-__all__ = ["train_rl", "resume_rl", "evaluate_rl", "load_rl", "format_rl_results"]
+__all__ = ["train_rl", "resume_rl", "evaluate_rl", "load_rl", "format_rl_results", "replot"]
 
 
 class _RLTrainer:
@@ -213,12 +214,26 @@ def evaluate_rl(
     return record
 
 
+def replot(run_dir: str | Path) -> list[Path]:
+    """Redraw a meta-RL run's learning curve and return-against-steps figure from its metrics and results
+    (the trajectories figure needs new samples: ``allmap eval`` draws it)."""
+    run = RunDir(run_dir)
+    config = read_config(run.path)
+    plot_rl_curve(run.read_metrics(), run.curve, config.get("description", ""))
+    paths = [run.curve]
+    if run.results.is_file():
+        record = json.loads(run.results.read_text())
+        plot_returns({"this run": record["metrics"], **record.get("baselines", {})}, run.path / "returns.png")
+        paths.append(run.path / "returns.png")
+    return paths
+
+
 def format_rl_results(record: dict[str, Any]) -> str:
     """The results of :func:`evaluate_rl` as text: a line per step count, a column per method."""
     methods = {"this run": record["metrics"], **record.get("baselines", {})}
-    lines = [record["protocol"], "  " + "".join(f"{name:>22}" for name in ["steps", *methods])]
+    lines = [record["protocol"], "  " + f"{'steps':<10}" + "".join(f"{name:>22}" for name in methods)]
     for key in record["metrics"]:
-        cells = [f"{key:>22}"]
+        cells = [f"{key:<10}"]
         for m in methods.values():
             r = m.get(key)
             cells.append(f"{r['mean']:>12.2f} ± {r['ci95']:<7.2f}" if r else f"{'':>22}")
