@@ -210,7 +210,11 @@ def evaluate_rl(
         plot_rl_curve(run.read_metrics(), run.curve, config.get("description", ""))
         plot_returns({"this run": record["metrics"], **baselines}, run.path / "returns.png")
         if isinstance(env, Navigation2D) and ctx.world == 1:
-            plot_trajectories(tasks, [trajs[0], trajs[-1]], [steps[0], steps[-1]], run.path / "trajectories.png")
+            after = steps.index(learner.inner_steps) if learner.inner_steps in steps[1:] else len(steps) - 1
+            shown = [0, after] if after else [0]
+            plot_trajectories(
+                tasks, [trajs[i] for i in shown], [steps[i] for i in shown], run.path / "trajectories.png"
+            )
     return record
 
 
