@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from allmap.rl import Trajectories  # noqa: E402
@@ -46,6 +47,7 @@ def plot_returns(results: Mapping[str, Mapping[str, Mapping[str, float]]], path:
             ax.axhline(means[0], ls="--", lw=1, color="gray", label=f"{name} (step {steps[0]})")
         else:
             ax.errorbar(steps, means, yerr=cis, marker="o", ms=4, capsize=3, label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("policy-gradient steps on the test task")
     ax.set_ylabel("mean return (± 95% CI over test tasks)")
     ax.set_title(title or "return after adaptation")
