@@ -17,7 +17,8 @@ import torch
 
 from allmap.app import load_config
 from allmap.app.checkpoint import load_checkpoint
-from allmap.app.config import ConfigError
+from allmap.app.config import ConfigError, list_presets
+from allmap.app.rl_config import build_env, build_outer, build_rl_learner
 from allmap.app.rl_train import resume_rl, train_rl
 from allmap.cli import main
 from allmap.rl import (
@@ -364,3 +365,16 @@ def test_cli_plot_redraws_an_rl_run_and_errors_name_the_fix(tmp_path, capsys):
     assert "set eval.trajectories=N instead" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="already holds a run"):
         train_rl(load_config("navigation2d-maml-trpo", [*TINY, "iterations=1"]), tmp_path / "r", progress=False)
+
+
+@pytest.mark.parametrize("name", [n for n in list_presets() if load_config(n).get("kind") == "rl"])
+def test_every_rl_preset_builds_samples_and_adapts(name):
+    config = load_config(name)
+    if config["env"]["name"] == "gymnasium":
+        pytest.importorskip("gymnasium")
+    env = build_env(config)
+    learner = build_rl_learner(config, env)
+    build_outer(config)
+    tasks = env.sample_tasks(2, torch.Generator().manual_seed(0))
+    _, trajs = learner.adapt_and_sample(env, tasks, 2, steps=1, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(trajs[1].returns()).all()
