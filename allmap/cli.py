@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=N -m allmap train ...      (data-parallel over N processes)
     allmap eval RUN_DIR [--tasks N] [--shots K] [--steps 0,1,5,10] [--set key=value ...] [--json]
     allmap eval PRESET_OR_CONFIG_FILE --weights CHECKPOINT [...]   (weights from elsewhere)
+    (a meta-RL run, ``kind: rl``: returns after each step count with its baselines, see docs/meta-rl.md)
     allmap report RUN_DIR [RUN_DIR ...] --out report.html  (one self-contained HTML page)
     allmap runs DIR [--format text|csv|markdown]         (a table of the run folders under DIR)
     allmap presets                                       (each preset with its one-line description)
@@ -165,6 +166,8 @@ def _train(args: argparse.Namespace) -> int:
     if config is not None:
         _check_out_dir(Path(args.out or Path("runs") / Path(args.config).stem))
     _host_settings(config, args.resume)
+    if _is_rl(config, args.resume):
+        return _train_rl(args, config)
     owns_group = distributed.init_from_env()  # under torchrun: join the process group (gloo / NCCL)
     try:
         if args.resume:
@@ -180,6 +183,62 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         if owns_group:
             distributed.shutdown()
+    return 0
+
+
+def _is_rl(config: dict | None, run_dir: str | None) -> bool:
+    """Whether the config (or the run folder's) is a meta-RL one (``kind: rl``)."""
+    if config is not None:
+        return config.get("kind") == "rl"
+    import yaml
+
+    from allmap.app.runs import RunDir
+
+    path = RunDir(run_dir).config
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return False  # reported by the loader of the run
+    return isinstance(data, dict) and data.get("kind") == "rl"
+
+
+def _train_rl(args: argparse.Namespace, config: dict | None) -> int:
+    from allmap.app import distributed
+    from allmap.app.rl_train import format_rl_results, resume_rl, train_rl
+    from allmap.app.runs import RunDir
+
+    owns_group = distributed.init_from_env()
+    try:
+        if args.resume:
+            resume_rl(args.resume, args.overrides, progress=not args.no_progress)
+            out = args.resume
+        else:
+            out = args.out or str(Path("runs") / Path(args.config).stem)
+            train_rl(config, out, progress=not args.no_progress)
+        if distributed.current().is_main:
+            print(format_rl_results(json.loads(RunDir(out).results.read_text())))
+            print(f"run folder: {out}")
+    finally:
+        if owns_group:
+            distributed.shutdown()
+    return 0
+
+
+def _eval_rl(args: argparse.Namespace, extra: list[str]) -> int:
+    """``allmap eval`` of a meta-RL run: returns after each step count, with the baselines; rewrites the run's
+    results.json and figures."""
+    from allmap.app.host import apply_host_settings
+    from allmap.app.rl_train import evaluate_rl, format_rl_results, load_rl
+    from allmap.app.runs import read_config, to_json
+
+    if args.shots is not None:
+        raise ConfigError("--shots does not apply to a meta-RL run; set eval.trajectories=N instead.")
+    config = apply_overrides(read_config(args.run_dir), extra)
+    validate(config)
+    apply_host_settings(config)
+    learner, _ = load_rl(args.run_dir, config)
+    record = evaluate_rl(learner, config, args.run_dir, write=True)
+    print(to_json({"run": str(args.run_dir), **record}, indent=2) if args.json else format_rl_results(record))
     return 0
 
 
@@ -222,6 +281,13 @@ def _eval(args: argparse.Namespace) -> int:
     from allmap.app.runs import load, load_weights, read_config, to_json
     from allmap.app.trainer import DivergedError
 
+    extra = list(args.overrides)
+    if args.tasks is not None:
+        extra.append(f"eval.tasks={args.tasks}")
+    if args.steps is not None:
+        extra.append(f"eval.steps={_steps(args.steps)}")
+    if _is_rl(None, args.run_dir):
+        return _eval_rl(args, extra)
     if args.weights is None:
         trained = read_config(args.run_dir)
     elif (Path(args.run_dir) / "config.yaml").is_file():
@@ -231,13 +297,8 @@ def _eval(args: argparse.Namespace) -> int:
         )
     else:
         trained = load_config(args.run_dir)
-    extra = list(args.overrides)
-    if args.tasks is not None:
-        extra.append(f"eval.tasks={args.tasks}")
     if args.shots is not None:
         extra.append(f"eval.shots={args.shots}")
-    if args.steps is not None:
-        extra.append(f"eval.steps={_steps(args.steps)}")
     config = apply_overrides(trained, extra)  # a copy: ``trained`` stays the run's own config
     validate(config)
     apply_host_settings(config)
@@ -288,6 +349,12 @@ def _runs(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from allmap.app.runs import RunDir, load, read_config
     from allmap.app.trainer import finish
+
+    if _is_rl(None, args.run_dir):
+        from allmap.app.rl_train import replot
+
+        print("\n".join(str(p) for p in replot(args.run_dir)))
+        return 0
 
     finish(args.run_dir, load(args.run_dir), read_config(args.run_dir), progress=True)
     run = RunDir(args.run_dir)

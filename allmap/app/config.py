@@ -260,7 +260,12 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` over :data:`DEFAULTS`: keys a config (or an older run folder) leaves out get their defaults."""
+    """``data`` over :data:`DEFAULTS` (a ``kind: rl`` config over the meta-RL defaults): keys a config (or an
+    older run folder) leaves out get their defaults."""
+    if data.get("kind") == "rl":
+        from allmap.app.rl_config import RL_DEFAULTS  # meta-RL loads torch-heavy parts only when asked for
+
+        return _merge(RL_DEFAULTS, data)
     return _merge(DEFAULTS, data)
 
 
@@ -320,6 +325,11 @@ def _is_module_name(name: str) -> bool:
 
 def validate(config: dict[str, Any]) -> None:
     """Check top-level keys and value types; section keys are checked against constructors in ``build``."""
+    if config.get("kind") == "rl":
+        from allmap.app.rl_config import validate_rl
+
+        validate_rl(config)
+        return
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; valid top-level keys: {', '.join(DEFAULTS)}.")
