@@ -17,6 +17,7 @@ from allmap.learners.metasgd import MetaSGD
 from allmap.learners.protonet import ProtoNet
 from allmap.learners.reptile import Reptile
 from allmap.learners.siamese import Siamese
+from allmap.learners.snail import SNAIL
 
 __all__ = [
     "Learner",
@@ -32,6 +33,7 @@ __all__ = [
     "ProtoNet",
     "MatchingNet",
     "Siamese",
+    "SNAIL",
     "LEARNERS",
     "register",
 ]
@@ -44,6 +46,7 @@ LEARNERS: dict[str, type[Learner]] = {
     "protonet": ProtoNet,
     "matching": MatchingNet,
     "siamese": Siamese,
+    "snail": SNAIL,
     "reptile": Reptile,
     "imaml": IMAML,
     "lstm": LSTMMetaLearner,
