@@ -215,13 +215,21 @@ class SNAIL(Learner):
         onehot = (support_y.unsqueeze(-1) == classes).to(z_support.dtype)  # vmappable one-hot
         zero = z_query.new_zeros(*z_query.shape[:-1], self.ways)  # the query's label is unknown: zeros
         h = torch.cat([torch.cat([z_support, onehot], -1), torch.cat([z_query, zero], -1)], dim=-2)
-        prefix = z_support.shape[-2]
+        return self.sequence(h, z_support.shape[-2])[..., z_support.shape[-2] :, :]
+
+    def sequence(self, h: Tensor, prefix: int) -> Tensor:
+        """Outputs ``[..., L, N]`` of the blocks and the final linear map at every position of a sequence
+        ``h [..., L, features + N]`` whose first ``prefix`` positions are the support set and the rest
+        queries (each read as the element right after the support set; ``prefix = L``: a plain causal
+        sequence). Position ``t``'s output depends only on positions ``<= t`` (queries: on the support set and
+        that query)."""
         mixed = self.precision == "bfloat16" and h.dtype == torch.float32
+        dtype = h.dtype
         with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=mixed):
             for block in self.blocks:
                 h = block(h, prefix)
-            scores = self.out(h[..., prefix:, :])
-        return scores.to(z_query.dtype)
+            out = self.out(h)
+        return out.to(dtype)
 
     # -- the mapping ---------------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskModel:
