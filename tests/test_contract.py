@@ -91,6 +91,10 @@ CASES: dict[str, Callable[[], tuple[allmap.Learner, object]]] = {
     "protonet": lambda: (allmap.ProtoNet(_flat_mlp()), _episodes()),
     "matching": lambda: (allmap.MatchingNet(_flat_mlp(), scale=5.0), _episodes()),
     "siamese": lambda: (allmap.Siamese(_flat_mlp(), features=8), _episodes()),
+    "snail": lambda: (
+        allmap.SNAIL(_flat_mlp(), y_dim=5, shots=2, features=8, filters=8, attention=[[8, 4], [8, 4], [8, 4]]),
+        _episodes(),
+    ),
     "ridge": lambda: (RidgeHead(MLP([1, 32, 32]), y_dim=1), Sinusoid(shots=5, queries=5)),
     "ridge-episodes": lambda: (RidgeHead(_flat_mlp(), y_dim=5, loss="cross_entropy"), _episodes()),
     "cnp": lambda: (allmap.CNP(MLP([2, 32, 32]), decoder=[32]), GPRegression()),

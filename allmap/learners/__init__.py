@@ -18,6 +18,7 @@ from allmap.learners.neural_process import ANP, CNP
 from allmap.learners.protonet import ProtoNet
 from allmap.learners.reptile import Reptile
 from allmap.learners.siamese import Siamese
+from allmap.learners.snail import SNAIL
 
 __all__ = [
     "Learner",
@@ -35,6 +36,7 @@ __all__ = [
     "Siamese",
     "CNP",
     "ANP",
+    "SNAIL",
     "LEARNERS",
     "register",
 ]
@@ -47,6 +49,7 @@ LEARNERS: dict[str, type[Learner]] = {
     "protonet": ProtoNet,
     "matching": MatchingNet,
     "siamese": Siamese,
+    "snail": SNAIL,
     "reptile": Reptile,
     "imaml": IMAML,
     "lstm": LSTMMetaLearner,

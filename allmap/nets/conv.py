@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from allmap.checks import check_int
 from allmap.nets.norm import under_vmap
 
-__all__ = ["Conv4", "MAMLConv", "nhwc"]
+__all__ = ["Conv4", "MAMLConv", "nhwc", "check_precision", "PRECISIONS"]
 
 
 def _check(owner: str, in_channels: int, hidden: int, out_features: int | None) -> None:
@@ -33,7 +33,8 @@ def _check(owner: str, in_channels: int, hidden: int, out_features: int | None) 
 PRECISIONS = ("float32", "bfloat16")
 
 
-def _check_precision(owner: str, precision: str) -> None:
+def check_precision(owner: str, precision: str) -> None:
+    """Raise unless ``precision`` is one of :data:`PRECISIONS` (``"float32"``, or ``"bfloat16"`` mixed precision)."""
     if precision not in PRECISIONS:
         raise ValueError(
             f"{owner}: expected precision to be one of {', '.join(PRECISIONS)}, got {precision!r}. "
@@ -131,7 +132,7 @@ class Conv4(nn.Module):
     ) -> None:
         super().__init__()
         _check("Conv4", in_channels, hidden, out_features)
-        _check_precision("Conv4", precision)
+        check_precision("Conv4", precision)
         self.body = _Blocks(in_channels, hidden, pool=True, channels_last=channels_last, precision=precision)
         self.head = nn.Linear(flat_features or hidden, out_features) if out_features else nn.Identity()
 
@@ -160,7 +161,7 @@ class MAMLConv(nn.Module):
     ) -> None:
         super().__init__()
         _check("MAMLConv", in_channels, hidden, out_features)
-        _check_precision("MAMLConv", precision)
+        check_precision("MAMLConv", precision)
         self.body = _Blocks(in_channels, hidden, pool=False, channels_last=channels_last, precision=precision)
         self.head = nn.Linear(hidden, out_features) if out_features else nn.Identity()
 
