@@ -33,6 +33,8 @@ _NAMES = {
             "ProtoNet",
             "MatchingNet",
             "Siamese",
+            "OML",
+            "ANML",
         ),
         "allmap.learners",
     ),
@@ -46,8 +48,10 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load o
     from allmap.engine import Execution, LearnerSpec  # noqa: F401
     from allmap.learners import (  # noqa: F401
         ANIL,
+        ANML,
         IMAML,
         MAML,
+        OML,
         GradientLearner,
         HyperNetwork,
         Learner,

@@ -14,6 +14,7 @@ from allmap.learners.lstm import LSTMMetaLearner
 from allmap.learners.maml import ANIL, MAML
 from allmap.learners.matching import MatchingNet
 from allmap.learners.metasgd import MetaSGD
+from allmap.learners.oml import ANML, OML
 from allmap.learners.protonet import ProtoNet
 from allmap.learners.reptile import Reptile
 from allmap.learners.siamese import Siamese
@@ -32,6 +33,8 @@ __all__ = [
     "ProtoNet",
     "MatchingNet",
     "Siamese",
+    "OML",
+    "ANML",
     "LEARNERS",
     "register",
 ]
@@ -47,6 +50,8 @@ LEARNERS: dict[str, type[Learner]] = {
     "reptile": Reptile,
     "imaml": IMAML,
     "lstm": LSTMMetaLearner,
+    "oml": OML,
+    "anml": ANML,
 }
 
 

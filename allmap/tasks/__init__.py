@@ -5,6 +5,7 @@ from allmap.tasks.episodes import ClassImages, Episodes, EpisodeStream, gaussian
 from allmap.tasks.families import FAMILIES, LinearRegression, Logistic2D, Sinusoid, TaskFamily
 from allmap.tasks.imagefolder import ImageFolder
 from allmap.tasks.omniglot import Omniglot, load_omniglot
+from allmap.tasks.streams import ContinualStream, OMLTrajectories, class_incremental
 
 __all__ = [
     "TaskBatch",
@@ -20,4 +21,7 @@ __all__ = [
     "ImageFolder",
     "Omniglot",
     "load_omniglot",
+    "ContinualStream",
+    "class_incremental",
+    "OMLTrajectories",
 ]

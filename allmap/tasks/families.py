@@ -17,6 +17,7 @@ from allmap.checks import check_int
 from allmap.tasks.batch import TaskBatch
 from allmap.tasks.imagefolder import ImageFolder
 from allmap.tasks.omniglot import Omniglot
+from allmap.tasks.streams import OMLTrajectories
 
 __all__ = ["TaskFamily", "Sinusoid", "LinearRegression", "Logistic2D", "FAMILIES"]
 
@@ -169,4 +170,5 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "logistic2d": Logistic2D,
     "omniglot": Omniglot,
     "imagefolder": ImageFolder,
+    "omniglot-oml": OMLTrajectories,
 }
