@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="also train the whole network from scratch on this many streams per N (costly; default 0: off)",
     )
+    c.add_argument(
+        "--scratch-max-classes", type=int, default=200, help="the scratch baseline's largest N (default 200)"
+    )
     c.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
 
     sub.add_parser("presets", help="list the shipped presets")
@@ -258,7 +261,13 @@ def _continual(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     results, table = continual_meta_test(
-        args.run_dir, args.baselines, protocol, oracle=not args.no_oracle, scratch_runs=args.scratch_runs, progress=say
+        args.run_dir,
+        args.baselines,
+        protocol,
+        oracle=not args.no_oracle,
+        scratch_runs=args.scratch_runs,
+        scratch_max_classes=args.scratch_max_classes,
+        progress=say,
     )
     print(to_json(results, indent=2) if args.json else table)
     return 0

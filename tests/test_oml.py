@@ -248,3 +248,13 @@ def test_cli_trains_a_preset_and_runs_the_continual_meta_test(tmp_path, capsys):
     assert (run / record["continual"]["figure"]).stat().st_size > 0
     assert main(["continual", str(run), "--classes", "3,x"]) == 2
     assert "--classes expects" in capsys.readouterr().err
+
+
+def test_step_benchmark_smoke(monkeypatch, capsys):
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["oml_step.py", "--smoke"])
+    runpy.run_path("benchmarks/oml_step.py", run_name="__main__")
+    out = capsys.readouterr().out
+    assert "omniglot-anml" in out and "600 classes" in out

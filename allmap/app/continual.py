@@ -23,7 +23,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -73,6 +73,7 @@ class ContinualProtocol:
     optimizer: str = "adam"
     oracle_epochs: int = 10
     oracle_lr: float = 0.01
+    oracle_runs: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,7 +83,7 @@ class ContinualProtocol:
             )
         if not 1 <= self.stream_drawings < 20:
             raise ValueError(f"ContinualProtocol: stream_drawings must be 1..19 of 20, got {self.stream_drawings}.")
-        for name in ("runs", "sweep_runs", "experiences", "oracle_epochs"):
+        for name in ("runs", "sweep_runs", "experiences", "oracle_epochs", "oracle_runs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ContinualProtocol: expected {name} >= 1, got {getattr(self, name)!r}.")
 
@@ -204,7 +205,7 @@ def evaluate_method(
     accuracies, forgetting and backward transfer (mean ± 95% CI over runs), and the average held-out
     accuracy against the number of classes seen (after each experience)."""
     out: dict[str, Any] = {"head": method.head, "by_classes": {}}
-    runs = method.runs or protocol.runs
+    runs = min(method.runs or protocol.runs, protocol.runs)
     for n in protocol.classes:
         lr, winners = choose_lr(method, protocol, n)
         parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
@@ -246,7 +247,7 @@ class ScratchNet:
     images: Tensor  # [C, 20, *x] evaluation characters
     lrs: tuple[float, ...] = (0.003, 0.001, 0.0003)
     runs: int = 5
-    extra: dict[str, Any] = field(default_factory=dict)
+    max_classes: int = 200  # longer streams are skipped: a network step per image
 
 
 def _scratch_run(net: ScratchNet, protocol: ContinualProtocol, rows: Tensor, lr: float, seed: int) -> tuple:
@@ -281,7 +282,7 @@ def scratch_method(net: ScratchNet, protocol: ContinualProtocol, progress: Calla
     the same protocol with ``net.runs`` runs and ``net.lrs`` swept on one stream (it costs a full network
     step per image)."""
     out: dict[str, Any] = {"head": "scratch", "by_classes": {}}
-    for n in protocol.classes:
+    for n in (n for n in protocol.classes if n <= net.max_classes):
         rows = run_classes(protocol, n, 0, "sweep")
         sweep = {lr: float(_scratch_run(net, protocol, rows, lr, 0)[0].mean()) for lr in net.lrs}
         lr = max(sweep, key=lambda k: (sweep[k], k))
@@ -397,10 +398,10 @@ def method_label(config: dict[str, Any]) -> str:
     return {"oml": "OML", "anml": "ANML", "protonet": "ProtoNet"}.get(name, name)
 
 
-def run_methods(run_dir: str, images: Tensor, oracle: bool = False) -> list[Method]:
+def run_methods(run_dir: str, images: Tensor, oracle: bool = False, oracle_runs: int | None = None) -> list[Method]:
     """The rows of one run folder: an online head on a meta-learned representation; online and
     nearest-class-mean heads on a pretrained one; a nearest-class-mean head on a metric learner's
-    embedding; with ``oracle``, also the offline head (the i.i.d. upper bound)."""
+    embedding; with ``oracle``, also the offline head (the i.i.d. upper bound, on ``oracle_runs`` streams)."""
     from allmap.app.runs import load, read_config
 
     config = read_config(run_dir)
@@ -414,11 +415,11 @@ def run_methods(run_dir: str, images: Tensor, oracle: bool = False) -> list[Meth
     else:
         methods = [Method(f"{label} + online head", feats, "online"), Method(f"{label} + NCM head", feats, "ncm")]
     if oracle:
-        methods.append(Method(f"{label} + offline head (i.i.d. upper bound)", feats, "offline"))
+        methods.append(Method(f"{label} + offline head (i.i.d. upper bound)", feats, "offline", runs=oracle_runs))
     return methods
 
 
-def scratch_net(run_dir: str, images: Tensor, runs: int) -> ScratchNet:
+def scratch_net(run_dir: str, images: Tensor, runs: int, max_classes: int = 200) -> ScratchNet:
     """The network of ``run_dir``'s config, freshly initialised for every run, learned whole from the stream."""
     from allmap.app.build import build_model
     from allmap.app.runs import read_config
@@ -429,7 +430,7 @@ def scratch_net(run_dir: str, images: Tensor, runs: int) -> ScratchNet:
         torch.manual_seed(seed)
         return build_model(config)
 
-    return ScratchNet(make, images, runs=runs)
+    return ScratchNet(make, images, runs=runs, max_classes=max_classes)
 
 
 def continual_meta_test(
@@ -438,6 +439,7 @@ def continual_meta_test(
     protocol: ContinualProtocol | None = None,
     oracle: bool = True,
     scratch_runs: int = 0,
+    scratch_max_classes: int = 200,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """The continual meta-test of ``run_dir`` beside the runs ``others`` (baselines), written into
@@ -449,16 +451,16 @@ def continual_meta_test(
     protocol = protocol or ContinualProtocol()
     root = read_config(run_dir)["task"].get("root")
     images = evaluation_order(root)
-    methods = run_methods(run_dir, images, oracle)
+    methods = run_methods(run_dir, images, oracle, protocol.oracle_runs)
     for other in others:
         methods += run_methods(other, images)
     results: dict[str, Any] = {}
     for m in methods:
-        results[m.name] = evaluate_method(m, protocol, progress)
+        name = m.name if m.name not in results else f"{m.name} ({sum(k.startswith(m.name) for k in results) + 1})"
+        results[name] = evaluate_method(m, protocol, progress)
     if scratch_runs:
-        results["scratch (whole network online)"] = scratch_method(
-            scratch_net(run_dir, images, scratch_runs), protocol, progress
-        )
+        net = scratch_net(run_dir, images, scratch_runs, scratch_max_classes)
+        results["scratch (whole network online)"] = scratch_method(net, protocol, progress)
     run = RunDir(run_dir)
     fig = continual_figure(results, protocol)
     figure = run.path / "continual.png"
