@@ -213,30 +213,39 @@ def evaluate_method(
         for start in range(0, runs, step):
             rows = torch.stack([run_classes(protocol, n, r, "test") for r in range(start, min(start + step, runs))])
             parts.append(_online_accuracies(method, protocol, rows, lr, _generator(protocol, n, start)))
-        stream, held, held_path, stream_path = (torch.cat(p) for p in zip(*parts))
-        ends = experience_ends(n, protocol.experiences)
-        m = continual_metrics(held_path, ends)
-        ms = continual_metrics(stream_path, ends)
-        out["by_classes"][str(n)] = {
-            "lr": lr,
-            "sweep_winners": winners,
-            "runs": runs,
-            "accuracy_stream": summarize(stream.mean(1)),
-            "accuracy_held_out": summarize(held.mean(1)),
-            "forgetting_held_out": summarize(m["forgetting"]),
-            "backward_transfer_held_out": summarize(m["backward_transfer"]),
-            "forgetting_stream": summarize(ms["forgetting"]),
-            "classes_seen": ends,
-            "curve_held_out": m["curve"].mean(0).tolist(),
-            "curve_stream": ms["curve"].mean(0).tolist(),
-        }
-        if progress is not None:
-            r = out["by_classes"][str(n)]
-            progress(
-                f"{method.name}, {n} classes: stream {100 * r['accuracy_stream']['mean']:.1f}%, held-out "
-                f"{100 * r['accuracy_held_out']['mean']:.1f}% (lr {lr:g})"
-            )
+        accuracies = [torch.cat(p) for p in zip(*parts)]
+        out["by_classes"][str(n)] = _record(accuracies, experience_ends(n, protocol.experiences), lr, winners)
+        _report(progress, method.name, n, out["by_classes"][str(n)])
     return out
+
+
+def _record(accuracies: Sequence[Tensor], ends: list[int], lr: float, winners: list[float]) -> dict[str, Any]:
+    """One method at one ``N``: mean ± 95% CI over runs of the final accuracies ``[R, N]`` (stream, held out)
+    and of the metrics of the accuracies after each experience ``[R, E, N]`` (held out, stream)."""
+    stream, held, held_path, stream_path = accuracies
+    m, ms = continual_metrics(held_path, ends), continual_metrics(stream_path, ends)
+    return {
+        "lr": lr,
+        "sweep_winners": winners,
+        "runs": stream.shape[0],
+        "accuracy_stream": summarize(stream.mean(1)),
+        "accuracy_held_out": summarize(held.mean(1)),
+        "forgetting_held_out": summarize(m["forgetting"]),
+        "backward_transfer_held_out": summarize(m["backward_transfer"]),
+        "forgetting_stream": summarize(ms["forgetting"]),
+        "classes_seen": ends,
+        "curve_held_out": m["curve"].mean(0).tolist(),
+        "curve_stream": ms["curve"].mean(0).tolist(),
+    }
+
+
+def _report(progress: Callable[[str], None] | None, name: str, n: int, r: dict[str, Any]) -> None:
+    if progress is not None:
+        lr = "" if math.isnan(r["lr"]) else f", lr {r['lr']:g}"
+        progress(
+            f"{name}, {n} classes: training-stream accuracy {100 * r['accuracy_stream']['mean']:.1f}%, held-out "
+            f"{100 * r['accuracy_held_out']['mean']:.1f}% ({r['runs']} runs{lr})"
+        )
 
 
 @dataclass
@@ -287,28 +296,9 @@ def scratch_method(net: ScratchNet, protocol: ContinualProtocol, progress: Calla
         sweep = {lr: float(_scratch_run(net, protocol, rows, lr, 0)[0].mean()) for lr in net.lrs}
         lr = max(sweep, key=lambda k: (sweep[k], k))
         res = [_scratch_run(net, protocol, run_classes(protocol, n, r, "test"), lr, r + 1) for r in range(net.runs)]
-        stream, held, held_path, stream_path = (torch.stack(p) for p in zip(*res))
-        ends = experience_ends(n, protocol.experiences)
-        m, ms = continual_metrics(held_path, ends), continual_metrics(stream_path, ends)
-        out["by_classes"][str(n)] = {
-            "lr": lr,
-            "sweep_winners": [lr],
-            "runs": net.runs,
-            "accuracy_stream": summarize(stream.mean(1)),
-            "accuracy_held_out": summarize(held.mean(1)),
-            "forgetting_held_out": summarize(m["forgetting"]),
-            "backward_transfer_held_out": summarize(m["backward_transfer"]),
-            "forgetting_stream": summarize(ms["forgetting"]),
-            "classes_seen": ends,
-            "curve_held_out": m["curve"].mean(0).tolist(),
-            "curve_stream": ms["curve"].mean(0).tolist(),
-        }
-        if progress is not None:
-            r = out["by_classes"][str(n)]
-            progress(
-                f"scratch, {n} classes: stream {100 * r['accuracy_stream']['mean']:.1f}%, held-out "
-                f"{100 * r['accuracy_held_out']['mean']:.1f}% (lr {lr:g}, {net.runs} runs)"
-            )
+        accuracies = [torch.stack(p) for p in zip(*res)]
+        out["by_classes"][str(n)] = _record(accuracies, experience_ends(n, protocol.experiences), lr, [lr])
+        _report(progress, "scratch", n, out["by_classes"][str(n)])
     return out
 
 
