@@ -36,6 +36,8 @@ _NAMES = {
             "CNP",
             "ANP",
             "SNAIL",
+            "OML",
+            "ANML",
         ),
         "allmap.learners",
     ),
@@ -49,10 +51,12 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load o
     from allmap.engine import Execution, LearnerSpec  # noqa: F401
     from allmap.learners import (  # noqa: F401
         ANIL,
+        ANML,
         ANP,
         CNP,
         IMAML,
         MAML,
+        OML,
         SNAIL,
         GradientLearner,
         HyperNetwork,

@@ -97,6 +97,36 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
     rs.add_argument("--format", default="text", choices=("text", "csv", "markdown"), help="output format")
     rs.add_argument("--metrics", help="comma-separated metric columns, e.g. loss@0,loss@10 (default: all)")
+    c = sub.add_parser(
+        "continual",
+        help="continual meta-test of a lifelong run (OML, ANML): one-pass class-incremental Omniglot streams, "
+        "training-stream and held-out accuracy beside the baselines",
+    )
+    c.add_argument("run_dir", help="the run to test (its results.json and continual.png receive the results)")
+    c.add_argument(
+        "--baseline",
+        dest="baselines",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="another run on the same streams: a pretrained one (online and NCM heads), a ProtoNet (NCM head), "
+        "another lifelong learner",
+    )
+    c.add_argument("--classes", default="10,50,100,200,600", help="comma-separated class counts N")
+    c.add_argument("--runs", type=int, default=50, help="streams per N (default 50)")
+    c.add_argument("--sweep-runs", type=int, default=5, help="streams of the learning-rate sweep per N (default 5)")
+    c.add_argument("--seed", type=int, default=0, help="fixes the streams (default 0)")
+    c.add_argument("--no-oracle", action="store_true", help="skip the offline head (the i.i.d. upper bound)")
+    c.add_argument(
+        "--scratch-runs",
+        type=int,
+        default=0,
+        help="also train the whole network from scratch on this many streams per N (costly; default 0: off)",
+    )
+    c.add_argument(
+        "--scratch-max-classes", type=int, default=200, help="the scratch baseline's largest N (default 200)"
+    )
+    c.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
 
     sub.add_parser("presets", help="list the shipped presets")
     pl = sub.add_parser("plot", help="redraw a run's plots")
@@ -266,11 +296,11 @@ def _check_out_dir(out: Path) -> None:
         ) from None
 
 
-def _steps(text: str) -> list[int]:
+def _steps(text: str, option: str = "--steps", what: str = "inner step counts such as 0,1,5,10") -> list[int]:
     """``--steps 0,1,5`` as ``[0, 1, 5]``, or a ``ConfigError`` saying what the option takes."""
     parts = [part.strip() for part in text.split(",")]
     if not all(part.isdigit() for part in parts):
-        raise ConfigError(f"--steps expects comma-separated inner step counts such as 0,1,5,10, got {text!r}.")
+        raise ConfigError(f"{option} expects comma-separated {what}, got {text!r}.")
     return [int(part) for part in parts]
 
 
@@ -346,6 +376,38 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _continual(args: argparse.Namespace) -> int:
+    import torch
+
+    from allmap.app.continual import ContinualProtocol, continual_meta_test
+    from allmap.app.runs import read_config, to_json
+
+    for run in (args.run_dir, *args.baselines):
+        read_config(run)  # a clear error for a folder that is not a run
+    torch.set_num_threads(read_config(args.run_dir).get("threads") or torch.get_num_threads())
+    try:
+        protocol = ContinualProtocol(
+            classes=tuple(_steps(args.classes, "--classes", "class counts such as 10,50,100")),
+            runs=args.runs,
+            sweep_runs=args.sweep_runs,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    results, table = continual_meta_test(
+        args.run_dir,
+        args.baselines,
+        protocol,
+        oracle=not args.no_oracle,
+        scratch_runs=args.scratch_runs,
+        scratch_max_classes=args.scratch_max_classes,
+        progress=say,
+    )
+    print(to_json(results, indent=2) if args.json else table)
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from allmap.app.runs import RunDir, load, read_config
     from allmap.app.trainer import finish
@@ -395,6 +457,8 @@ def _run(args: argparse.Namespace) -> int:
         return _train(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "continual":
+        return _continual(args)
     if args.command == "plot":
         return _plot(args)
     if args.command == "report":

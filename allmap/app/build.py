@@ -18,7 +18,7 @@ from allmap.app.config import ConfigError
 from allmap.app.schedules import CosineAdam, StepDecayAdam
 from allmap.app.typecheck import check_arguments
 from allmap.learners import LEARNERS, Learner
-from allmap.nets import MLP, Conv4, MAMLConv
+from allmap.nets import MLP, ANMLNet, Conv4, MAMLConv, OMLConv
 from allmap.tasks.families import FAMILIES
 
 __all__ = [
@@ -36,7 +36,13 @@ __all__ = [
     "import_modules",
 ]
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "conv4": Conv4, "mamlconv": MAMLConv}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "conv4": Conv4,
+    "mamlconv": MAMLConv,
+    "omlconv": OMLConv,
+    "anmlnet": ANMLNet,
+}
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,

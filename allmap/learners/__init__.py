@@ -15,6 +15,7 @@ from allmap.learners.maml import ANIL, MAML
 from allmap.learners.matching import MatchingNet
 from allmap.learners.metasgd import MetaSGD
 from allmap.learners.neural_process import ANP, CNP
+from allmap.learners.oml import ANML, OML
 from allmap.learners.protonet import ProtoNet
 from allmap.learners.reptile import Reptile
 from allmap.learners.siamese import Siamese
@@ -37,6 +38,8 @@ __all__ = [
     "CNP",
     "ANP",
     "SNAIL",
+    "OML",
+    "ANML",
     "LEARNERS",
     "register",
 ]
@@ -55,6 +58,8 @@ LEARNERS: dict[str, type[Learner]] = {
     "lstm": LSTMMetaLearner,
     "cnp": CNP,
     "anp": ANP,
+    "oml": OML,
+    "anml": ANML,
 }
 
 

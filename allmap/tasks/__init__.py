@@ -6,6 +6,7 @@ from allmap.tasks.families import FAMILIES, LinearRegression, Logistic2D, Sinuso
 from allmap.tasks.gp import GPRegression, gp_posterior
 from allmap.tasks.imagefolder import ImageFolder
 from allmap.tasks.omniglot import Omniglot, load_omniglot
+from allmap.tasks.streams import ContinualStream, OMLTrajectories, class_incremental
 
 __all__ = [
     "TaskBatch",
@@ -23,4 +24,7 @@ __all__ = [
     "ImageFolder",
     "Omniglot",
     "load_omniglot",
+    "ContinualStream",
+    "class_incremental",
+    "OMLTrajectories",
 ]

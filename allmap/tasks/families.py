@@ -18,6 +18,7 @@ from allmap.tasks.batch import TaskBatch
 from allmap.tasks.gp import GPRegression
 from allmap.tasks.imagefolder import ImageFolder
 from allmap.tasks.omniglot import Omniglot
+from allmap.tasks.streams import OMLTrajectories
 
 __all__ = ["TaskFamily", "Sinusoid", "LinearRegression", "Logistic2D", "FAMILIES"]
 
@@ -171,4 +172,5 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "omniglot": Omniglot,
     "imagefolder": ImageFolder,
     "gp": GPRegression,
+    "omniglot-oml": OMLTrajectories,
 }

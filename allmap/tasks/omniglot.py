@@ -60,6 +60,7 @@ __all__ = [
     "Omniglot",
     "OmniglotData",
     "load_omniglot",
+    "omniglot_data",
     "SPLITS",
     "SHUFFLED_SPLITS",
     "PROTOCOLS",
@@ -475,6 +476,21 @@ def _resolve_root(root: str | os.PathLike | None) -> Path:
     return path
 
 
+def omniglot_data(
+    root: str | os.PathLike | None = None,
+    size: int = 28,
+    cache_dir: str | os.PathLike | None = None,
+    resize: str = "bilinear",
+) -> OmniglotData:
+    """:func:`load_omniglot` of ``root`` (default ``$ALLMAP_OMNIGLOT`` or ``../shared/data/omniglot``), kept in
+    memory per process, so every family reading the same data shares one copy."""
+    path = _resolve_root(root)
+    key = (str(path.resolve()), size, str(cache_dir), resize)
+    if key not in _MEMORY:
+        _MEMORY[key] = load_omniglot(path, size=size, cache_dir=cache_dir, resize=resize)
+    return _MEMORY[key]
+
+
 class Omniglot(Episodes):
     """N-way K-shot episodes over an Omniglot split: the task family the presets use.
 
@@ -525,10 +541,6 @@ class Omniglot(Episodes):
         rotate: float = 0.0,
         scale: float = 0.0,
     ) -> None:
-        root = _resolve_root(root)
-        key = (str(root.resolve()), size, str(cache_dir), resize)
-        if key not in _MEMORY:
-            _MEMORY[key] = load_omniglot(root, size=size, cache_dir=cache_dir, resize=resize)
         if protocol not in PROTOCOLS:
             raise ValueError(f"Omniglot: unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}.")
         name = PROTOCOLS[protocol].get(split, split)
@@ -537,7 +549,7 @@ class Omniglot(Episodes):
                 f"Omniglot: unknown split {split!r}; expected a phase (train, val, test) or one of "
                 f"{', '.join(ALL_SPLITS)}."
             )
-        data = _MEMORY[key].split(name)
+        data = omniglot_data(root, size, cache_dir, resize).split(name)
         self.split, self.protocol = name, protocol
         # standard, lake and shuffled validate on characters of their training side, by design: that tracks
         # fitting, and a run may start with it (any other overlap with the training classes is refused)
