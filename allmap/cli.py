@@ -196,8 +196,10 @@ def _train(args: argparse.Namespace) -> int:
     if config is not None:
         _check_out_dir(Path(args.out or Path("runs") / Path(args.config).stem))
     _host_settings(config, args.resume)
-    if _is_rl(config, args.resume):
-        return _train_rl(args, config)
+    if _is_rl(config, args.resume):  # meta-RL runs (``kind: rl``) have their own trainer and results
+        from allmap.app.rl_train import format_rl_results as format_run_results
+        from allmap.app.rl_train import resume_rl as resume
+        from allmap.app.rl_train import train_rl as train
     owns_group = distributed.init_from_env()  # under torchrun: join the process group (gloo / NCCL)
     try:
         if args.resume:
@@ -230,28 +232,6 @@ def _is_rl(config: dict | None, run_dir: str | None) -> bool:
     except yaml.YAMLError:
         return False  # reported by the loader of the run
     return isinstance(data, dict) and data.get("kind") == "rl"
-
-
-def _train_rl(args: argparse.Namespace, config: dict | None) -> int:
-    from allmap.app import distributed
-    from allmap.app.rl_train import format_rl_results, resume_rl, train_rl
-    from allmap.app.runs import RunDir
-
-    owns_group = distributed.init_from_env()
-    try:
-        if args.resume:
-            resume_rl(args.resume, args.overrides, progress=not args.no_progress)
-            out = args.resume
-        else:
-            out = args.out or str(Path("runs") / Path(args.config).stem)
-            train_rl(config, out, progress=not args.no_progress)
-        if distributed.current().is_main:
-            print(format_rl_results(json.loads(RunDir(out).results.read_text())))
-            print(f"run folder: {out}")
-    finally:
-        if owns_group:
-            distributed.shutdown()
-    return 0
 
 
 def _eval_rl(args: argparse.Namespace, extra: list[str]) -> int:
