@@ -162,6 +162,12 @@ class Learner(nn.Module):
             return meta_loss_surrogate(self.hypergrad, self, tasks, lambda t: task_losses(self, t).mean())
         return task_losses(self, tasks).mean()
 
+    def looped_loss(self, tasks: TaskBatch) -> Tensor:
+        """The mean of :meth:`task_loss` over the tasks, one task at a time in a Python loop: what a learner
+        that batches its own :meth:`batch_loss` runs under ``execution="loop"``, and the reference it equals."""
+        args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
+        return torch.stack([self.task_loss(*(a[i] for a in args)) for i in range(len(tasks))]).mean()
+
     def meta_backward(self, tasks: TaskBatch, chunk: int | None = None, scale: float = 1.0) -> Tensor:
         """Accumulate the meta-gradient of ``scale * meta_loss(tasks)`` into ``.grad`` chunk by chunk; return
         that loss, detached.

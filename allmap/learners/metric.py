@@ -133,8 +133,7 @@ class MetricLearner(Learner):
         """Mean training loss over the tasks: one encoder call for the whole batch unless ``vectorize`` is
         ``False`` (no ``vmap`` is involved, so BatchNorm is no obstacle: ``None`` and ``True`` both batch)."""
         if self.execution.mode == "loop":
-            args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
-            return torch.stack([self.task_loss(*(a[i] for a in args)) for i in range(len(tasks))]).mean()
+            return self.looped_loss(tasks)
         dims = tasks.support_x.dim() - 2
         z = self.embed(torch.cat([tasks.support_x, tasks.query_x], dim=1), dims)
         ns = tasks.shots

@@ -249,8 +249,7 @@ class SNAIL(Learner):
         """Mean query cross-entropy over the tasks: one embedding call and one sequence pass for the whole
         meta-batch unless ``vectorize`` is ``False`` (then a loop over tasks)."""
         if self.execution.mode == "loop":
-            args = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
-            return torch.stack([self.task_loss(*(a[i] for a in args)) for i in range(len(tasks))]).mean()
+            return self.looped_loss(tasks)
         dims = tasks.support_x.dim() - 2
         z = self.embed(torch.cat([tasks.support_x, tasks.query_x], dim=1), dims)
         ns = tasks.shots
