@@ -10,7 +10,9 @@ many runs at a time (a leading run dimension ``R``):
 * :func:`nearest_mean`: the streaming nearest-class-mean head, whose prototypes are running means (one pass,
   exact, no learning rate);
 * :func:`offline_linear`: the i.i.d. upper bound, a linear head trained offline on the same examples
-  (many shuffled passes).
+  (many shuffled passes);
+* :func:`online_regression`: a scalar linear head learned by SGD on the squared error, one example per
+  step (incremental sine regression; a shuffled, repeated stream gives its offline upper bound).
 
 Metrics, as Avalanche (Lomonaco et al. 2021) defines them over *experiences* (groups of consecutive classes
 of the stream), from ``acc[k, c]``, the accuracy on class ``c`` after experience ``k``
@@ -34,6 +36,7 @@ from allmap.compat import adam_step_
 __all__ = [
     "LinearHeads",
     "online_linear",
+    "online_regression",
     "offline_linear",
     "nearest_mean",
     "nearest_mean_predict",
@@ -240,3 +243,41 @@ def continual_metrics(acc: Tensor, ends: Sequence[int]) -> dict[str, Tensor]:
         "backward_transfer": ((final - just) * old).sum(-1) / denom,
         "curve": curve,
     }
+
+
+def online_regression(
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    lr: float | Sequence[float] | Tensor,
+    snapshots: Sequence[int] = (),
+) -> tuple[tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]:
+    """A scalar linear head per run, started at ``weight [F]``, ``bias []`` and learned by SGD in one pass
+    over ``x [R, M, F]``, ``y [R, M]``, one example per step.
+
+    Update (per run, step ``t``): ``e = w . x_t + b - y_t``; ``w -= lr * 2 e x_t``, ``b -= lr * 2 e``: the exact
+    gradient of the squared error ``e^2`` of one example (``mse`` of a single target), so the heads of all
+    runs step together.
+
+    Returns ``((w [R, F], b [R]), [(w, b) after each snapshot count])``.
+    """
+    if x.dim() != 3 or y.shape != x.shape[:2]:
+        raise ValueError(
+            f"online_regression: expected features x [runs, examples, features] and targets y [runs, examples], "
+            f"got x {list(x.shape)} and y {list(y.shape)}."
+        )
+    runs = x.shape[0]
+    lrs = _lrs(lr, runs, x).to(x.dtype).to(x.device)
+    w = weight.reshape(1, -1).to(x).expand(runs, -1).clone()
+    b = bias.reshape(()).to(x).expand(runs).clone()
+    wanted, kept = set(snapshots), {}
+    if 0 in wanted:
+        kept[0] = (w.clone(), b.clone())
+    for t in range(x.shape[1]):
+        step = 2.0 * lrs * (torch.einsum("rf,rf->r", w, x[:, t]) + b - y[:, t])  # [R]
+        w -= step.unsqueeze(1) * x[:, t]
+        b -= step
+        if t + 1 in wanted:
+            kept[t + 1] = (w.clone(), b.clone())
+    return (w, b), [kept[s] for s in snapshots]

@@ -18,7 +18,7 @@ from allmap.tasks.batch import TaskBatch
 from allmap.tasks.gp import GPRegression
 from allmap.tasks.imagefolder import ImageFolder
 from allmap.tasks.omniglot import Omniglot
-from allmap.tasks.streams import OMLTrajectories
+from allmap.tasks.streams import IncrementalSine, OMLTrajectories
 
 __all__ = ["TaskFamily", "Sinusoid", "LinearRegression", "Logistic2D", "FAMILIES"]
 
@@ -173,4 +173,5 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "imagefolder": ImageFolder,
     "gp": GPRegression,
     "omniglot-oml": OMLTrajectories,
+    "sine-incremental": IncrementalSine,
 }

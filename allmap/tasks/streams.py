@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,14 @@ from allmap.checks import check_int
 from allmap.tasks.batch import TaskBatch
 from allmap.tasks.omniglot import DRAWINGS, omniglot_data
 
-__all__ = ["ContinualStream", "class_incremental", "OMLTrajectories", "background_order", "evaluation_order"]
+__all__ = [
+    "ContinualStream",
+    "class_incremental",
+    "OMLTrajectories",
+    "IncrementalSine",
+    "background_order",
+    "evaluation_order",
+]
 
 
 @dataclass(frozen=True)
@@ -197,4 +205,64 @@ class OMLTrajectories:
         return (
             f"OML trajectories: {self.ways} classes x {self.shots} images in class order, outer set "
             f"{self.queries} more per class + {self.remember} remember images ({self.remember_from}); {source}"
+        )
+
+
+class IncrementalSine:
+    """Incremental sine regression (Javed & White 2019, the OML code's ``oml_regression.py``): ``slots`` sine
+    functions ``y = a sin(x + phi)`` learned one after another, each given its own task slot.
+
+    Each function draws ``a`` uniform in ``[0.1, 5.1]`` and ``phi`` uniform in ``[0, pi]`` (the OML code's
+    ``(rand + 0.02) * 5`` and ``rand * pi``); ``x`` is uniform in ``[-5, 5]``. The input is the one-hot slot
+    of the function (``slots`` entries) followed by ``x``, ``[slots + 1]``; the target is ``[1]``. A task
+    draws ``slots`` functions, the ``k``-th in slot ``k``; its support set is ``shots`` points of function 0,
+    then ``shots`` of function 1, ... (the trajectory, one inner step per point), its query set ``queries``
+    further points of every function (the loss over all functions, which the online steps must not have
+    overwritten). ``slot_of(x)`` gives each example's function, the stream's "class".
+
+    Example:
+        >>> tasks = IncrementalSine(shots=2, queries=1).sample(1, torch.Generator().manual_seed(0))
+        >>> tasks.support_x.shape, tasks.query_x.shape, tasks.support_x[0, :, :10].argmax(-1).tolist()
+        (torch.Size([1, 20, 11]), torch.Size([1, 10, 11]), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9])
+    """
+
+    classification = False
+
+    def __init__(self, slots: int = 10, shots: int = 10, queries: int = 10) -> None:
+        owner = "IncrementalSine"
+        self.slots = check_int(owner, "slots", slots)
+        self.shots = check_int(owner, "shots", shots)
+        self.queries = check_int(owner, "queries", queries)
+        self.x_dim, self.y_dim = self.slots + 1, 1
+
+    def functions(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Amplitudes and phases ``[n, slots]`` of ``n`` sequences of functions."""
+        amplitude = (torch.rand(n, self.slots, generator=generator) + 0.02) * 5.0
+        return {"amplitude": amplitude, "phase": torch.rand(n, self.slots, generator=generator) * math.pi}
+
+    def points(self, info: dict[str, Tensor], per: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``per`` points of each function, function by function: inputs ``[n, slots * per, slots + 1]`` and
+        targets ``[n, slots * per, 1]``."""
+        n = info["amplitude"].shape[0]
+        x = torch.rand(n, self.slots, per, generator=generator) * 10.0 - 5.0
+        y = info["amplitude"].unsqueeze(-1) * torch.sin(x + info["phase"].unsqueeze(-1))
+        slot = torch.eye(self.slots).view(1, self.slots, 1, self.slots).expand(n, -1, per, -1)
+        inputs = torch.cat([slot, x.unsqueeze(-1)], -1).reshape(n, self.slots * per, self.slots + 1)
+        return inputs, y.reshape(n, self.slots * per, 1)
+
+    def slot_of(self, x: Tensor) -> Tensor:
+        """The function (slot) of each input ``[..., slots + 1]``."""
+        return x[..., : self.slots].argmax(-1)
+
+    def sample(self, n: int, generator: torch.Generator) -> TaskBatch:
+        check_int("IncrementalSine", "the number of tasks", n)
+        info = self.functions(n, generator)
+        sx, sy = self.points(info, self.shots, generator)
+        qx, qy = self.points(info, self.queries, generator)
+        return TaskBatch(sx, sy, qx, qy, info)
+
+    def describe(self) -> str:
+        return (
+            f"incremental sine regression: {self.slots} functions in sequence (one-hot slot + x), "
+            f"{self.shots} points each in the trajectory, {self.queries} each in the outer set"
         )
