@@ -9,6 +9,8 @@
   seen ``shots`` images at a time in class order (the support set, consumed one image per inner step), and an
   outer set of ``queries`` further images of those classes plus ``remember`` images of other classes (the
   query set), as the OML code samples them after its July 2020 fix.
+* :class:`IncrementalSine`: OML's incremental sine regression, 10 functions learned in sequence, each in
+  its own one-hot task slot of the input.
 """
 
 from __future__ import annotations
