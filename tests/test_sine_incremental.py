@@ -125,7 +125,9 @@ def test_cli_trains_the_sine_presets_and_runs_the_evaluation(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "HELD-OUT MSE over the functions seen so far" in out and "after 10" in out
-    methods = json.loads((run / "results.json").read_text())["continual"]["methods"]
+    record = json.loads((run / "results.json").read_text())["continual"]
+    methods = record["methods"]
+    assert (run / record["figure"]).stat().st_size > 0
     assert set(methods) == {
         "OML",
         "OML + offline head (i.i.d. upper bound)",

@@ -32,7 +32,16 @@ from allmap.engine.continual import online_regression
 from allmap.engine.evaluate import summarize
 from allmap.tasks.streams import IncrementalSine
 
-__all__ = ["SineProtocol", "SineMethod", "sine_streams", "evaluate_sine", "scratch_sine", "format_sine_table"]
+__all__ = [
+    "SineProtocol",
+    "SineMethod",
+    "sine_streams",
+    "evaluate_sine",
+    "scratch_sine",
+    "format_sine_table",
+    "sine_figure",
+    "sine_meta_test",
+]
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,29 @@ def format_sine_table(results: dict[str, dict[str, Any]], protocol: SineProtocol
     return "\n".join(lines)
 
 
+def sine_figure(results: dict[str, dict[str, Any]], protocol: SineProtocol):
+    """The held-out MSE over the functions seen against the number of functions learned, one line per
+    method, 95% CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = list(range(1, protocol.slots + 1))
+    for name, r in results.items():
+        cells = r["mse_seen_held_out"]
+        ax.errorbar(xs, [c["mean"] for c in cells], yerr=[c["ci95"] for c in cells], marker="o", capsize=3, label=name)
+    ax.set_xlabel("functions learned")
+    ax.set_ylabel("held-out MSE over the functions seen")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Incremental sine regression: one pass, one point per step; mean ± 95% CI over runs", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def sine_methods(run_dir: str, oracle: bool = False) -> list[SineMethod]:
     """The rows of one run folder: the online head on its representation, starting from its own head (and,
     with ``oracle``, the same head trained offline on the same points)."""
@@ -236,8 +268,8 @@ def sine_meta_test(
     scratch_runs: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The incremental sine evaluation of ``run_dir`` beside the runs ``others``, written into ``run_dir``'s
-    ``results.json`` (key ``continual``). Returns ``(results by method, the table as text)``."""
+    """The incremental sine evaluation of ``run_dir`` beside the runs ``others``, written into ``run_dir``:
+    ``continual.png`` and the ``continual`` entry of ``results.json``. Returns ``(results by method, the table as text)``."""
     import json
 
     from allmap.app.build import build_model
@@ -264,10 +296,17 @@ def sine_meta_test(
 
         results["scratch (whole network online)"] = scratch_sine(make, protocol, scratch_runs)
     run = RunDir(run_dir)
+    fig = sine_figure(results, protocol)
+    figure = run.path / "continual.png"
+    fig.savefig(figure, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     record = json.loads(run.results.read_text()) if run.results.is_file() else {}
     record["continual"] = {
         "protocol": {"description": protocol.describe(), **asdict(protocol)},
         "runs": {"meta-test": str(run_dir), "baselines": [str(o) for o in others]},
+        "figure": figure.name,
         "methods": results,
     }
     run.write_results(record)
