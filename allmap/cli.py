@@ -361,55 +361,48 @@ def _continual(args: argparse.Namespace) -> int:
     import torch
 
     from allmap.app.continual import ContinualProtocol, continual_meta_test
+    from allmap.app.continual_sine import SineProtocol, sine_meta_test
     from allmap.app.runs import read_config, to_json
 
     for run in (args.run_dir, *args.baselines):
         read_config(run)  # a clear error for a folder that is not a run
-    torch.set_num_threads(read_config(args.run_dir).get("threads") or torch.get_num_threads())
-    if read_config(args.run_dir)["task"]["family"] == "sine-incremental":
-        return _continual_sine(args)
+    config = read_config(args.run_dir)
+    torch.set_num_threads(config.get("threads") or torch.get_num_threads())
+    sine = config["task"]["family"] == "sine-incremental"  # incremental sine regression, else Omniglot classes
     try:
-        protocol = ContinualProtocol(
-            classes=tuple(_steps(args.classes, "--classes", "class counts such as 10,50,100")),
-            runs=args.runs,
-            sweep_runs=args.sweep_runs,
-            seed=args.seed,
-        )
+        if sine:
+            task = config["task"]
+            protocol = SineProtocol(
+                slots=task.get("slots", 10),
+                points=task.get("shots", 10),
+                runs=args.runs,
+                sweep_runs=args.sweep_runs,
+                seed=args.seed,
+            )
+        else:
+            protocol = ContinualProtocol(
+                classes=tuple(_steps(args.classes, "--classes", "class counts such as 10,50,100")),
+                runs=args.runs,
+                sweep_runs=args.sweep_runs,
+                seed=args.seed,
+            )
     except ValueError as err:
         raise ConfigError(str(err)) from None
     say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    results, table = continual_meta_test(
-        args.run_dir,
-        args.baselines,
-        protocol,
-        oracle=not args.no_oracle,
-        scratch_runs=args.scratch_runs,
-        scratch_max_classes=args.scratch_max_classes,
-        progress=say,
-    )
-    print(to_json(results, indent=2) if args.json else table)
-    return 0
-
-
-def _continual_sine(args: argparse.Namespace) -> int:
-    from allmap.app.continual_sine import SineProtocol, sine_meta_test
-    from allmap.app.runs import read_config, to_json
-
-    task = read_config(args.run_dir)["task"]
-    try:
-        protocol = SineProtocol(
-            slots=task.get("slots", 10),
-            points=task.get("shots", 10),
-            runs=args.runs,
-            sweep_runs=args.sweep_runs,
-            seed=args.seed,
+    if sine:
+        results, table = sine_meta_test(
+            args.run_dir, args.baselines, protocol, not args.no_oracle, args.scratch_runs, progress=say
         )
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    results, table = sine_meta_test(
-        args.run_dir, args.baselines, protocol, not args.no_oracle, args.scratch_runs, progress=say
-    )
+    else:
+        results, table = continual_meta_test(
+            args.run_dir,
+            args.baselines,
+            protocol,
+            oracle=not args.no_oracle,
+            scratch_runs=args.scratch_runs,
+            scratch_max_classes=args.scratch_max_classes,
+            progress=say,
+        )
     print(to_json(results, indent=2) if args.json else table)
     return 0
 
