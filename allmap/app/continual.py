@@ -116,16 +116,20 @@ def representation(learner: nn.Module) -> Callable[[Tensor], Tensor]:
     """The frozen representation of a trained learner: OML/ANML's ``features``, else a model's ``body``,
     else the whole model (a metric learner's embedding)."""
     if callable(getattr(learner, "features", None)):
-        return learner.features
-    model = getattr(learner, "model", learner)
-    return getattr(model, "body", model)
+        embed = learner.features
+    else:
+        model = getattr(learner, "model", learner)
+        embed = getattr(model, "body", model)
+    device = next(learner.parameters()).device
+    return lambda x: embed(x.to(device))  # inputs go to the learner's device (a GPU if the run has one)
 
 
 @torch.no_grad()
 def features_of(embed: Callable[[Tensor], Tensor], images: Tensor, chunk: int = 500) -> Tensor:
-    """``embed`` of ``images [C, D, *x]`` in chunks, as ``[C, D, F]`` (float32, no autograd graph)."""
+    """``embed`` of ``images [C, D, *x]`` in chunks, as ``[C, D, F]`` (float32, no autograd graph), on the
+    images' device: the heads learn on the streams where they are built."""
     flat = images.flatten(0, 1)
-    out = torch.cat([embed(flat[i : i + chunk]).flatten(1) for i in range(0, len(flat), chunk)])
+    out = torch.cat([embed(flat[i : i + chunk]).flatten(1).to(images.device) for i in range(0, len(flat), chunk)])
     return out.view(images.shape[0], images.shape[1], -1).float()
 
 
@@ -396,7 +400,7 @@ def run_methods(run_dir: str, images: Tensor, oracle: bool = False, oracle_runs:
 
     config = read_config(run_dir)
     label = method_label(config)
-    learner = load(run_dir, device="cpu")
+    learner = load(run_dir)  # on the run's device
     feats = features_of(representation(learner), images)
     if label == "ProtoNet":
         methods = [Method("ProtoNet + NCM head", feats, "ncm")]

@@ -113,14 +113,15 @@ def _method_mse(
     x, y, xh, yh = streams
     f, fh = features_of(method.embed, x), features_of(method.embed, xh)
     s, p = protocol.slots, protocol.points
+    weight, bias = method.weight.to(f.device), method.bias.to(f.device)
     if method.head == "offline":
         g = torch.Generator().manual_seed(protocol.seed)
         order = torch.cat([torch.rand(x.shape[:2], generator=g).argsort(1) for _ in range(protocol.oracle_epochs)], 1)
         rows = torch.arange(x.shape[0]).unsqueeze(1)
-        final, _ = online_regression(f[rows, order], y[rows, order], method.weight, method.bias, lr)
+        final, _ = online_regression(f[rows, order], y[rows, order], weight, bias, lr)
         heads = [final] * s  # trained offline on the whole stream: no order to follow
     else:
-        final, heads = online_regression(f, y, method.weight, method.bias, lr, [p * (k + 1) for k in range(s)])
+        final, heads = online_regression(f, y, weight, bias, lr, [p * (k + 1) for k in range(s)])
     held = torch.stack([_seen_mse(_predict(h, fh), yh, s)[:, k] for k, h in enumerate(heads)], 1)
     stream = ((_predict(final, f) - y) ** 2).mean(1)
     return held, stream
@@ -244,7 +245,7 @@ def sine_methods(run_dir: str, oracle: bool = False) -> list[SineMethod]:
     from allmap.app.runs import load, read_config
 
     label = method_label(read_config(run_dir))
-    learner = load(run_dir, device="cpu")
+    learner = load(run_dir)  # on the run's device
     head = learner.model.head
     if not isinstance(head, nn.Linear) or head.out_features != 1:
         raise ValueError(
