@@ -439,7 +439,7 @@ def continual_meta_test(
     """The continual meta-test of ``run_dir`` beside the runs ``others`` (baselines), written into
     ``run_dir``: ``continual.png`` and the ``continual`` entry of ``results.json``. Returns
     ``(results by method, the table as text)``."""
-    from allmap.app.runs import RunDir, read_config
+    from allmap.app.runs import read_config
     from allmap.tasks.streams import evaluation_order
 
     protocol = protocol or ContinualProtocol()
@@ -455,19 +455,28 @@ def continual_meta_test(
     if scratch_runs:
         net = scratch_net(run_dir, images, scratch_runs, scratch_max_classes)
         results["scratch (whole network online)"] = scratch_method(net, protocol, progress)
-    run = RunDir(run_dir)
-    fig = continual_figure(results, protocol)
-    figure = run.path / "continual.png"
-    fig.savefig(figure, dpi=110)
+    save_continual(run_dir, continual_figure(results, protocol), protocol_record(protocol), others, results)
+    return results, format_table(results, protocol)
+
+
+def save_continual(
+    run_dir: str, fig: Any, protocol: dict[str, Any], others: Sequence[str], results: dict[str, Any]
+) -> None:
+    """Write a continual meta-test into its run folder: the figure as ``continual.png`` and the
+    ``continual`` entry of ``results.json`` (protocol, runs, figure, per-method results)."""
     import matplotlib.pyplot as plt
 
+    from allmap.app.runs import RunDir
+
+    run = RunDir(run_dir)
+    figure = run.path / "continual.png"
+    fig.savefig(figure, dpi=110)
     plt.close(fig)
     record = json.loads(run.results.read_text()) if run.results.is_file() else {}
     record["continual"] = {
-        "protocol": protocol_record(protocol),
+        "protocol": protocol,
         "runs": {"meta-test": str(run_dir), "baselines": [str(o) for o in others]},
         "figure": figure.name,
         "methods": results,
     }
     run.write_results(record)
-    return results, format_table(results, protocol)

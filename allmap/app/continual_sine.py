@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from allmap.app.continual import features_of, representation
+from allmap.app.continual import features_of, representation, save_continual
 from allmap.engine.continual import online_regression
 from allmap.engine.evaluate import summarize
 from allmap.tasks.streams import IncrementalSine
@@ -271,10 +271,9 @@ def sine_meta_test(
 ) -> tuple[dict[str, Any], str]:
     """The incremental sine evaluation of ``run_dir`` beside the runs ``others``, written into ``run_dir``:
     ``continual.png`` and the ``continual`` entry of ``results.json``. Returns ``(results by method, the table as text)``."""
-    import json
 
     from allmap.app.build import build_model
-    from allmap.app.runs import RunDir, read_config
+    from allmap.app.runs import read_config
 
     protocol = protocol or SineProtocol()
     methods = sine_methods(run_dir, oracle)
@@ -296,19 +295,11 @@ def sine_meta_test(
             return build_model(config)
 
         results["scratch (whole network online)"] = scratch_sine(make, protocol, scratch_runs)
-    run = RunDir(run_dir)
-    fig = sine_figure(results, protocol)
-    figure = run.path / "continual.png"
-    fig.savefig(figure, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    record = json.loads(run.results.read_text()) if run.results.is_file() else {}
-    record["continual"] = {
-        "protocol": {"description": protocol.describe(), **asdict(protocol)},
-        "runs": {"meta-test": str(run_dir), "baselines": [str(o) for o in others]},
-        "figure": figure.name,
-        "methods": results,
-    }
-    run.write_results(record)
+    save_continual(
+        run_dir,
+        sine_figure(results, protocol),
+        {"description": protocol.describe(), **asdict(protocol)},
+        others,
+        results,
+    )
     return results, format_sine_table(results, protocol)
