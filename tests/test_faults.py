@@ -21,6 +21,7 @@ import torch
 from allmap.app import NonFiniteLossError, load_config, resume, train
 from allmap.app import checkpoint as ckpt
 from allmap.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from allmap.app.runs import TIME_KEYS
 from allmap.app.trainer import Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ SETS = [
 
 def rows(run_dir: Path) -> list[dict]:
     out = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in out]
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in out]
 
 
 def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resume_is_exact(tmp_path):

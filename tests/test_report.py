@@ -16,6 +16,7 @@ from _report_runs import TINY, report_runs
 
 from allmap.app import ConfigError
 from allmap.app.html_report import build_report, resolve_source
+from allmap.app.runs import TIME_KEYS
 from allmap.app.runs_table import runs_table
 from allmap.app.summary import find_runs, metric_tables, read_rows, summarize
 from allmap.cli import main
@@ -156,7 +157,7 @@ def test_report_is_one_self_contained_file_with_every_number_traceable(runs, tmp
     rows = read_rows(runs["maml"] / "metrics.jsonl")
     for r, row in enumerate(rows):
         for k, v in row.items():
-            if k not in ("iteration", "seconds"):
+            if k not in ("iteration", *TIME_KEYS):
                 assert any(p["data-src"] == f"metrics.jsonl#{r}/{k}" and float(p["data-y"]) == v for p in points)
     ids = set(page.text)
     for wanted in (

@@ -16,6 +16,7 @@ import allmap
 from allmap.app import CheckpointError, ConfigError, NonFiniteLossError, load_config, resume, train
 from allmap.app import trainer as loop
 from allmap.app.checkpoint import load_checkpoint, save_checkpoint
+from allmap.app.runs import TIME_KEYS
 from allmap.app.trainer import check_config
 from allmap.cli import main
 
@@ -172,7 +173,7 @@ def test_resume_to_fewer_iterations_than_done_is_refused_and_leaves_the_config(t
 
 def _rows(run_dir) -> list[dict]:
     rows = [strict_json(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
 
 
 @pytest.mark.parametrize("first", [7, 8])  # ends off the log/validation schedule, and on it
@@ -185,6 +186,20 @@ def test_an_extended_run_logs_exactly_what_an_uninterrupted_run_logs(tmp_path, f
         assert torch.equal(extended.state_dict()[name], value), name
     assert _rows(tmp_path / "ext") == _rows(tmp_path / "whole")
     assert [r["iteration"] for r in _rows(tmp_path / "whole") if "loss" in r] == [4, 8, 12, 14]
+
+
+def test_cpu_seconds_are_logged_and_carried_across_a_resume(tmp_path):
+    """Curves against CPU time need a clock that a resume continues, not restarts."""
+    sets = TINY + ["log_every=4", "eval.every=8", "checkpoint_every=3", "iterations=14"]
+    train(load_config("sinusoid-maml", sets + ["iterations=6"]), tmp_path / "run", progress=False)
+    before = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["cpu_elapsed"]
+    resume(tmp_path / "run", ["iterations=14"], progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    cpu = [r["cpu_seconds"] for r in rows]
+    assert cpu[0] > 0 and all(b >= a for a, b in zip(cpu, cpu[1:])), cpu
+    assert saved + 1e-3 >= before[-1]["cpu_seconds"] > 0  # logged rounded to 1 ms
+    assert all(r["cpu_seconds"] + 1e-3 >= saved for r in rows if r["iteration"] > 6)
 
 
 def test_the_loss_row_averages_the_whole_log_window_whatever_checkpoint_every(tmp_path):

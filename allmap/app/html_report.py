@@ -27,6 +27,7 @@ from typing import Any
 
 from allmap import __version__
 from allmap.app.report import format_number
+from allmap.app.runs import TIME_KEYS
 from allmap.app.runs_table import wall_time
 from allmap.app.summary import (
     Figure,
@@ -47,7 +48,7 @@ MAX_IMAGE_BYTES = 1_500_000
 
 _LOWER_BETTER = ("loss", "mse", "error", "nll", "regret")
 _HIGHER_BETTER = ("accuracy", "return", "loglik", "reward")
-_ROW_KEYS = ("iteration", "seconds", "skipped")
+_ROW_KEYS = ("iteration", "skipped", *TIME_KEYS)
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1b1b1b;background:#fafafa}

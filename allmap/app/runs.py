@@ -1,7 +1,8 @@
 """The run folder: what a training run leaves behind, and loading a trained learner back from it.
 
 RUN_DIR/config.yaml        the resolved config (copy it to start a new run)
-RUN_DIR/metrics.jsonl      one JSON object per log step (training loss, validation metrics, seconds)
+RUN_DIR/metrics.jsonl      one JSON object per log step (training loss, validation metrics, wall-clock
+                           "seconds" and process "cpu_seconds" since the run began, resumes included)
 RUN_DIR/checkpoint.pt      weights, optimizer and RNG state (+ checkpoint.pt.sha256)
 RUN_DIR/results.json       "status" ("ok" or "failed", with the "reason"), the final test evaluation
                            (mean ± 95% CI) and its protocol
@@ -23,7 +24,20 @@ from allmap.app.checkpoint import CheckpointError, load_checkpoint
 from allmap.app.config import ConfigError, read_yaml, validate, with_defaults
 from allmap.learners.base import Learner
 
-__all__ = ["RunDir", "load", "load_weights", "read_config", "to_json", "results_record", "non_finite_metrics"]
+__all__ = [
+    "TIME_KEYS",
+    "RunDir",
+    "load",
+    "load_weights",
+    "read_config",
+    "to_json",
+    "results_record",
+    "non_finite_metrics",
+]
+
+
+#: the keys of a metrics row that time the run rather than measure the learner
+TIME_KEYS = ("seconds", "cpu_seconds")
 
 
 def _nulls(value: Any) -> Any:

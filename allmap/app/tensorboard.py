@@ -21,10 +21,11 @@ from typing import Any
 
 from allmap.app.config import ConfigError
 from allmap.app.report import format_metric
+from allmap.app.runs import TIME_KEYS
 
 __all__ = ["TensorBoardLog", "enabled", "hparams", "require"]
 
-_ROW_KEYS = ("iteration", "seconds")
+_ROW_KEYS = ("iteration", *TIME_KEYS)
 
 
 def enabled(config: dict[str, Any]) -> bool:
@@ -79,8 +80,9 @@ class TensorBoardLog:
                 continue
             tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
             self.writer.add_scalar(tag, value, step)
-        if "seconds" in row:
-            self.writer.add_scalar("time/seconds", row["seconds"], step)
+        for key in TIME_KEYS:
+            if key in row:
+                self.writer.add_scalar(f"time/{key}", row[key], step)
         self.writer.flush()
 
     def evaluation(self, record: dict[str, Any], config: dict[str, Any], step: int) -> None:

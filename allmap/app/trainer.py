@@ -41,7 +41,7 @@ from allmap.app.plots import plot_adaptation, plot_learning_curve
 from allmap.app.preflight import check_device, check_model_input, check_model_size, check_sizes, trial_step
 from allmap.app.progress import TaskProgress, progress_bar
 from allmap.app.report import format_results
-from allmap.app.runs import RunDir, read_config, to_json
+from allmap.app.runs import TIME_KEYS, RunDir, read_config, to_json
 from allmap.app.tensorboard import TensorBoardLog, enabled, require
 from allmap.engine.evaluate import count_tasks, fixed_tasks, task_batches
 from allmap.learners.base import Learner
@@ -215,6 +215,7 @@ class _Trainer:
         self.val_steps = [self.learner.spec.inner_steps or 0]
         self.skip = config.get("on_nonfinite", "raise") == "skip"
         self.iteration, self.elapsed = 0, 0.0
+        self.cpu_elapsed = 0.0  # this process's CPU seconds (all its threads; not forked children's)
         # per step since the last logged loss: [loss, 1 if loss and gradient are finite else 0]; the first
         # `checked` of them have been verified
         self.pending: list[torch.Tensor] = []
@@ -233,6 +234,7 @@ class _Trainer:
         return {
             "iteration": self.iteration,
             "elapsed": self.elapsed,
+            "cpu_elapsed": self.cpu_elapsed,
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "task_rng": self.generator.get_state(),
@@ -253,6 +255,7 @@ class _Trainer:
             if self.learner.hypergrad is not None:
                 self.learner.hypergrad.load_state_dict(state.get("hypergrad", {}))
             self.iteration, self.elapsed = int(state["iteration"]), float(state["elapsed"])
+            self.cpu_elapsed = float(state.get("cpu_elapsed", 0.0))
             if self.average is not None:
                 self.average.load_state_dict(state["averaged"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
@@ -281,7 +284,7 @@ class _Trainer:
             last.pop("loss", None)
         if it % cfg["eval"]["every"]:
             last = {k: v for k, v in last.items() if not k.startswith("val_")}
-        if set(last) - {"iteration", "seconds", "skipped"}:
+        if set(last) - {"iteration", "skipped", *TIME_KEYS}:
             rows.append(last)
         return rows
 
@@ -424,6 +427,7 @@ class _Trainer:
         bar = progress_bar(self.progress, total=total, initial=self.iteration, desc="meta-train", unit="it")
         log_every = _log_interval(cfg["log_every"], total)
         start = time.perf_counter() - self.elapsed
+        cpu_start = time.process_time() - self.cpu_elapsed
         # the bar is closed before any error reaches the user
         with bar, _StopSignals(self.left_behind, notice=self.ctx.is_main) as signals:
             while self.iteration < total:
@@ -440,16 +444,21 @@ class _Trainer:
                     if at_log:  # the next loss row averages the next window (an end off the schedule keeps it)
                         self.pending, self.checked = [], 0
                     self.elapsed = time.perf_counter() - start
-                    row: dict[str, Any] = {"iteration": it, "seconds": round(self.elapsed, 3)}
+                    self.cpu_elapsed = time.process_time() - cpu_start
+                    row: dict[str, Any] = {
+                        "iteration": it,
+                        "seconds": round(self.elapsed, 3),
+                        "cpu_seconds": round(self.cpu_elapsed, 3),
+                    }
                     if rows is not None and (at_log or end):
                         row["loss"] = float(rows[:, 0].mean())
                     if at_val:
                         row.update(self.validate())
-                    if len(row) > 2:
+                    if set(row) - {"iteration", *TIME_KEYS}:
                         if self.skip:
                             row["skipped"] = self.skipped
                         self.log(row)
-                        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("iteration", "seconds")})
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("iteration", *TIME_KEYS)})
                     if at_ckpt:
                         with signals.saving():
                             self.save()
@@ -458,6 +467,7 @@ class _Trainer:
                 if stop and self.iteration < total:
                     self.verify_pending()  # never save weights that a non-finite step produced
                     self.elapsed = time.perf_counter() - start
+                    self.cpu_elapsed = time.process_time() - cpu_start
                     with signals.saving():
                         self.save()
                     bar.close()
