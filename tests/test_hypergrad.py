@@ -410,6 +410,15 @@ def test_forward_strategy_equals_unrolled(tasks):
     assert (got - ref).abs().max() < 1e-12
 
 
+def test_forward_strategy_equals_unrolled_one_task_at_a_time(tasks):
+    """Without vmap the MSE's double backward meets a target with no tangent: it must not be torch's fused
+    ``mse_loss``, whose forward-over-reverse formula fails on it ("ZeroTensors are immutable")."""
+    value, ref = meta_grad(tasks, "unrolled", sizes=(1, 4, 1), vectorize=False)
+    v, got = meta_grad(tasks, "forward", sizes=(1, 4, 1), vectorize=False)
+    assert torch.allclose(v, value, atol=1e-14)
+    assert (got - ref).abs().max() < 1e-12
+
+
 # -- finite differences -----------------------------------------------------------------------------------
 def test_central_differences_within_stated_error(tasks):
     _, ref = meta_grad(tasks, "unrolled", sizes=(1, 4, 1))

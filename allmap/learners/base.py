@@ -23,7 +23,21 @@ from allmap.tasks.batch import TaskBatch
 __all__ = ["Learner", "TaskModel", "LOSSES", "resolve_loss", "use_batch_statistics", "functional_forward"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-LOSSES: dict[str, LossFn] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy, "gaussian_nll": gaussian_nll}
+
+
+def mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error, ``mean((pred - target)^2)``, as elementary operations: torch's fused ``mse_loss``
+    has no forward-over-reverse derivative when the target carries no tangent (its double backward divides
+    in place, "ZeroTensors are immutable"), which forward-mode meta-gradients through a loop need."""
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"mse: prediction and target must have one shape, got {tuple(pred.shape)} and {tuple(target.shape)}; "
+            "reshape the model's output or the targets (a regression head of one output gives shape (n, 1))"
+        )
+    return (pred - target).square().mean()
+
+
+LOSSES: dict[str, LossFn] = {"mse": mse, "cross_entropy": F.cross_entropy, "gaussian_nll": gaussian_nll}
 
 
 def resolve_loss(loss: str | LossFn) -> tuple[LossFn, bool]:
