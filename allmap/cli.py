@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="evaluate on another protocol, e.g. --set task.ways=20 --set eval.seed=7",
     )
+    e.add_argument(
+        "--phase",
+        choices=("test", "val"),
+        default="test",
+        help="score the fixed test tasks (default), or the validation tasks, to choose among runs without "
+        "looking at the test classes (needs a protocol that holds them out of training, e.g. lake-holdout)",
+    )
     e.add_argument("--json", action="store_true", help="print JSON: each metric with mean and ci95")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -298,6 +305,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.steps is not None:
         extra.append(f"eval.steps={_steps(args.steps)}")
     if _is_rl(None, args.run_dir):
+        if args.phase != "test":
+            raise ConfigError("--phase val: meta-RL runs are scored on fresh test goals only; drop --phase.")
         return _eval_rl(args, extra)
     if args.weights is None:
         trained = read_config(args.run_dir)
@@ -317,7 +326,7 @@ def _eval(args: argparse.Namespace) -> int:
         learner = load(args.run_dir, config=config)
     else:
         learner = load_weights(args.weights, config)
-    _, record = evaluate_run(learner, config, trained=trained, progress=not args.no_progress)
+    _, record = evaluate_run(learner, config, trained=trained, progress=not args.no_progress, phase=args.phase)
     results, text = record["metrics"], record["protocol"]
     if args.json:
         print(to_json({"run": str(args.run_dir), **record}, indent=2))

@@ -6,7 +6,10 @@ training time, score the learner on fixed test episodes (evaluation time is not 
 
 Writes OUT/budget.json (one row per checkpoint: training minutes (wall clock, evaluation excluded), process
 CPU minutes, the 1-minute load average, iteration, accuracy mean ± 95% CI per protocol). ``--iterations``
-adds checkpoints by iteration, which stay meaningful when other jobs share the cores. ``--set key=value`` overrides the preset as in ``allmap train``.
+adds checkpoints by iteration, which stay meaningful when other jobs share the cores; ``--clock cpu`` reads
+``--minutes`` as process CPU minutes, for single-threaded runs side by side. ``--phase val`` scores the
+validation episodes instead of the test ones, for tuning. ``--set key=value`` overrides the preset as in
+``allmap train``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ from allmap.engine.evaluate import evaluate, fixed_tasks
 
 class Budget:
     def __init__(
-        self, config, minutes, protocols, out: Path, tasks: int, stop_after: bool, iterations: list[int] | None = None
+        self,
+        config,
+        minutes,
+        protocols,
+        out: Path,
+        tasks: int,
+        stop_after: bool,
+        iterations: list[int] | None = None,
+        phase: str = "test",
+        clock: str = "wall",
     ) -> None:
         self.marks = sorted(minutes)
         self.iteration_marks = sorted(iterations or [])
@@ -42,21 +54,26 @@ class Budget:
         for ways, shots, queries in protocols:
             cfg = copy.deepcopy(config)
             cfg["eval"].update({"ways": ways, "shots": shots, "queries": queries})
-            family = build_family(cfg, "test")
+            family = build_family(cfg, phase)
             self.suites[f"{ways}w{shots}s{queries}q"] = fixed_tasks(family, tasks, cfg["eval"]["seed"])
         self.total = config["iterations"]
         self.steps = config["eval"]["steps"]
         self.chunk = config["eval"]["chunk"]
         self.start = time.perf_counter()
         self.cpu0, self.cpu_paused = time.process_time(), 0.0
+        self.clock = clock
 
     def training_minutes(self) -> float:
         return (time.perf_counter() - self.start - self.paused) / 60
 
+    def cpu_minutes(self) -> float:
+        return (time.process_time() - self.cpu0 - self.cpu_paused) / 60
+
     def __call__(self, iteration: int, learner) -> None:
         last = iteration == self.total
         at_iteration = bool(self.iteration_marks) and iteration >= self.iteration_marks[0]
-        at_minutes = bool(self.marks) and self.training_minutes() >= self.marks[0]
+        spent = self.cpu_minutes() if self.clock == "cpu" else self.training_minutes()
+        at_minutes = bool(self.marks) and spent >= self.marks[0]
         if not (last or at_iteration or at_minutes):
             return
         if at_iteration:
@@ -70,7 +87,7 @@ class Budget:
             "minutes": round(self.training_minutes(), 2),
             "mark": mark,
             "iteration": iteration,
-            "process_cpu_minutes": round((time.process_time() - self.cpu0 - self.cpu_paused) / 60, 2),
+            "process_cpu_minutes": round(self.cpu_minutes(), 2),
             "load_avg_1m": round(os.getloadavg()[0], 2),
         }
         for name, tasks in self.suites.items():
@@ -106,12 +123,34 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", required=True)
     p.add_argument("--stop-after-last", action="store_true", help="stop training at the last mark")
+    p.add_argument(
+        "--phase",
+        choices=("test", "val"),
+        default="test",
+        help="score on the protocol's test episodes, or on its validation ones (for tuning; eval.task applies)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="--minutes in wall-clock training minutes, or in process CPU minutes (for runs sharing the cores)",
+    )
     args = p.parse_args()
     config = load_config(args.preset, args.overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     protocols = [tuple(int(v) for v in s.split(":")) for s in args.protocols]
-    budget = Budget(config, args.minutes, protocols, out, args.tasks, args.stop_after_last, args.iterations)
+    budget = Budget(
+        config,
+        args.minutes,
+        protocols,
+        out,
+        args.tasks,
+        args.stop_after_last,
+        args.iterations,
+        args.phase,
+        args.clock,
+    )
     print(f"threads={torch.get_num_threads()} preset={args.preset} overrides={args.overrides}", flush=True)
     try:
         train(config, out / "run", progress=False, callback=budget)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _util import assert_vmap_equals_loop
-from torch import nn
+from torch import Tensor, nn
 
 import allmap
 from allmap.engine.evaluate import evaluate
@@ -126,6 +126,45 @@ def test_protonet_adapt_predicts_nearest_prototype_and_works_under_vmap():
     res_l = evaluate(learner, tasks, steps=[0])
     assert math.isclose(res_v["accuracy"]["mean"], res_l["accuracy"]["mean"])
     assert math.isclose(res_v["loss"]["mean"], res_l["loss"]["mean"], rel_tol=1e-9)
+
+
+def _soft_kmeans_reference(z_s: Tensor, y_s: Tensor, z_q: Tensor, ways: int, steps: int) -> Tensor:
+    """Soft k-means refinement of prototypes written as a loop over classes (Ren et al. 2018, eq. 2)."""
+    protos = torch.stack([z_s[y_s == k].mean(0) for k in range(ways)])
+    for _ in range(steps):
+        dist = torch.stack([((z_q - protos[k]) ** 2).sum(-1) for k in range(ways)], dim=1)
+        p = (-dist).softmax(1)
+        protos = torch.stack(
+            [
+                (z_s[y_s == k].sum(0) + (p[:, k : k + 1] * z_q).sum(0)) / ((y_s == k).sum() + p[:, k].sum())
+                for k in range(ways)
+            ]
+        )
+    return -torch.stack([((z_q - protos[k]) ** 2).sum(-1) for k in range(ways)], dim=1)
+
+
+def test_transductive_protonet_refines_prototypes_with_the_queries_at_test_time_only():
+    torch.manual_seed(0)
+    encoder = nn.Identity()
+    learner = allmap.learners.ProtoNet(encoder, transductive=3).double()
+    # two classes whose queries sit to one side of the single support example: refinement moves the prototypes
+    support_x = torch.tensor([[0.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+    support_y = torch.tensor([0, 1])
+    query_x = torch.tensor([[1.2, 0.0], [1.3, 0.1], [2.6, 0.0], [-0.4, 0.0]], dtype=torch.float64)
+    learner.eval()
+    scores = learner.adapt(support_x, support_y)(query_x)
+    torch.testing.assert_close(
+        scores, _soft_kmeans_reference(support_x, support_y, query_x, 2, 3), rtol=1e-12, atol=1e-12
+    )
+    plain = -(torch.cdist(query_x, support_x) ** 2)
+    assert not torch.allclose(scores, plain)
+    # training mode (and transductive=0) classify every query on its own: the plain ProtoNets scores
+    learner.train()
+    torch.testing.assert_close(learner.adapt(support_x, support_y)(query_x), plain)
+    learner.eval().transductive = 0
+    torch.testing.assert_close(learner.adapt(support_x, support_y)(query_x), plain)
+    with pytest.raises(ValueError, match="transductive .* integer >= 0"):
+        allmap.learners.ProtoNet(encoder, transductive=-1)
 
 
 def test_siamese_classifies_by_most_similar_support_example():

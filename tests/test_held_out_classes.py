@@ -152,3 +152,26 @@ def test_images_the_model_cannot_take_are_refused_naming_the_key(tmp_path, sets,
     flat = _folder(tmp_path / "flat", [f"c{i:02d}" for i in range(10)])
     with pytest.raises(ConfigError, match=message):
         check_config(load_config(_config(tmp_path, flat), sets))
+
+
+def test_eval_phase_val_scores_the_held_out_validation_classes(tmp_path, capsys):
+    flat = _folder(tmp_path / "flat", [f"c{i:02d}" for i in range(10)])
+    out = tmp_path / "run"
+    assert main(["train", str(_config(tmp_path, flat)), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--phase", "val", "--json", "--no-progress"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert "4 fixed validation tasks" in record["protocol"] and 0.0 <= record["metrics"]["accuracy"]["mean"] <= 1.0
+    assert main(["eval", str(out), "--json", "--no-progress"]) == 0
+    assert "4 fixed test tasks" in json.loads(capsys.readouterr().out)["protocol"]
+
+
+@pytest.mark.skipif(not OMNIGLOT.is_dir(), reason="needs ../shared/data/omniglot")
+def test_eval_phase_val_is_refused_where_validation_characters_are_trained_on():
+    from allmap.app.build import build_learner
+    from allmap.app.evaluation import evaluate_run
+
+    config = load_config("omniglot-5w1s-protonet-lake", ["model.hidden=4"])
+    learner = build_learner(config, build_family(config, "test"))
+    with pytest.raises(ConfigError, match="validation classes of task.protocol 'lake' are part of its training side"):
+        evaluate_run(learner, config, phase="val")

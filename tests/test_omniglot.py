@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from allmap.app.build import build_family
-from allmap.app.config import load_config
+from allmap.app.config import ConfigError, load_config
 from allmap.tasks import ClassImages, Episodes, Omniglot, load_omniglot
 from allmap.tasks.episodes import affine, translate, warp
 from allmap.tasks.omniglot import PROTOCOLS, SHUFFLED_SPLITS, SPLITS, shuffled_order
@@ -317,6 +317,26 @@ def test_run_configs_augment_training_episodes_only():
     for split in ("val", "test"):
         family = build_family(config, split)
         assert (family.shift, family.rotate, family.scale) == (0, 0.0, 0.0)
+
+
+def test_eval_task_sets_the_test_episodes_apart_from_the_training_ones():
+    # train across alphabets with rotated copies as classes; validate and test within one alphabet, as drawn
+    config = load_config(
+        "omniglot-5w1s-protonet-lake",
+        ["task.rotations=[0, 90, 180, 270]", "eval.ways=20", "eval.task={within_alphabet: true, rotations: [0]}"],
+    )
+    train_family = build_family(config, "train")
+    assert (train_family.rotations, train_family.within_group, train_family.ways) == ((0, 90, 180, 270), False, 60)
+    for split in ("val", "test"):
+        family = build_family(config, split)
+        assert (family.rotations, family.within_group, family.ways) == ((0,), True, 20)
+        tasks = family.sample(3, torch.Generator().manual_seed(0))
+        alphabet = family.data.group[tasks.info["classes"]]
+        assert (alphabet == alphabet[:, :1]).all()
+    assert "within-alphabet" in build_family(config, "test").describe()
+    for bad in ("eval.task={family: sinusoid}", "eval.task=[0]"):
+        with pytest.raises(ConfigError, match="eval.task"):
+            load_config("omniglot-5w1s-protonet-lake", [bad])
 
 
 def test_support_and_query_images_are_distinct_drawings():

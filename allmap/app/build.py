@@ -98,8 +98,10 @@ def import_modules(config: dict[str, Any]) -> None:
 def build_family(config: dict[str, Any], split: str = "train"):
     """The task family of ``config['task']`` for ``split`` (train, val or test).
 
-    Evaluation splits take ``eval.shots``/``eval.queries``/``eval.ways`` where set and never the training
-    augmentation (``shift``, ``rotate``, ``scale``); families with a ``split`` argument
+    Evaluation splits take ``eval.shots``/``eval.queries``/``eval.ways`` where set, then any task key of
+    ``eval.task`` (for instance ``{within_alphabet: true, rotations: [0]}``: train with rotated copies as
+    extra classes and across alphabets, test within one alphabet on the characters as drawn), and never the
+    training augmentation (``shift``, ``rotate``, ``scale``); families with a ``split`` argument
     (class datasets) receive it, so test tasks come from held-out classes.
     """
     import_modules(config)
@@ -108,6 +110,7 @@ def build_family(config: dict[str, Any], split: str = "train"):
         for key in ("shots", "queries", "ways"):
             if config["eval"].get(key) is not None:
                 section[key] = config["eval"][key]
+        section.update(config["eval"]["task"])
         for key in ("shift", "rotate", "scale"):  # augmentation is for training episodes only
             section.pop(key, None)
     if _takes(FAMILIES.get(section["family"]), "split"):

@@ -73,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
         "every": 1000,
         "val_tasks": 100,
         "chunk": 100,
+        "task": {},
     },
 }
 
@@ -356,6 +357,13 @@ def validate(config: dict[str, Any]) -> None:
     unknown = sorted(set(ev) - set(DEFAULTS["eval"]))
     if unknown:
         raise ConfigError(f"unknown eval key(s) {unknown}; valid: {', '.join(DEFAULTS['eval'])}.")
+    overrides = ev["task"]
+    if not isinstance(overrides, dict) or "family" in overrides:
+        raise ConfigError(
+            f"config key 'eval.task' must be a mapping of task keys that the validation and test episodes "
+            f"use instead of the training ones (e.g. {{within_alphabet: true, rotations: [0]}}), without "
+            f"'family', got {overrides!r}."
+        )
     for key in _EVAL_POSITIVE_INTS:
         if not _is_int(ev[key]) or ev[key] < 1:
             raise ConfigError(f"config key 'eval.{key}' must be a positive integer, got {ev[key]!r}.")

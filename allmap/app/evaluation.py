@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from allmap.app.build import build_family, check_disjoint
+from allmap.app.config import ConfigError
 from allmap.app.distributed import Dist, current, evaluate_sharded
 from allmap.app.progress import TaskProgress
 from allmap.app.runs import results_record
@@ -16,9 +17,12 @@ from allmap.learners.base import Learner
 
 __all__ = ["evaluate_run", "protocol"]
 
+_PHASES = {"test": "test", "val": "validation"}
 
-def protocol(config: dict[str, Any], family: Any, n: int) -> str:
-    """One line naming what the numbers are: family, shots, queries, number of tasks and seed."""
+
+def protocol(config: dict[str, Any], family: Any, n: int, phase: str = "test") -> str:
+    """One line naming what the numbers are: family, shots, queries, number of tasks (``phase``: test or
+    validation) and seed."""
     task = config["task"]
     ways = f"{family.ways}-way " if hasattr(family, "ways") else ""
     detail = f" ({family.describe()})" if callable(getattr(family, "describe", None)) else ""
@@ -27,7 +31,7 @@ def protocol(config: dict[str, Any], family: Any, n: int) -> str:
     counts = family.counts() if callable(getattr(family, "counts", None)) else None
     counts = counts or f"{ways}{family.shots}-shot, {family.queries} queries per task"
     return (
-        f"{task['family']} {counts}{detail}{shifts}, {n} fixed test tasks (seed {config['eval']['seed']}); "
+        f"{task['family']} {counts}{detail}{shifts}, {n} fixed {_PHASES[phase]} tasks (seed {config['eval']['seed']}); "
         "mean ± 95% CI (1.96·std/sqrt(n))"
     )
 
@@ -38,8 +42,11 @@ def evaluate_run(
     trained: dict[str, Any] | None = None,
     ctx: Dist | None = None,
     progress: bool = False,
+    phase: str = "test",
 ) -> tuple[Any, dict[str, Any]]:
-    """``(test family, record)`` of ``learner`` on the test protocol of ``config``.
+    """``(test family, record)`` of ``learner`` on the test protocol of ``config`` (``phase="val"``: on its
+    validation tasks, for choosing a model without touching the test classes; refused where the protocol's
+    validation classes are part of its training side).
 
     ``record`` is :func:`~allmap.app.runs.results_record`'s: ``status`` ("ok", or "failed" with the reason
     when a metric is NaN or infinite), ``protocol`` and ``metrics`` (mean ± 95% CI). For a predictive
@@ -49,7 +56,15 @@ def evaluate_run(
     overlap its training classes. ``progress``: a bar counting test tasks on rank 0's stderr.
     """
     ctx = current() if ctx is None else ctx
-    family = build_family(config, "test")
+    if phase not in _PHASES:
+        raise ValueError(f"evaluate_run: expected phase 'test' or 'val', got {phase!r}.")
+    family = build_family(config, phase)
+    if getattr(family, "overlaps_training", False):
+        raise ConfigError(
+            f"the validation classes of task.protocol {config['task'].get('protocol')!r} are part of its "
+            "training side, so their accuracy measures fitting, not few-shot learning. Train with a protocol "
+            "that holds them out (standard-holdout, lake-holdout, shuffled-holdout) to choose models on them."
+        )
     if trained is not None:
         check_disjoint(build_family(trained, "train"), family)
     ev = config["eval"]
@@ -59,4 +74,4 @@ def evaluate_run(
         results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx, progress=bar)
     if learner.spec.predictive and callable(getattr(family, "oracle", None)):  # e.g. the exact GP posterior
         results.update({k: summarize(v) for k, v in oracle_per_task(family, tasks).items()})
-    return family, results_record(protocol(config, family, n), results)
+    return family, results_record(protocol(config, family, n, phase), results)
