@@ -13,6 +13,7 @@ from PIL import Image
 
 from allmap.app.build import build_family
 from allmap.app.config import ConfigError, load_config
+from allmap.app.evaluation import protocol as protocol_line
 from allmap.tasks import ClassImages, Episodes, Omniglot, load_omniglot
 from allmap.tasks.episodes import affine, translate, warp
 from allmap.tasks.omniglot import PROTOCOLS, SHUFFLED_SPLITS, SPLITS, shuffled_order
@@ -334,6 +335,8 @@ def test_eval_task_sets_the_test_episodes_apart_from_the_training_ones():
         alphabet = family.data.group[tasks.info["classes"]]
         assert (alphabet == alphabet[:, :1]).all()
     assert "within-alphabet" in build_family(config, "test").describe()
+    refined = load_config("omniglot-5w1s-protonet-lake", ["learner.transductive=3"])
+    assert "transductive: prototypes refined 3 times" in protocol_line(refined, build_family(refined, "test"), 10)
     for bad in ("eval.task={family: sinusoid}", "eval.task=[0]"):
         with pytest.raises(ConfigError, match="eval.task"):
             load_config("omniglot-5w1s-protonet-lake", [bad])

@@ -28,6 +28,9 @@ def protocol(config: dict[str, Any], family: Any, n: int, phase: str = "test") -
     detail = f" ({family.describe()})" if callable(getattr(family, "describe", None)) else ""
     shift = config["learner"].get("test_shift")
     shifts = f", embeddings averaged over test-time shifts of up to {shift} px" if shift else ""
+    refine = config["learner"].get("transductive")
+    if refine:
+        shifts += f", transductive: prototypes refined {refine} times with each task's queries"
     counts = family.counts() if callable(getattr(family, "counts", None)) else None
     counts = counts or f"{ways}{family.shots}-shot, {family.queries} queries per task"
     return (
