@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from allmap.app.averaging import averaged
-from allmap.app.build import build_family
+from allmap.app.build import build_family, check_validation_held_out
 from allmap.app.config import load_config
 from allmap.app.trainer import train
 from allmap.engine.evaluate import evaluate, fixed_tasks
@@ -55,6 +55,7 @@ class Budget:
             cfg = copy.deepcopy(config)
             cfg["eval"].update({"ways": ways, "shots": shots, "queries": queries})
             family = build_family(cfg, phase)
+            check_validation_held_out(cfg, family)
             self.suites[f"{ways}w{shots}s{queries}q"] = fixed_tasks(family, tasks, cfg["eval"]["seed"])
         self.total = config["iterations"]
         self.steps = config["eval"]["steps"]

@@ -27,6 +27,7 @@ __all__ = [
     "LEARNERS",
     "OPTIMIZERS",
     "build_family",
+    "check_validation_held_out",
     "build_model",
     "build_learner",
     "build_optimizer",
@@ -165,6 +166,17 @@ def check_held_out(config: dict[str, Any], families: dict[str, Any]) -> None:
         if phase == "val" and getattr(families[phase], "overlaps_training", False):
             continue
         check_disjoint(families["train"], families[phase], phase, _held_out_hint(config, phase))
+
+
+def check_validation_held_out(config: dict[str, Any], family: Any) -> None:
+    """Raise :class:`ConfigError` before scoring a validation ``family`` whose classes the protocol trains on
+    (``overlaps_training``): its accuracy would measure fitting, not few-shot learning."""
+    if getattr(family, "overlaps_training", False):
+        raise ConfigError(
+            f"the validation classes of task.protocol {config['task'].get('protocol')!r} are part of its "
+            "training side, so their accuracy measures fitting, not few-shot learning. Train with a protocol "
+            "that holds them out (standard-holdout, lake-holdout, shuffled-holdout) to choose models on them."
+        )
 
 
 def _takes(factory: Callable[..., Any] | None, arg: str) -> bool:

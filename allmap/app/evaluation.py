@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from allmap.app.build import build_family, check_disjoint
-from allmap.app.config import ConfigError
+from allmap.app.build import build_family, check_disjoint, check_validation_held_out
 from allmap.app.distributed import Dist, current, evaluate_sharded
 from allmap.app.progress import TaskProgress
 from allmap.app.runs import results_record
@@ -62,12 +61,7 @@ def evaluate_run(
     if phase not in _PHASES:
         raise ValueError(f"evaluate_run: expected phase 'test' or 'val', got {phase!r}.")
     family = build_family(config, phase)
-    if getattr(family, "overlaps_training", False):
-        raise ConfigError(
-            f"the validation classes of task.protocol {config['task'].get('protocol')!r} are part of its "
-            "training side, so their accuracy measures fitting, not few-shot learning. Train with a protocol "
-            "that holds them out (standard-holdout, lake-holdout, shuffled-holdout) to choose models on them."
-        )
+    check_validation_held_out(config, family)
     if trained is not None:
         check_disjoint(build_family(trained, "train"), family)
     ev = config["eval"]
