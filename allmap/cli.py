@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=N -m allmap train ...      (data-parallel over N processes)
     allmap eval RUN_DIR [--tasks N] [--shots K] [--steps 0,1,5,10] [--set key=value ...] [--json]
     allmap eval PRESET_OR_CONFIG_FILE --weights CHECKPOINT [...]   (weights from elsewhere)
+    allmap eval RUN_DIR RUN_DIR [...]                    (an ensemble: the mean of their class probabilities)
     (a meta-RL run, ``kind: rl``: returns after each step count with its baselines, see docs/meta-rl.md)
     allmap report RUN_DIR [RUN_DIR ...] --out report.html  (one self-contained HTML page)
     allmap runs DIR [--format text|csv|markdown]         (a table of the run folders under DIR)
@@ -28,6 +29,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from allmap import __version__
 from allmap.app.checkpoint import CheckpointError
@@ -67,12 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="evaluate a trained run: mean ± 95%% CI over fixed test tasks")
-    e.add_argument("run_dir", metavar="RUN_DIR_OR_PRESET", help="a run folder, or a preset / config with --weights")
+    e.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR_OR_PRESET",
+        help="a run folder, or a preset / config with --weights; several run folders are scored as an ensemble "
+        "(the mean of their class probabilities) on the first one's protocol",
+    )
     e.add_argument(
         "--weights",
+        nargs="+",
         metavar="CHECKPOINT",
         help="evaluate these weights (a checkpoint.pt, or a learner state_dict saved with torch.save) with the "
-        "preset or config file given instead of a run folder",
+        "preset or config file given instead of a run folder; several are scored as an ensemble",
     )
     e.add_argument("--tasks", type=int, help="number of test tasks (default: the run's eval.tasks, 600)")
     e.add_argument("--shots", type=int, help="support examples per test task (default: the run's)")
@@ -242,7 +251,7 @@ def _is_rl(config: dict | None, run_dir: str | None) -> bool:
     return isinstance(data, dict) and data.get("kind") == "rl"
 
 
-def _eval_rl(args: argparse.Namespace, extra: list[str]) -> int:
+def _eval_rl(args: argparse.Namespace, run_dir: str, extra: list[str]) -> int:
     """``allmap eval`` of a meta-RL run: returns after each step count, with the baselines; rewrites the run's
     results.json and figures."""
     from allmap.app.host import apply_host_settings
@@ -251,12 +260,12 @@ def _eval_rl(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.shots is not None:
         raise ConfigError("--shots does not apply to a meta-RL run; set eval.trajectories=N instead.")
-    config = apply_overrides(read_config(args.run_dir), extra)
+    config = apply_overrides(read_config(run_dir), extra)
     validate(config)
     apply_host_settings(config)
-    learner, _ = load_rl(args.run_dir, config)
-    record = evaluate_rl(learner, config, args.run_dir, write=True)
-    print(to_json({"run": str(args.run_dir), **record}, indent=2) if args.json else format_rl_results(record))
+    learner, _ = load_rl(run_dir, config)
+    record = evaluate_rl(learner, config, run_dir, write=True)
+    print(to_json({"run": str(run_dir), **record}, indent=2) if args.json else format_rl_results(record))
     return 0
 
 
@@ -296,7 +305,7 @@ def _eval(args: argparse.Namespace) -> int:
     from allmap.app.evaluation import evaluate_run
     from allmap.app.host import apply_host_settings
     from allmap.app.report import format_results
-    from allmap.app.runs import load, load_weights, read_config, to_json
+    from allmap.app.runs import to_json
     from allmap.app.trainer import DivergedError
 
     extra = list(args.overrides)
@@ -304,32 +313,22 @@ def _eval(args: argparse.Namespace) -> int:
         extra.append(f"eval.tasks={args.tasks}")
     if args.steps is not None:
         extra.append(f"eval.steps={_steps(args.steps)}")
-    if _is_rl(None, args.run_dir):
-        if args.phase != "test":
-            raise ConfigError("--phase val: meta-RL runs are scored on fresh test goals only; drop --phase.")
-        return _eval_rl(args, extra)
-    if args.weights is None:
-        trained = read_config(args.run_dir)
-    elif (Path(args.run_dir) / "config.yaml").is_file():
-        raise ConfigError(
-            f"{args.run_dir!r} is a run folder, which has its own weights; pass a preset or config file with "
-            "--weights, or drop --weights to evaluate the run's checkpoint."
-        )
-    else:
-        trained = load_config(args.run_dir)
     if args.shots is not None:
         extra.append(f"eval.shots={args.shots}")
-    config = apply_overrides(trained, extra)  # a copy: ``trained`` stays the run's own config
-    validate(config)
+    first = args.run_dirs[0]
+    if _is_rl(None, first):
+        if args.phase != "test" or len(args.run_dirs) > 1:
+            raise ConfigError(
+                "meta-RL runs are scored one at a time on fresh test goals: pass one run folder, without --phase."
+            )
+        return _eval_rl(args, first, extra)
+    learner, config, trained = _eval_learner(args, extra)
     apply_host_settings(config)
-    if args.weights is None:  # the run's weights, into the learner of the overrides (e.g. learner.test_shift)
-        learner = load(args.run_dir, config=config)
-    else:
-        learner = load_weights(args.weights, config)
     _, record = evaluate_run(learner, config, trained=trained, progress=not args.no_progress, phase=args.phase)
     results, text = record["metrics"], record["protocol"]
     if args.json:
-        print(to_json({"run": str(args.run_dir), **record}, indent=2))
+        runs = args.run_dirs if args.weights is None else args.weights
+        print(to_json({"run": ", ".join(map(str, runs)), **record}, indent=2))
     elif record["status"] == "ok":
         print(format_results(results, text))
     if record["status"] != "ok":
@@ -342,6 +341,38 @@ def _eval(args: argparse.Namespace) -> int:
         )
         raise DivergedError(f"the evaluation failed: {record['reason']}; these numbers are not a result. {fix}.")
     return 0
+
+
+def _eval_learner(args: argparse.Namespace, extra: list[str]) -> tuple[Any, dict, list[dict]]:
+    """``(learner, config, trained)`` of ``allmap eval``: the run's (or the preset's with ``--weights``)
+    learner, an :class:`~allmap.learners.Ensemble` of several, the evaluation config (the first one's with
+    the overrides) and the training configs, whose classes the test classes must not overlap."""
+    from allmap.app.runs import load, load_weights, read_config
+    from allmap.learners.ensemble import Ensemble
+
+    if args.weights is None:
+        trained = [read_config(run) for run in args.run_dirs]
+        configs = [apply_overrides(t, extra) for t in trained]  # copies: ``trained`` stay the runs' own
+        for c in configs:
+            validate(c)
+        members = [load(run, config=c) for run, c in zip(args.run_dirs, configs)]
+    else:
+        if len(args.run_dirs) > 1:
+            raise ConfigError(
+                f"--weights goes with one preset or config file, got {' '.join(args.run_dirs)!r}; to score run "
+                "folders (several make an ensemble), drop --weights."
+            )
+        if (Path(args.run_dirs[0]) / "config.yaml").is_file():
+            raise ConfigError(
+                f"{args.run_dirs[0]!r} is a run folder, which has its own weights; pass a preset or config file "
+                "with --weights, or drop --weights to evaluate the run's checkpoint."
+            )
+        trained = [load_config(args.run_dirs[0])]
+        configs = [apply_overrides(trained[0], extra)]
+        validate(configs[0])
+        members = [load_weights(w, configs[0]) for w in args.weights]
+    learner = members[0] if len(members) == 1 else Ensemble(members).eval()
+    return learner, configs[0], trained
 
 
 def _report(args: argparse.Namespace) -> int:

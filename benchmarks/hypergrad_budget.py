@@ -22,6 +22,7 @@ from pathlib import Path
 
 from allmap.app.build import build_family
 from allmap.app.config import load_config
+from allmap.app.host import apply_host_settings
 from allmap.app.trainer import train
 from allmap.engine.evaluate import evaluate, fixed_tasks
 
@@ -90,6 +91,7 @@ def main() -> None:
     rows = []
     for preset in args.presets:
         config = load_config(preset, args.overrides)
+        apply_host_settings(config)  # threads and retained memory, as `allmap train` sets them
         config["iterations"] = 10**9  # stopped by the last mark
         config["eval"]["every"] = 10**9  # no validation inside the timed training
         marks = Marks(preset, config, args.minutes, args.tasks, args.clock)

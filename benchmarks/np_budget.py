@@ -36,6 +36,7 @@ from hypergrad_budget import Marks  # noqa: E402
 import allmap  # noqa: E402
 from allmap.app.build import build_family  # noqa: E402
 from allmap.app.config import load_config  # noqa: E402
+from allmap.app.host import apply_host_settings  # noqa: E402
 from allmap.app.trainer import Interrupted, resume, train  # noqa: E402
 from allmap.engine.evaluate import evaluate_per_task, fixed_tasks, summarize, task_batches  # noqa: E402
 from allmap.engine.predictive import distribution_of, mixture_metrics, oracle_per_task  # noqa: E402
@@ -56,6 +57,7 @@ class StopAtLastMark(Marks):
 
 def train_preset(preset: str, marks: list[float], out: Path, overrides: list[str]) -> list[dict]:
     config = load_config(preset, overrides)
+    apply_host_settings(config)  # threads and retained memory, as `allmap train` sets them
     config["iterations"] = 10**9  # stopped at the last mark
     config["eval"]["every"] = 10**9  # no validation inside the timed training
     config["checkpoint_every"] = 10**9

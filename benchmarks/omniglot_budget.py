@@ -26,6 +26,7 @@ import torch
 from allmap.app.averaging import averaged
 from allmap.app.build import build_family, check_validation_held_out
 from allmap.app.config import load_config
+from allmap.app.host import apply_host_settings
 from allmap.app.trainer import train
 from allmap.engine.evaluate import evaluate, fixed_tasks
 
@@ -138,6 +139,7 @@ def main() -> None:
     )
     args = p.parse_args()
     config = load_config(args.preset, args.overrides)
+    apply_host_settings(config)  # threads and retained memory, as `allmap train` sets them
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     protocols = [tuple(int(v) for v in s.split(":")) for s in args.protocols]

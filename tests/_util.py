@@ -7,7 +7,10 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
+from PIL import Image
 
 import allmap
 
@@ -68,3 +71,56 @@ def guide_module(file: str = "ridge_head.py", path: Path = GUIDE) -> types.Modul
             del sys.modules[name]
             raise
     return sys.modules[name]
+
+
+#: a run of two iterations, tested on four 2-way 1-shot tasks
+TINY_RUN = {
+    "iterations": 2,
+    "meta_batch": 1,
+    "log_every": 1,
+    "checkpoint_every": 2,
+    "eval": {
+        "tasks": 4,
+        "seed": 1000,
+        "steps": [0],
+        "ways": 2,
+        "shots": 1,
+        "queries": 1,
+        "every": 2,
+        "val_tasks": 2,
+        "chunk": 100,
+    },
+}
+
+
+def image_folder(root: Path, classes: list[str], per_class: int = 3, side: int = 28) -> Path:
+    """A folder of one sub-folder of random RGB images per class."""
+    rng = np.random.default_rng(len(classes))
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def imagefolder_config(tmp_path: Path, root: Path, **task) -> Path:
+    """A run config (written to ``tmp_path``) of a tiny ProtoNet on 2-way 1-shot episodes of ``root``."""
+    config = {
+        **TINY_RUN,
+        "task": {
+            "family": "imagefolder",
+            "root": str(root),
+            "size": 28,
+            "ways": 2,
+            "shots": 1,
+            "queries": 1,
+            "cache_dir": str(tmp_path / "cache"),
+            **task,
+        },
+        "model": {"name": "conv4", "in_channels": 3, "hidden": 4},
+        "learner": {"name": "protonet"},
+        "optimizer": {"name": "adam", "lr": 0.001},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

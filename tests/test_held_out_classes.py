@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
-from PIL import Image
+from _util import image_folder, imagefolder_config
 
 from allmap.app import ConfigError, load_config
 from allmap.app.build import build_family, check_held_out
@@ -17,66 +15,20 @@ from allmap.app.trainer import check_config
 from allmap.cli import main
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-TINY = {
-    "iterations": 2,
-    "meta_batch": 1,
-    "log_every": 1,
-    "checkpoint_every": 2,
-    "eval": {
-        "tasks": 4,
-        "seed": 1000,
-        "steps": [0],
-        "ways": 2,
-        "shots": 1,
-        "queries": 1,
-        "every": 2,
-        "val_tasks": 2,
-        "chunk": 100,
-    },
-}
-
-
-def _folder(root: Path, classes: list[str], per_class: int = 3, side: int = 28) -> Path:
-    rng = np.random.default_rng(len(classes))
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
-
-
-def _config(tmp_path: Path, root: Path, **task) -> Path:
-    config = {
-        **TINY,
-        "task": {
-            "family": "imagefolder",
-            "root": str(root),
-            "size": 28,
-            "ways": 2,
-            "shots": 1,
-            "queries": 1,
-            "cache_dir": str(tmp_path / "cache"),
-            **task,
-        },
-        "model": {"name": "conv4", "in_channels": 3, "hidden": 4},
-        "learner": {"name": "protonet"},
-        "optimizer": {"name": "adam", "lr": 0.001},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_train_refuses_to_test_on_its_training_classes(tmp_path, capsys):
-    flat = _folder(tmp_path / "flat", [f"c{i:02d}" for i in range(10)])
+    flat = image_folder(tmp_path / "flat", [f"c{i:02d}" for i in range(10)])
     out = tmp_path / "run"
-    assert main(["train", str(_config(tmp_path, flat, split="train")), "--out", str(out), "--no-progress"]) == 2
+    assert (
+        main(["train", str(imagefolder_config(tmp_path, flat, split="train")), "--out", str(out), "--no-progress"]) == 2
+    )
     err = capsys.readouterr().err
     assert "the test classes overlap the classes this run was trained on (6 of 6" in err
     assert "task.split = 'train' gives every phase (train, val, test) the same classes; remove task.split" in err
     assert not out.exists()  # refused before the run folder is made
     # without task.split the flat folder is split for it, and the run folder says which classes went where
-    assert main(["train", str(_config(tmp_path, flat)), "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", str(imagefolder_config(tmp_path, flat)), "--out", str(out), "--no-progress"]) == 0
     classes = json.loads((out / "classes.json").read_text())
     assert [len(classes[p]) for p in ("train", "val", "test")] == [6, 2, 2]
     assert not set(classes["train"]) & (set(classes["val"]) | set(classes["test"]))
@@ -100,11 +52,11 @@ def test_train_refuses_to_test_on_its_training_classes(tmp_path, capsys):
 )
 def test_split_folders_that_repeat_training_classes_are_refused(tmp_path, held_out, message):
     root = tmp_path / "data"
-    _folder(root / "train", ["cat", "dog", "eel"])
+    image_folder(root / "train", ["cat", "dog", "eel"])
     for phase in ("val", "test"):
-        _folder(root / phase, ["cat", "fox"] if phase == held_out else [f"{phase}1", f"{phase}2"])
+        image_folder(root / phase, ["cat", "fox"] if phase == held_out else [f"{phase}1", f"{phase}2"])
     with pytest.raises(ConfigError, match=message):
-        check_config(load_config(_config(tmp_path, root)))
+        check_config(load_config(imagefolder_config(tmp_path, root)))
 
 
 @pytest.mark.skipif(not OMNIGLOT.is_dir(), reason="needs ../shared/data/omniglot")
@@ -149,15 +101,15 @@ def test_omniglot_protocols_hold_their_test_characters_out():
     ],
 )
 def test_images_the_model_cannot_take_are_refused_naming_the_key(tmp_path, sets, message):
-    flat = _folder(tmp_path / "flat", [f"c{i:02d}" for i in range(10)])
+    flat = image_folder(tmp_path / "flat", [f"c{i:02d}" for i in range(10)])
     with pytest.raises(ConfigError, match=message):
-        check_config(load_config(_config(tmp_path, flat), sets))
+        check_config(load_config(imagefolder_config(tmp_path, flat), sets))
 
 
 def test_eval_phase_val_scores_the_held_out_validation_classes(tmp_path, capsys):
-    flat = _folder(tmp_path / "flat", [f"c{i:02d}" for i in range(10)])
+    flat = image_folder(tmp_path / "flat", [f"c{i:02d}" for i in range(10)])
     out = tmp_path / "run"
-    assert main(["train", str(_config(tmp_path, flat)), "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", str(imagefolder_config(tmp_path, flat)), "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["eval", str(out), "--phase", "val", "--json", "--no-progress"]) == 0
     record = json.loads(capsys.readouterr().out)

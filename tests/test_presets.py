@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +12,8 @@ from allmap.app import config as config_module
 from allmap.app.config import MAX_DESCRIPTION, ConfigError, dump_config, list_presets, load_config, preset_path
 from allmap.app.runs import read_config
 from allmap.cli import main
+
+OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 
 PRESETS = list(list_presets())
 #: what product text must not carry: work items, measured figures, timings, machine-specific figures
@@ -162,6 +165,31 @@ def test_the_lake_protonet_preset_has_the_protonet_recipe_on_the_lake_split():
     assert {k: v for k, v in lake.items() if k not in skip} == {k: v for k, v in standard.items() if k not in skip}
     assert lake["task"]["shift"] == 2 and lake["ema"] == 0.998 and lake["learner"]["test_shift"] == 1
     assert lake["model"]["precision"] == "bfloat16"
+
+
+def test_the_lake_challenge_preset_tests_within_one_evaluation_alphabet_and_validates_on_held_out_ones():
+    challenge, lake = load_config("omniglot-20w1s-lake-challenge"), load_config("omniglot-5w1s-protonet-lake")
+    assert challenge["task"] == {**lake["task"], "protocol": "lake-holdout"}  # training episodes as the base's
+    assert challenge["eval"]["task"] == {"within_alphabet": True, "rotations": [0]}
+    assert {k: challenge["eval"][k] for k in ("ways", "shots", "queries")} == {"ways": 20, "shots": 1, "queries": 1}
+    assert challenge["eval"]["tasks"] >= 2000 and challenge["model"]["precision"] == "float32"
+    assert challenge["optimizer"]["every"] * 8 == challenge["iterations"]  # eight halvings, as the base
+
+
+@pytest.mark.skipif(not OMNIGLOT.is_dir(), reason="needs ../shared/data/omniglot")
+@pytest.mark.parametrize("phase", ["val", "test"])
+def test_the_lake_challenge_preset_scores_within_alphabet_episodes_of_its_phase(phase):
+    from allmap.app.build import build_family, build_learner
+    from allmap.app.evaluation import evaluate_run
+
+    config = load_config("omniglot-20w1s-lake-challenge", ["model.hidden=4", "eval.tasks=3", "learner.test_shift=0"])
+    learner = build_learner(config, build_family(config, "test"))
+    _, record = evaluate_run(learner, config, phase=phase)
+    split = {"val": "background-val (114 characters)", "test": "evaluation (659 characters)"}[phase]
+    words = {"val": "validation", "test": "test"}[phase]
+    assert record["status"] == "ok" and "20-way 1-shot, 1 query per class" in record["protocol"]
+    assert f"split {split}, no rotations, within-alphabet" in record["protocol"], record["protocol"]
+    assert f"3 fixed {words} tasks" in record["protocol"]
 
 
 def test_cli_presets_lists_descriptions_and_show_prints_the_resolved_config_with_notes(capsys):

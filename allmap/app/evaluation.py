@@ -4,6 +4,7 @@ line that names the protocol and the record's status."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from allmap.app.build import build_family, check_disjoint, check_validation_held_out
@@ -13,15 +14,16 @@ from allmap.app.runs import results_record
 from allmap.engine.evaluate import count_tasks, fixed_tasks, summarize
 from allmap.engine.predictive import oracle_per_task
 from allmap.learners.base import Learner
+from allmap.learners.ensemble import Ensemble
 
 __all__ = ["evaluate_run", "protocol"]
 
 _PHASES = {"test": "test", "val": "validation"}
 
 
-def protocol(config: dict[str, Any], family: Any, n: int, phase: str = "test") -> str:
+def protocol(config: dict[str, Any], family: Any, n: int, phase: str = "test", members: int = 1) -> str:
     """One line naming what the numbers are: family, shots, queries, number of tasks (``phase``: test or
-    validation) and seed."""
+    validation) and seed; ``members`` > 1: the scores are an ensemble's."""
     task = config["task"]
     ways = f"{family.ways}-way " if hasattr(family, "ways") else ""
     detail = f" ({family.describe()})" if callable(getattr(family, "describe", None)) else ""
@@ -30,18 +32,25 @@ def protocol(config: dict[str, Any], family: Any, n: int, phase: str = "test") -
     refine = config["learner"].get("transductive")
     if refine:
         shifts += f", transductive: prototypes refined {refine} times with each task's queries"
+    if members > 1:
+        shifts += f", an ensemble of {members} models (mean class probabilities)"
     counts = family.counts() if callable(getattr(family, "counts", None)) else None
-    counts = counts or f"{ways}{family.shots}-shot, {family.queries} queries per task"
+    per = "class" if ways else "task"  # an N-way episode has its queries per class
+    counts = counts or f"{ways}{family.shots}-shot, {family.queries} {_plural(family.queries, 'query')} per {per}"
     return (
         f"{task['family']} {counts}{detail}{shifts}, {n} fixed {_PHASES[phase]} tasks (seed {config['eval']['seed']}); "
         "mean ± 95% CI (1.96·std/sqrt(n))"
     )
 
 
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else word[:-1] + "ies" if word.endswith("y") else word + "s"
+
+
 def evaluate_run(
     learner: Learner,
     config: dict[str, Any],
-    trained: dict[str, Any] | None = None,
+    trained: Sequence[dict[str, Any]] = (),
     ctx: Dist | None = None,
     progress: bool = False,
     phase: str = "test",
@@ -54,16 +63,17 @@ def evaluate_run(
     when a metric is NaN or infinite), ``protocol`` and ``metrics`` (mean ± 95% CI). For a predictive
     learner on a family with an exact posterior (``family.oracle``: GP tasks), the oracle's metrics on the
     same tasks are reported beside the learner's (``oracle_target_loglik``, ...). With ``trained`` (the
-    config the weights were trained with, when ``config`` is another protocol) the test classes must not
-    overlap its training classes. ``progress``: a bar counting test tasks on rank 0's stderr.
+    configs the weights were trained with, when ``config`` is another protocol, one per member of an ensemble)
+    the test classes must not overlap their training classes. ``progress``: a bar counting test tasks on
+    rank 0's stderr.
     """
     ctx = current() if ctx is None else ctx
     if phase not in _PHASES:
         raise ValueError(f"evaluate_run: expected phase 'test' or 'val', got {phase!r}.")
     family = build_family(config, phase)
     check_validation_held_out(config, family)
-    if trained is not None:
-        check_disjoint(build_family(trained, "train"), family)
+    for config_trained in trained:
+        check_disjoint(build_family(config_trained, "train"), family)
     ev = config["eval"]
     tasks = fixed_tasks(family, ev["tasks"], ev["seed"])
     n = count_tasks(tasks)
@@ -71,4 +81,5 @@ def evaluate_run(
         results = evaluate_sharded(learner, tasks, ev["steps"], ev["chunk"], ctx, progress=bar)
     if learner.spec.predictive and callable(getattr(family, "oracle", None)):  # e.g. the exact GP posterior
         results.update({k: summarize(v) for k, v in oracle_per_task(family, tasks).items()})
-    return family, results_record(protocol(config, family, n, phase), results)
+    members = len(learner.members) if isinstance(learner, Ensemble) else 1
+    return family, results_record(protocol(config, family, n, phase, members), results)

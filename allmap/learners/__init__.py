@@ -7,6 +7,7 @@
 from collections.abc import Callable
 
 from allmap.learners.base import Learner, TaskModel
+from allmap.learners.ensemble import Ensemble
 from allmap.learners.gradient import GradientLearner
 from allmap.learners.hypernet import HyperNetwork
 from allmap.learners.imaml import IMAML
@@ -40,6 +41,7 @@ __all__ = [
     "SNAIL",
     "OML",
     "ANML",
+    "Ensemble",
     "LEARNERS",
     "register",
 ]
