@@ -81,6 +81,15 @@ def test_float64_gradcheck_and_a_loop_reference_of_the_ensemble_loss():
         ]
     ).mean()
     assert math.isclose(ensemble.meta_loss(tasks).item(), ref.item(), rel_tol=1e-12)
+    # and the gradient against that of the mean probabilities written directly, task by task
+    nll = []
+    for t in range(len(tasks)):
+        sx, sy, qx, qy = tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t]
+        probs = torch.stack([m.adapt(sx, sy)(qx).softmax(-1) for m in members]).mean(0)
+        nll.append(-probs.log().gather(1, qy[:, None]).mean())
+    expected = torch.autograd.grad(torch.stack(nll).mean(), list(ensemble.parameters()))
+    for p, g in zip(ensemble.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
 
 
 def test_evaluate_scores_the_ensemble_task_by_task():

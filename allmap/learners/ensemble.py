@@ -54,7 +54,6 @@ class Ensemble(Learner):
         self.labels = first.labels
         self.adapts_in_steps = first.spec.adapts_in_steps
         self.inner_steps = first.spec.inner_steps
-        self.per_task_loss = True
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskModel:
         """The members' task models for this support set, combined into one."""
