@@ -83,6 +83,41 @@ def test_batched_navigation_equals_a_per_step_loop():
     assert traj.mask[0].sum() < traj.mask[1].sum() or traj.mask[0].all()
 
 
+def test_rescaled_navigation_moves_max_action_times_the_action():
+    """cbfinn/maml_rl's normalised actions: the policy acts in [-1, 1] and moves max_action times that."""
+    env = Navigation2D(rescale=True)
+    tasks = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    state, _ = env.reset(tasks, 2)
+    action = torch.tensor([[[0.5, -3.0], [-0.2, 1.0]]])
+    state, obs, reward, _ = env.step(tasks, state, action)
+    torch.testing.assert_close(state, torch.tensor([[[0.05, -0.1], [-0.02, 0.1]]], dtype=torch.float64))
+    assert float(reward[0, 0]) == pytest.approx(-math.hypot(0.05 - 0.3, -0.1 + 0.2))
+    plain, _, _, _ = Navigation2D().step(tasks, env.reset(tasks, 2)[0], action)
+    torch.testing.assert_close(plain, torch.tensor([[[0.1, -0.1], [-0.1, 0.1]]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected rescale as true or false"):
+        Navigation2D(rescale="yes")
+
+
+def test_test_time_step_sizes_replace_inner_lr_step_by_step():
+    """``lrs=[0.3, 0.05]``: the first step equals a learner built with inner_lr 0.3, the second moves by 0.05
+    times the inner gradient at the first step's parameters (an autograd reference)."""
+    env, learner = _learner(torch.float64, hidden=(4,))
+    tasks = env.sample_tasks(2, torch.Generator().manual_seed(5))
+    path, trajs = learner.adapt_and_sample(env, tasks, 3, 2, torch.Generator().manual_seed(6), lrs=[0.3, 0.05])
+    torch.manual_seed(0)
+    other = MAMLRL(make_policy(env, hidden=(4,)), inner_lr=0.3).double()
+    other.load_state_dict(learner.state_dict())
+    first, _ = other.adapt_and_sample(env, tasks, 3, 1, torch.Generator().manual_seed(6))
+    for k in path[1]:
+        torch.testing.assert_close(path[1][k], first[1][k], rtol=1e-12, atol=1e-12)
+    p1 = {k: v.detach().requires_grad_(True) for k, v in path[1].items()}
+    grads = torch.autograd.grad(learner.inner_loss(p1, trajs[1]).sum(), list(p1.values()))
+    for (k, v), g in zip(p1.items(), grads):
+        torch.testing.assert_close(path[2][k], v - 0.05 * g, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ConfigError, match="eval.inner_lrs.*e.g. \\[0.5, 0.25\\]"):
+        load_config("navigation2d-maml-trpo", ["eval.inner_lrs=0.5"])
+
+
 class Bandit(BatchedEnv):
     """One step, observation 1, reward ``-(a - c)^2`` with the task's ``c``."""
 

@@ -32,7 +32,7 @@ RL_DEFAULTS: dict[str, Any] = {
     "policy": {"hidden": [64, 64], "activation": "tanh"},
     "learner": {"inner_lr": 0.1, "inner_steps": 1, "hypergrad": "unrolled", "estimator": "reinforce"},
     "outer": {"name": "trpo"},
-    "eval": {"tasks": 40, "trajectories": 40, "steps": [0, 1, 2, 3], "seed": 1000, "compare": {}},
+    "eval": {"tasks": 40, "trajectories": 40, "steps": [0, 1, 2, 3], "seed": 1000, "compare": {}, "inner_lrs": None},
 }
 
 _POSITIVE = ("iterations", "meta_batch", "trajectories", "log_every", "checkpoint_every")
@@ -71,6 +71,16 @@ def validate_rl(config: dict[str, Any]) -> None:
     steps = config["eval"].get("steps")
     if not isinstance(steps, list) or not steps or not all(isinstance(s, int) and 0 <= s <= 100 for s in steps):
         raise _error(f"config key 'eval.steps' must be a non-empty list of integers in [0, 100], got {steps!r}.")
+    rates = config["eval"].get("inner_lrs")
+    if rates is not None and not (
+        isinstance(rates, list)
+        and rates
+        and all(isinstance(r, (int, float)) and not isinstance(r, bool) and r >= 0 for r in rates)
+    ):
+        raise _error(
+            "config key 'eval.inner_lrs' must be null (the learner's inner_lr) or a non-empty list of step sizes "
+            f">= 0, one per test-time step, the last repeating (e.g. [0.5, 0.25]), got {rates!r}."
+        )
     if not isinstance(config["eval"].get("compare"), dict):
         raise _error(
             "config key 'eval.compare' must map a baseline's name to its run folder, e.g. "

@@ -165,7 +165,7 @@ def _returns(learner: MAMLRL, env: BatchedEnv, config: dict[str, Any], ctx: Dist
     tasks = test_tasks(env, ev["tasks"], ev["seed"])
     rows = ctx.shard(len(tasks))
     returns, trajs = adaptation_returns(
-        learner, env, tasks[rows], ev["trajectories"], steps, ev["seed"], rows=rows, total=len(tasks)
+        learner, env, tasks[rows], ev["trajectories"], steps, ev["seed"], rows, len(tasks), ev.get("inner_lrs")
     )
     full = returns.new_zeros(len(steps), len(tasks))
     full[:, rows] = returns
@@ -197,10 +197,12 @@ def evaluate_rl(
         model, other_env = load_rl(path, other)
         own = steps if not other["env"].get("oracle") else [0]
         baselines[name] = _metrics(_returns(model, other_env, other, ctx, own)[0], own)
+    rates = ev.get("inner_lrs")
+    sizes = f"step sizes {', '.join(map(str, rates))} (the last repeats)" if rates else f"inner_lr {learner.inner_lr}"
     protocol = (
         f"{env!r}: mean return over {ev['tasks']} fixed test tasks (seed {ev['seed']}), {ev['trajectories']} "
-        f"trajectories per task and step, after {', '.join(map(str, steps))} policy-gradient steps of inner_lr "
-        f"{learner.inner_lr}; mean ± 95% CI (1.96·std/sqrt(n))"
+        f"trajectories per task and step, after {', '.join(map(str, steps))} policy-gradient steps of {sizes}; "
+        "mean ± 95% CI (1.96·std/sqrt(n))"
     )
     record = results_record(protocol, _metrics(returns, steps))
     record["baselines"] = baselines

@@ -56,8 +56,12 @@ class Navigation2D(BatchedEnv):
     Dynamics ``s_{t+1} = s_t + clip(a_t, -max_action, max_action)`` (per coordinate), reward
     ``r_t = -||s_{t+1} - g||``, a trajectory ends when both coordinates are within ``tolerance`` of the goal
     or after ``horizon`` steps. With ``max_action = 0.1`` this is the setting of pytorch-maml-rl's
-    ``2DNavigation-v0`` and learn2learn's ``Particles2D`` (inner step size 0.1); cbfinn/maml_rl instead rescales
-    actions from ``[-1, 1]``, which is why its inner step size is 0.5.
+    ``2DNavigation-v0`` and learn2learn's ``Particles2D`` (inner step size 0.1).
+
+    ``rescale=True`` is the setting of cbfinn/maml_rl, whose environment is wrapped in rllab's ``normalize``:
+    the policy acts in ``[-1, 1]`` and the move is ``clip(max_action * a_t, -max_action, max_action)``. A
+    policy of std 1 then moves with std ``max_action`` instead of saturating the clip at every step, and
+    policy gradients are ``1 / max_action`` times larger in the mean's units (its inner step size is 0.5).
     """
 
     name = "navigation2d"
@@ -72,6 +76,7 @@ class Navigation2D(BatchedEnv):
         high: float = 0.5,
         max_action: float = 0.1,
         tolerance: float = 0.01,
+        rescale: bool = False,
     ) -> None:
         if not (isinstance(horizon, int) and horizon >= 1):
             raise ValueError(f"Navigation2D: expected horizon as a positive integer, got {horizon!r}.")
@@ -80,7 +85,9 @@ class Navigation2D(BatchedEnv):
         if not max_action > 0:
             raise ValueError(f"Navigation2D: expected max_action > 0, got {max_action!r}.")
         self.horizon, self.low, self.high = horizon, float(low), float(high)
-        self.max_action, self.tolerance = float(max_action), float(tolerance)
+        if not isinstance(rescale, bool):
+            raise ValueError(f"Navigation2D: expected rescale as true or false, got {rescale!r}.")
+        self.max_action, self.tolerance, self.rescale = float(max_action), float(tolerance), rescale
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return self.low + (self.high - self.low) * torch.rand(n, 2, generator=generator, dtype=torch.float64)
@@ -90,14 +97,19 @@ class Navigation2D(BatchedEnv):
         return state, state
 
     def step(self, tasks: Tensor, state: Tensor, action: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        state = state + action.to(state.dtype).clamp(-self.max_action, self.max_action)
+        move = action.to(state.dtype) * (self.max_action if self.rescale else 1.0)
+        state = state + move.clamp(-self.max_action, self.max_action)
         offset = state - tasks[:, None, :]
         reward = -offset.norm(dim=-1)
         done = (offset.abs() < self.tolerance).all(dim=-1)
         return state, state, reward, done
 
     def __repr__(self) -> str:
-        return f"Navigation2D(horizon={self.horizon}, goals U[{self.low}, {self.high}]^2, max_action={self.max_action})"
+        scale = ", actions rescaled from [-1, 1]" if self.rescale else ""
+        return (
+            f"Navigation2D(horizon={self.horizon}, goals U[{self.low}, {self.high}]^2, "
+            f"max_action={self.max_action}{scale})"
+        )
 
 
 class WithTask(BatchedEnv):

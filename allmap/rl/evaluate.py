@@ -35,12 +35,14 @@ def adaptation_returns(
     seed: int = 1000,
     rows: slice | None = None,
     total: int | None = None,
+    lrs: Sequence[float] | None = None,
 ) -> tuple[Tensor, list]:
     """Per-task mean return ``[len(steps), tasks]`` after each step count, and the trajectories of each step
     (for plots). ``rows``/``total`` evaluate this process's share of the test tasks (see
-    :func:`allmap.rl.sampler.sample`)."""
+    :func:`allmap.rl.sampler.sample`); ``lrs`` are the test-time step sizes (see
+    :meth:`~allmap.rl.maml.MAMLRL.adapt_and_sample`; default the learner's ``inner_lr``)."""
     generator = torch.Generator().manual_seed(seed + 1)
-    _, trajs = learner.adapt_and_sample(env, tasks, trajectories, max(steps), generator, rows, total)
+    _, trajs = learner.adapt_and_sample(env, tasks, trajectories, max(steps), generator, rows, total, lrs)
     returns = torch.stack([trajs[k].returns().mean(-1) for k in steps])
     return returns, [trajs[k] for k in steps]
 
@@ -52,7 +54,8 @@ def evaluate_returns(
     trajectories: int = 40,
     steps: Sequence[int] = (0, 1, 2, 3),
     seed: int = 1000,
+    lrs: Sequence[float] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{"return@k": {"mean", "ci95", "std", "n"}}`` over ``tasks`` fixed test tasks (seed ``seed``)."""
-    returns, _ = adaptation_returns(learner, env, test_tasks(env, tasks, seed), trajectories, steps, seed)
+    returns, _ = adaptation_returns(learner, env, test_tasks(env, tasks, seed), trajectories, steps, seed, lrs=lrs)
     return {f"return@{k}": summarize(r.double()) for k, r in zip(steps, returns)}

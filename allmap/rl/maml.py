@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from allmap.hypergrad import Strategy
-from allmap.inner.optim import Params
+from allmap.inner.optim import Params, sgd
 from allmap.learners.gradient import adapted_names, check_steps, first_order_strategy
-from allmap.learners.updates import descent
+from allmap.learners.updates import descent, step_size
 from allmap.rl.envs import BatchedEnv
 from allmap.rl.estimators import advantages, dice_loss, reinforce_loss
 from allmap.rl.policy import Policy, stack
@@ -116,15 +116,17 @@ class MAMLRL(nn.Module):
         """``traj`` with advantages (linear baseline, GAE, normalised as configured)."""
         return advantages(traj, self.gamma, self.gae_lambda, self.normalize)
 
-    def inner_step(self, params: Params, traj: Trajectories) -> Params:
+    def inner_step(self, params: Params, traj: Trajectories, lr: float | None = None) -> Params:
         """One policy-gradient step of every task on its trajectories, through the meta-gradient strategy.
 
         The loss is the sum of the per-task losses, so its gradient w.r.t. the stacked parameters is each
-        task's own gradient; ``theta'_i = theta_i - inner_lr * grad L_i(theta_i)``."""
+        task's own gradient; ``theta'_i = theta_i - inner_lr * grad L_i(theta_i)`` (``lr`` in place of
+        ``inner_lr`` when given)."""
         adapted = {k: v for k, v in params.items() if k in self.adapted_names}
         frozen = {k: v for k, v in params.items() if k not in self.adapted_names}
         loss = lambda p: self.inner_loss({**frozen, **p}, traj).sum()  # noqa: E731
-        new = self.hypergrad.run(loss, adapted, self.update.optimizer(), 1, closure=list(self.parameters()))[-1]
+        optimizer = self.update.optimizer() if lr is None else sgd(lr)
+        new = self.hypergrad.run(loss, adapted, optimizer, 1, closure=list(self.parameters()))[-1]
         return {**frozen, **new}
 
     def adapt_and_sample(
@@ -136,17 +138,21 @@ class MAMLRL(nn.Module):
         generator: torch.Generator | None = None,
         rows: slice | None = None,
         total: int | None = None,
+        lrs: Sequence[float] | None = None,
     ) -> tuple[list[Params], list[Trajectories]]:
         """Sample, adapt, sample again, ``steps`` times (default ``inner_steps``): the parameters after 0..steps
         steps and the processed trajectories each of them collected (``steps + 1`` of each). ``rows`` and
-        ``total`` select this process's share of a meta-batch (see :func:`allmap.rl.sampler.sample`)."""
-        steps = self.inner_steps if steps is None else check_steps(f"{type(self).__name__}.adapt_and_sample", steps)
+        ``total`` select this process's share of a meta-batch (see :func:`allmap.rl.sampler.sample`).
+        ``lrs`` are step sizes in place of ``inner_lr``: step ``k`` (from 0) takes ``lrs[min(k, len(lrs) - 1)]``."""
+        owner = f"{type(self).__name__}.adapt_and_sample"
+        steps = self.inner_steps if steps is None else check_steps(owner, steps)
+        rates = [step_size(owner, lr) for lr in lrs] if lrs else []
         params = self.theta(len(tasks))
         path, trajs = [params], []
         for k in range(steps + 1):
             trajs.append(self.process(sample(env, self.policy, params, tasks, batch, generator, rows, total)))
             if k < steps:
-                params = self.inner_step(params, trajs[-1])
+                params = self.inner_step(params, trajs[-1], rates[min(k, len(rates) - 1)] if rates else None)
                 path.append(params)
         return path, trajs
 
