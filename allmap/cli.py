@@ -43,6 +43,7 @@ from allmap.app.config import (
     validate,
 )
 from allmap.app.trainer import Interrupted, NonFiniteLossError
+from allmap.engine.validate import TaskDataError
 
 __all__ = ["main"]
 
@@ -517,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = _run(args)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is handled below
         return status
-    except (ConfigError, CheckpointError, NonFiniteLossError) as err:
+    except (ConfigError, CheckpointError, NonFiniteLossError, TaskDataError) as err:
         print(f"allmap {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:  # SIGINT/SIGTERM: checkpoint saved, clean exit with the shell's 128 + signal

@@ -143,6 +143,16 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_130(tmp_path):
 # -- 13: --version, did you mean, duplicate keys, --steps '', a second Ctrl-C -------------------------------
 
 
+def test_task_data_a_learner_cannot_take_is_one_line_and_2(tmp_path, capsys):
+    """ProtoNet on logistic2d tasks, whose random supports can lack a class: the validator's message, no
+    traceback."""
+    argv = ["train", "logistic2d-metasgd", "--set", "learner={name: protonet}", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("allmap train: error: ProtoNet: every class 0..1 needs a support example")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
