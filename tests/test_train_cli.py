@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from allmap.app import CheckpointError, ConfigError, NonFiniteLossError, load_co
 from allmap.app.build import build_family, build_learner
 from allmap.app.checkpoint import load_checkpoint
 from allmap.app.config import list_presets
+from allmap.app.summary import summarize
 from allmap.cli import main
 from allmap.engine.evaluate import evaluate, fixed_tasks
 
@@ -97,6 +102,28 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, pre
         assert torch.equal(whole[k], resumed[k]), k
     rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "loss" in r] == [5, 10, 15, 20]  # no duplicated log rows
+
+
+def test_a_run_being_trained_reads_as_training_and_a_stale_marker_as_interrupted(tmp_path):
+    """``allmap runs`` tells a live training process from a stopped run: training.json names this process
+    while it trains and is gone after; one left by a process that no longer exists reads as interrupted."""
+    seen = []
+
+    def look(iteration, learner):
+        if iteration == 7:
+            seen.append(summarize(tmp_path / "r"))
+            raise KeyboardInterrupt
+
+    config = load_config("sinusoid-maml", TINY)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "r", progress=False, callback=look)
+    assert seen[0].status == "training" and seen[0].reason.endswith(f"trained now by pid {os.getpid()}")
+    assert not (tmp_path / "r" / "training.json").exists()
+    assert summarize(tmp_path / "r").status == "interrupted"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"host": socket.gethostname(), "pid": int(dead.stdout)}
+    (tmp_path / "r" / "training.json").write_text(json.dumps(stale))
+    assert summarize(tmp_path / "r").status == "interrupted"
 
 
 def test_cli_resume_extends_a_finished_run(tmp_path, capsys):

@@ -61,7 +61,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}th{ba
 .best{font-weight:700;background:#eef7ee}.protocol{color:#333;background:#fff;border-left:3px solid #1f77b4;
 padding:4px 8px;margin:6px 0}.warn{color:#8a4b00;background:#fff4e0;padding:4px 8px;border-left:3px solid #e69500}
 .status{display:inline-block;padding:1px 8px;border-radius:9px;font-size:12px;color:#fff;vertical-align:middle}
-.finished{background:#2ca02c}.interrupted{background:#e69500}.failed{background:#d62728}
+.finished{background:#2ca02c}.training{background:#1f77b4}.interrupted{background:#e69500}.failed{background:#d62728}
 .charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(460px,1fr));gap:14px}
 figure{margin:0;background:#fff;border:1px solid #e2e2e2;padding:8px}figcaption{font-size:12.5px;color:#444}
 svg.chart{width:100%;height:auto;display:block}svg .grid line{stroke:#e6e6e6}

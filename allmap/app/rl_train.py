@@ -21,7 +21,7 @@ from allmap.app.distributed import Dist, current
 from allmap.app.progress import progress_bar
 from allmap.app.rl_config import build_env, build_outer, build_rl_learner
 from allmap.app.rl_plots import plot_returns, plot_rl_curve, plot_trajectories
-from allmap.app.runs import RunDir, read_config, results_record, to_json
+from allmap.app.runs import RunDir, marked_training, read_config, results_record, to_json
 from allmap.engine.evaluate import summarize
 from allmap.rl import MAMLRL, PPO, Navigation2D, Surrogate, adaptation_returns, test_tasks
 from allmap.rl.envs import BatchedEnv
@@ -124,8 +124,9 @@ def train_rl(config: dict[str, Any], out_dir: str | Path, progress: bool = True)
         run.config.write_text(dump_config(config))
         run.metrics.write_text("")
     ctx.barrier()
-    trainer.fit()
-    evaluate_rl(trainer.learner, config, run.path, ctx, write=True)
+    with marked_training(run, ctx.is_main):
+        trainer.fit()
+        evaluate_rl(trainer.learner, config, run.path, ctx, write=True)
     return trainer.learner
 
 
@@ -143,8 +144,9 @@ def resume_rl(run_dir: str | Path, overrides: list[str] | None = None, progress:
         run.metrics.write_text("".join(to_json(r) + "\n" for r in rows))
         run.config.write_text(dump_config(config))
     ctx.barrier()
-    trainer.fit()
-    evaluate_rl(trainer.learner, config, run.path, ctx, write=True)
+    with marked_training(run, ctx.is_main):
+        trainer.fit()
+        evaluate_rl(trainer.learner, config, run.path, ctx, write=True)
     return trainer.learner
 
 

@@ -8,12 +8,17 @@ RUN_DIR/results.json       "status" ("ok" or "failed", with the "reason"), the f
                            (mean ± 95% CI) and its protocol
 RUN_DIR/classes.json       class datasets: the class names of each phase (train, val, test), and their source
 RUN_DIR/learning_curve.png, RUN_DIR/adaptation.png
+RUN_DIR/training.json      while a process trains the run: its host and pid (``allmap runs`` shows "training")
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,8 @@ __all__ = [
     "to_json",
     "results_record",
     "non_finite_metrics",
+    "marked_training",
+    "training_process",
 ]
 
 
@@ -88,6 +95,7 @@ class RunDir:
         self.classes = self.path / "classes.json"
         self.curve = self.path / "learning_curve.png"
         self.adaptation = self.path / "adaptation.png"
+        self.marker = self.path / "training.json"
 
     def write_results(self, record: dict[str, Any]) -> None:
         """Write ``results.json`` (strict JSON)."""
@@ -97,6 +105,39 @@ class RunDir:
         if not self.metrics.is_file():
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+@contextmanager
+def marked_training(run: RunDir, main: bool = True) -> Iterator[None]:
+    """Mark ``run`` as being trained by this process (``training.json``: host and pid) while the block runs;
+    only ``main`` (rank 0) writes it. A process killed without cleanup leaves the marker behind, and
+    :func:`training_process` then finds its pid gone."""
+    if main:
+        run.marker.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
+    try:
+        yield
+    finally:
+        if main:
+            run.marker.unlink(missing_ok=True)
+
+
+def training_process(run: RunDir) -> str | None:
+    """Who trains ``run`` now: ``"pid N"`` for a live process on this host, ``"host H"`` for a marker from
+    another host (not checkable from here), ``None`` when no process trains it."""
+    try:
+        mark = json.loads(run.marker.read_text())
+        host, pid = str(mark["host"]), int(mark["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return f"host {host}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return f"pid {pid}"
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:

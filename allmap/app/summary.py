@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from allmap.app.config import ConfigError, list_presets, load_config, with_defaults
-from allmap.app.runs import RunDir
+from allmap.app.runs import RunDir, training_process
 
 __all__ = [
     "RunSummary",
@@ -101,7 +101,7 @@ class RunSummary:
     iterations_done: int
     iterations_total: int | None
     wall_seconds: float | None
-    status: str  #: "finished", "interrupted" (or still training), "failed"
+    status: str  #: "finished", "training" (a live process trains it now), "interrupted", "failed"
     reason: str | None
     preset: str | None
     changes: list[str] = field(default_factory=list)
@@ -290,13 +290,17 @@ def _figures(run: Path) -> list[Figure]:
     return out
 
 
-def _status(results: dict[str, Any] | None, done: int, total: int | None) -> tuple[str, str | None]:
+def _status(
+    results: dict[str, Any] | None, done: int, total: int | None, trainer: str | None = None
+) -> tuple[str, str | None]:
+    left = f"{done} of {total} iterations" if total is not None else f"{done} iterations"
+    if trainer is not None:  # checked first: a resumed run keeps its earlier results.json until it ends
+        return "training", f"{left} so far, trained now by {trainer}"
     if results is not None and results.get("status") == "failed":
         return "failed", str(results.get("reason") or "results.json records status failed")
     if results is not None and results.get("status") == "ok" and (total is None or done >= total):
         return "finished", None
-    left = f"{done} of {total} iterations" if total is not None else f"{done} iterations"
-    return "interrupted", f"{left} so far, no final test yet (stopped, or still training)"
+    return "interrupted", f"{left} so far, no final test yet (stopped; continue with allmap train --resume)"
 
 
 def summarize(path: str | Path) -> RunSummary:
@@ -323,7 +327,7 @@ def summarize(path: str | Path) -> RunSummary:
     total = config["iterations"] if config and isinstance(config.get("iterations"), int) else None
     seconds = [float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float))]
     wall = max([*seconds, *([ck_elapsed] if ck_elapsed is not None else [])], default=None)
-    status, reason = _status(results, done, total)
+    status, reason = _status(results, done, total, training_process(run))
     preset, changes = _preset_of(config) if config else (None, [])
     tables = metric_tables(results) if results else []
     return RunSummary(

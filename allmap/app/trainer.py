@@ -41,7 +41,7 @@ from allmap.app.plots import plot_adaptation, plot_learning_curve
 from allmap.app.preflight import check_device, check_model_input, check_model_size, check_sizes, trial_step
 from allmap.app.progress import TaskProgress, progress_bar
 from allmap.app.report import format_results
-from allmap.app.runs import TIME_KEYS, RunDir, read_config, to_json
+from allmap.app.runs import TIME_KEYS, RunDir, marked_training, read_config, to_json
 from allmap.app.tensorboard import TensorBoardLog, enabled, require
 from allmap.engine.evaluate import count_tasks, fixed_tasks, task_batches
 from allmap.learners.base import Learner
@@ -542,7 +542,8 @@ def train(
     trainer = _Trainer(config, run, progress, ctx)  # every check runs before the run folder is made
     if _from_main(ctx, prepare) == b"resume":
         return resume(out_dir, progress=progress, callback=callback)
-    _fit_and_finish(trainer, callback)
+    with marked_training(run, ctx.is_main):
+        _fit_and_finish(trainer, callback)
     return trainer.model
 
 
@@ -615,7 +616,8 @@ def resume(
     trainer.restore(state)
     if ctx.is_main:  # the config changes only once the resumed run starts
         run.config.write_text(dump_config(config))
-    _fit_and_finish(trainer, callback)
+    with marked_training(run, ctx.is_main):
+        _fit_and_finish(trainer, callback)
     return trainer.model
 
 
