@@ -20,6 +20,7 @@ from allmap.app.checkpoint import load_checkpoint
 from allmap.app.config import ConfigError, list_presets
 from allmap.app.rl_config import build_env, build_outer, build_rl_learner
 from allmap.app.rl_train import resume_rl, train_rl
+from allmap.app.summary import summarize
 from allmap.cli import main
 from allmap.rl import (
     MAMLRL,
@@ -398,6 +399,8 @@ def test_ppo_clip_outer_loop_with_adam_lowers_the_surrogate():
 
 def test_cli_plot_redraws_an_rl_run_and_errors_name_the_fix(tmp_path, capsys):
     train_rl(load_config("navigation2d-maml-trpo", [*TINY, "iterations=1"]), tmp_path / "r", progress=False)
+    run = summarize(tmp_path / "r")
+    assert (run.learner, run.family, run.status) == ("maml-rl", "navigation2d", "finished")
     (tmp_path / "r" / "returns.png").unlink()
     assert main(["plot", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "returns.png").stat().st_size > 1000

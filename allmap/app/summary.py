@@ -114,10 +114,14 @@ class RunSummary:
 
     @property
     def learner(self) -> str:
+        if (self.config or {}).get("kind") == "rl":  # meta-RL configs have one learner and name no other
+            return "maml-rl"
         return _name(self.config, "learner", "name")
 
     @property
     def family(self) -> str:
+        if (self.config or {}).get("kind") == "rl":
+            return _name(self.config, "env", "name")
         return _name(self.config, "task", "family")
 
     @property
