@@ -401,6 +401,7 @@ def test_cli_plot_redraws_an_rl_run_and_errors_name_the_fix(tmp_path, capsys):
     train_rl(load_config("navigation2d-maml-trpo", [*TINY, "iterations=1"]), tmp_path / "r", progress=False)
     run = summarize(tmp_path / "r")
     assert (run.learner, run.family, run.status) == ("maml-rl", "navigation2d", "finished")
+    assert run.wall_seconds is not None and run.wall_seconds > 0  # wall-clock "seconds" logged beside cpu_time
     (tmp_path / "r" / "returns.png").unlink()
     assert main(["plot", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "returns.png").stat().st_size > 1000

@@ -42,7 +42,7 @@ class _RLTrainer:
         if isinstance(self.outer, PPO):
             self.optimizer = torch.optim.Adam(self.learner.policy.parameters(), lr=config["outer"].get("lr", 1e-3))
         self.generator = torch.Generator().manual_seed(config["seed"] + 1)
-        self.iteration, self.cpu_time = 0, 0.0
+        self.iteration, self.cpu_time, self.seconds = 0, 0.0, 0.0
         ctx.broadcast_tensors(list(self.learner.parameters()))
 
     def state(self) -> dict[str, Any]:
@@ -52,6 +52,7 @@ class _RLTrainer:
             "generator": self.generator.get_state(),
             "iteration": self.iteration,
             "cpu_time": self.cpu_time,
+            "seconds": self.seconds,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -60,13 +61,14 @@ class _RLTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.iteration, self.cpu_time = state["iteration"], state["cpu_time"]
+        self.seconds = float(state.get("seconds", 0.0))  # checkpoints before wall time was kept: from 0
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.ctx.all_reduce_sum(tensor)
 
     def step(self) -> dict[str, float]:
         """One meta-iteration: sample tasks, adapt with their trajectories, one outer step."""
-        start = time.process_time()
+        start, wall = time.process_time(), time.perf_counter()
         total, batch = self.config["meta_batch"], self.config["trajectories"]
         rows = self.ctx.shard(total)
         tasks = self.env.sample_tasks(total, self.generator)[rows]
@@ -83,7 +85,14 @@ class _RLTrainer:
         pre, post = (self.reduce(means) / total).tolist()
         self.iteration += 1
         self.cpu_time += time.process_time() - start
-        row = {"iteration": self.iteration, "return_pre": pre, **info, "cpu_time": self.cpu_time}
+        self.seconds += time.perf_counter() - wall
+        row = {
+            "iteration": self.iteration,
+            "return_pre": pre,
+            **info,
+            "cpu_time": self.cpu_time,
+            "seconds": self.seconds,
+        }
         if len(trajs) > 1:
             row["return_post"] = post
         return row

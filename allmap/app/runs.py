@@ -44,7 +44,7 @@ __all__ = [
 
 
 #: the keys of a metrics row that time the run rather than measure the learner
-TIME_KEYS = ("seconds", "cpu_seconds")
+TIME_KEYS = ("seconds", "cpu_seconds", "cpu_time")  # cpu_time: the process time of meta-RL runs
 
 
 def _nulls(value: Any) -> Any:
