@@ -122,15 +122,15 @@ def marked_training(run: RunDir, main: bool = True) -> Iterator[None]:
 
 
 def training_process(run: RunDir) -> str | None:
-    """Who trains ``run`` now: ``"pid N"`` for a live process on this host, ``"host H"`` for a marker from
-    another host (not checkable from here), ``None`` when no process trains it."""
+    """Who trains ``run`` now: ``"pid N"`` for a live process on this host, ``"host H (not checked from
+    here)"`` for a marker written on another host, ``None`` when no process trains it."""
     try:
         mark = json.loads(run.marker.read_text())
         host, pid = str(mark["host"]), int(mark["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if host != socket.gethostname():
-        return f"host {host}"
+        return f"host {host} (not checked from here)"
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

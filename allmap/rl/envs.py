@@ -60,8 +60,8 @@ class Navigation2D(BatchedEnv):
 
     ``rescale=True`` is the setting of cbfinn/maml_rl, whose environment is wrapped in rllab's ``normalize``:
     the policy acts in ``[-1, 1]`` and the move is ``clip(max_action * a_t, -max_action, max_action)``. A
-    policy of std 1 then moves with std ``max_action`` instead of saturating the clip at every step, and
-    policy gradients are ``1 / max_action`` times larger in the mean's units (its inner step size is 0.5).
+    policy of std 1 then moves with std ``max_action`` instead of saturating the clip at every step (its
+    inner step size is 0.5).
     """
 
     name = "navigation2d"
