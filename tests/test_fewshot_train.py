@@ -46,7 +46,8 @@ def test_omniglot_presets_exist_and_say_their_protocol():
         assert name in presets and presets[name]
     maml = load_config("omniglot-5w1s-maml")
     assert maml["learner"]["inner_lr"] == 0.4 and maml["learner"]["inner_steps"] == 1 and maml["meta_batch"] == 32
-    assert 3 in maml["eval"]["steps"]
+    # The MAML code's test protocol, which its published numbers come from: one query per class, ten steps.
+    assert maml["eval"]["queries"] == 1 and 10 in maml["eval"]["steps"]
     maml20 = load_config("omniglot-20w1s-maml")
     assert maml20["learner"]["inner_lr"] == 0.1 and maml20["learner"]["inner_steps"] == 5 and maml20["meta_batch"] == 16
     assert load_config("omniglot-5w1s-protonet")["task"]["ways"] == 60
@@ -65,6 +66,7 @@ def test_protonet_preset_trains_evaluates_plots_and_evaluates_on_another_protoco
     train(config, tmp_path / "run", progress=False)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert "5-way 1-shot, 2 queries" in results["protocol"] and "vinyals-test" in results["protocol"]
+    assert "transductive" not in results["protocol"]  # BatchNorm with running statistics at test time
     assert results["metrics"]["accuracy"]["n"] == 10
     assert (tmp_path / "run" / "adaptation.png").stat().st_size > 10_000
     assert (
@@ -106,8 +108,10 @@ def test_protonet_preset_trains_evaluates_plots_and_evaluates_on_another_protoco
 def test_maml_preset_runs_a_few_iterations(tmp_path):
     config = load_config("omniglot-5w1s-maml", TINY + ["meta_batch=2", "eval.steps=[0,1]"])
     train(config, tmp_path / "run", progress=False)
-    metrics = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
-    assert {"accuracy@0", "accuracy@1"} <= set(metrics)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"accuracy@0", "accuracy@1"} <= set(results["metrics"])
+    # MAML's BatchNorm normalises each batch of queries together: the protocol line says so
+    assert "BatchNorm with the statistics of each task's batch of queries (transductive)" in results["protocol"]
 
 
 def test_step_and_cosine_schedules_and_resume():

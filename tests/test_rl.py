@@ -35,7 +35,9 @@ from allmap.rl import (
     make_policy,
     reinforce_loss,
     sample,
+    sample_steps,
     stack,
+    within_budget,
 )
 from allmap.rl.estimators import advantages, discounted, gae, linear_baseline
 from allmap.rl.outer import kl_hvp
@@ -205,12 +207,17 @@ def _meta_batch(learner: MAMLRL, env: Navigation2D, n: int = 3, batch: int = 4):
     return tasks, trajs
 
 
-@pytest.mark.parametrize("estimator", ["reinforce", "dice"])
-def test_meta_gradient_through_the_inner_step_passes_gradcheck_and_equals_a_per_task_loop(estimator):
-    """REINFORCE: float64 gradcheck of the outer loss as a function of theta. Both estimators: the stacked
-    meta-gradient equals adapting each task on its own with ``torch.autograd.grad(create_graph=True)``."""
-    env, learner = _learner(torch.float64, hidden=(4,), estimator=estimator)
+@pytest.mark.parametrize(
+    "estimator, average", [("reinforce", "trajectory"), ("dice", "trajectory"), ("reinforce", "step")]
+)
+def test_meta_gradient_through_the_inner_step_passes_gradcheck_and_equals_a_per_task_loop(estimator, average):
+    """REINFORCE: float64 gradcheck of the outer loss as a function of theta. Both estimators and both averages:
+    the stacked meta-gradient equals adapting each task on its own with ``torch.autograd.grad(create_graph=True)``.
+    A wide goal tolerance ends some trajectories early, where the two averages differ."""
+    env, learner = _learner(torch.float64, hidden=(4,), estimator=estimator, average=average)
+    env.tolerance = 0.3
     tasks, (pre, post) = _meta_batch(learner, env)
+    assert (pre.mask.sum(1) < env.horizon).any() and (post.mask.sum(1) < env.horizon).any()
     surrogate = Surrogate(learner, [pre], post, total=3)
     names = [n for n, _ in learner.policy.named_parameters()]
     theta = tuple(p.detach().clone().requires_grad_(True) for p in learner.policy.parameters())
@@ -234,11 +241,36 @@ def test_meta_gradient_through_the_inner_step_passes_gradcheck_and_equals_a_per_
         ratio = torch.exp(
             learner.policy.log_prob(dist, one(post).actions) - learner.policy.log_prob(old, one(post).actions)
         )
-        m = one(post).mask
-        total = total - ((ratio * one(post).advantages * m).sum(1) / m.sum(1)).mean() / 3
+        m, gain = one(post).mask, ratio * one(post).advantages
+        per_task = (gain * m).sum() / m.sum() if average == "step" else ((gain * m).sum(1) / m.sum(1)).mean()
+        total = total - per_task / 3
     reference = torch.autograd.grad(total, theta)
     for a, b in zip(stacked, reference):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_step_average_is_rllabs_mean_over_concatenated_paths():
+    """``average="step"``: every valid step of a task weighs the same (rllab's mean over the concatenated paths,
+    cbfinn/maml_rl); ``"trajectory"``: each path's mean, then the paths (pytorch-maml-rl). Written out per path;
+    they differ once paths end early. DiCE has the same value and gradient as REINFORCE under either."""
+    torch.manual_seed(0)
+    lengths = torch.tensor([[6, 2, 4], [1, 6, 3]])
+    mask = (torch.arange(6)[None, :, None] < lengths[:, None, :]).double()
+    traj = Trajectories(torch.randn(2, 6, 3, 2), torch.randn(2, 6, 3, 2), torch.randn(2, 6, 3), mask)
+    traj = traj.with_advantages(torch.randn(2, 6, 3, dtype=torch.float64) * mask)
+    log_prob = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    step, per_path = reinforce_loss(log_prob, traj, "step"), reinforce_loss(log_prob, traj, "trajectory")
+    for i in range(2):
+        paths = [log_prob[i, :n, j] * traj.advantages[i, :n, j] for j, n in enumerate(lengths[i].tolist())]
+        torch.testing.assert_close(step[i], -torch.cat(paths).mean())
+        torch.testing.assert_close(per_path[i], -torch.stack([p.mean() for p in paths]).mean())
+    assert (step - per_path).abs().min() > 1e-3
+    dice = dice_loss(log_prob, traj, "step")
+    torch.testing.assert_close(dice, torch.zeros(2, dtype=torch.float64))
+    g_dice, g_step = (torch.autograd.grad(x.sum(), log_prob)[0] for x in (dice, step))
+    torch.testing.assert_close(g_dice, g_step)
+    with pytest.raises(ValueError, match="unknown average 'path'; expected one of trajectory, step"):
+        MAMLRL(make_policy(Navigation2D()), average="path")
 
 
 def test_kl_curvature_product_equals_the_double_backward_hessian():
@@ -292,6 +324,61 @@ def test_a_share_of_the_meta_batch_samples_the_rows_of_the_whole():
     part = sample(env, learner.policy, learner.theta(2), tasks[3:], 3, torch.Generator().manual_seed(1), slice(3, 5), 5)
     torch.testing.assert_close(part.actions, whole.actions[3:])
     torch.testing.assert_close(part.rewards, whole.rewards[3:])
+
+
+def test_step_budget_keeps_whole_paths_until_the_budget_as_rllabs_sampler():
+    """``within_budget`` written out as rllab's loop: take paths in order while fewer than ``budget`` steps are
+    collected. Masked-out paths count in no average: the mean return, and the trajectory average of a loss,
+    equal those of the kept paths alone."""
+    torch.manual_seed(0)
+    lengths = torch.tensor([[6, 2, 4, 5], [1, 1, 6, 3]])
+    mask = (torch.arange(6)[None, :, None] < lengths[:, None, :]).double()
+    traj = Trajectories(torch.randn(2, 6, 4, 2), torch.randn(2, 6, 4, 2), torch.randn(2, 6, 4).double() * mask, mask)
+    cut = within_budget(traj, 8)
+    for i in range(2):
+        kept, steps = [], 0
+        for j, n in enumerate(lengths[i].tolist()):
+            if steps >= 8:
+                break
+            kept.append(j)
+            steps += n
+        assert (cut.mask[i].sum(0) > 0).nonzero().flatten().tolist() == kept
+        torch.testing.assert_close(cut.mean_return()[i], traj.returns()[i, kept].mean())
+        adv = torch.randn(6, len(kept), dtype=torch.float64)
+        full = torch.zeros(6, 4, dtype=torch.float64)
+        full[:, kept] = adv
+        log_prob = torch.randn(6, 4, dtype=torch.float64)
+        whole = reinforce_loss(log_prob[None], cut.rows(slice(i, i + 1)).with_advantages(full[None]), "trajectory")
+        sub = Trajectories(*(getattr(traj, k)[i : i + 1, :, kept] for k in ("obs", "actions", "rewards", "mask")))
+        alone = reinforce_loss(log_prob[None][:, :, kept], sub.with_advantages(adv[None]), "trajectory")
+        torch.testing.assert_close(whole, alone)
+    assert (cut.mask.sum(1) > 0).sum(-1).tolist() == [2, 3]
+
+
+def test_sampling_by_steps_reaches_the_budget_and_a_share_samples_the_rows_of_the_whole():
+    _, learner = _learner()
+    env = Navigation2D(horizon=10, tolerance=0.3)  # paths end early at the goal
+    tasks = env.sample_tasks(4, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    whole = sample_steps(env, learner.policy, learner.theta(4), tasks, 3, 25, gen)
+    steps, lengths = whole.mask.sum(dim=(1, 2)), whole.mask.sum(1)
+    assert (steps >= 25).all() and ((steps - lengths.max(-1).values) < 25).all()
+    assert whole.mask.shape[2] > 9 and (lengths.sum(0) == 0).any()  # more rounds than 25 // 10, some paths cut
+    assert (lengths[lengths > 0] < 10).any()  # some paths ended at the goal
+    after = torch.rand(1, generator=gen)
+    part_gen = torch.Generator().manual_seed(1)
+    part = sample_steps(env, learner.policy, learner.theta(2), tasks[2:], 3, 25, part_gen, slice(2, 4), 4)
+    n = part.mask.shape[2]
+    torch.testing.assert_close(part.mask, whole.mask[2:, :, :n])
+    torch.testing.assert_close(part.actions * part.mask[..., None], (whole.actions * whole.mask[..., None])[2:, :, :n])
+    assert whole.mask[2:, :, n:].sum() == 0
+    torch.testing.assert_close(torch.rand(1, generator=part_gen), after)  # the caller's generator moved alike
+    capped = sample_steps(env, learner.policy, learner.theta(4), tasks, 3, 25, torch.Generator().manual_seed(1), most=5)
+    assert capped.mask.shape[2] == 6 and (capped.mask.sum(dim=(1, 2)) < 25).any()  # two rounds of 3, then stop
+    with pytest.raises(ValueError, match="expected budget to be a positive number of steps, got 0"):
+        sample_steps(env, learner.policy, learner.theta(4), tasks, 3, 0)
+    with pytest.raises(ConfigError, match="'eval.step_budget' must be null"):
+        load_config("navigation2d-cbfinn-maml-trpo", ["eval.step_budget=-1"])
 
 
 def test_learner_refuses_what_cannot_apply():

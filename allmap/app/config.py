@@ -14,8 +14,8 @@ words (split, ways, shots and queries, schedule, and why a setting differs from 
 
 A config may start from a preset: ``base: PRESET_NAME`` makes it the deep merge of that preset (itself
 resolved, so bases chain) with its own keys. Sections merge key by key, except that a ``task``, ``model``,
-``learner`` or ``optimizer`` section naming another component than its base's replaces the base's section
-(the keys are that component's constructor arguments and mean nothing to another one). ``description`` and
+``learner``, ``optimizer`` or ``outer`` section naming another component than its base's replaces the base's
+section (the keys are that component's constructor arguments and mean nothing to another one). ``description`` and
 ``notes`` are not inherited: they describe the config that states them, and a config with other settings
 is another protocol.
 """
@@ -87,7 +87,7 @@ MAX_DESCRIPTION = 160
 TEXT_KEYS = ("description", "notes")
 
 #: the sections that name a registered component, and the key that names it.
-_COMPONENTS = {"task": "family", "model": "name", "learner": "name", "optimizer": "name"}
+_COMPONENTS = {"task": "family", "model": "name", "learner": "name", "optimizer": "name", "outer": "name"}
 
 _POSITIVE_INTS = ("iterations", "meta_batch", "log_every", "checkpoint_every")
 _EVAL_POSITIVE_INTS = ("tasks", "every", "val_tasks", "chunk")

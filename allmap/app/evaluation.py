@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from torch import nn
+
 from allmap.app.build import build_family, check_disjoint, check_validation_held_out
 from allmap.app.distributed import Dist, current, evaluate_sharded
 from allmap.app.progress import TaskProgress
@@ -15,15 +17,20 @@ from allmap.engine.evaluate import count_tasks, fixed_tasks, summarize
 from allmap.engine.predictive import oracle_per_task
 from allmap.learners.base import Learner
 from allmap.learners.ensemble import Ensemble
+from allmap.nets.norm import BatchStatNorm
 
 __all__ = ["evaluate_run", "protocol"]
 
 _PHASES = {"test": "test", "val": "validation"}
 
 
-def protocol(config: dict[str, Any], family: Any, n: int, phase: str = "test", members: int = 1) -> str:
+def protocol(
+    config: dict[str, Any], family: Any, n: int, phase: str = "test", members: int = 1, batch_norm: bool = False
+) -> str:
     """One line naming what the numbers are: family, shots, queries, number of tasks (``phase``: test or
-    validation) and seed; ``members`` > 1: the scores are an ensemble's."""
+    validation) and seed; ``members`` > 1: the scores are an ensemble's; ``batch_norm``: the model normalises
+    with the statistics of each batch it sees, so a query's prediction depends on the other queries of its
+    task (a transductive test, as in MAML's Omniglot numbers) and on how many there are."""
     task = config["task"]
     ways = f"{family.ways}-way " if hasattr(family, "ways") else ""
     detail = f" ({family.describe()})" if callable(getattr(family, "describe", None)) else ""
@@ -32,6 +39,8 @@ def protocol(config: dict[str, Any], family: Any, n: int, phase: str = "test", m
     refine = config["learner"].get("transductive")
     if refine:
         shifts += f", transductive: prototypes refined {refine} times with each task's queries"
+    if batch_norm:
+        shifts += ", BatchNorm with the statistics of each task's batch of queries (transductive)"
     if members > 1:
         shifts += f", an ensemble of {members} models (mean class probabilities)"
     counts = family.counts() if callable(getattr(family, "counts", None)) else None
@@ -41,6 +50,12 @@ def protocol(config: dict[str, Any], family: Any, n: int, phase: str = "test", m
         f"{task['family']} {counts}{detail}{shifts}, {n} fixed {_PHASES[phase]} tasks (seed {config['eval']['seed']}); "
         "mean ± 95% CI (1.96·std/sqrt(n))"
     )
+
+
+def _normalises_with_batch_statistics(module: Any) -> bool:
+    if isinstance(module, BatchStatNorm):
+        return True
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats
 
 
 def _plural(n: int, word: str) -> str:
@@ -82,4 +97,5 @@ def evaluate_run(
     if learner.spec.predictive and callable(getattr(family, "oracle", None)):  # e.g. the exact GP posterior
         results.update({k: summarize(v) for k, v in oracle_per_task(family, tasks).items()})
     members = len(learner.members) if isinstance(learner, Ensemble) else 1
-    return family, results_record(protocol(config, family, n, phase, members), results)
+    batch_norm = any(_normalises_with_batch_statistics(m) for m in learner.modules())
+    return family, results_record(protocol(config, family, n, phase, members, batch_norm), results)

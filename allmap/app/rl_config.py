@@ -32,7 +32,15 @@ RL_DEFAULTS: dict[str, Any] = {
     "policy": {"hidden": [64, 64], "activation": "tanh"},
     "learner": {"inner_lr": 0.1, "inner_steps": 1, "hypergrad": "unrolled", "estimator": "reinforce"},
     "outer": {"name": "trpo"},
-    "eval": {"tasks": 40, "trajectories": 40, "steps": [0, 1, 2, 3], "seed": 1000, "compare": {}, "inner_lrs": None},
+    "eval": {
+        "tasks": 40,
+        "trajectories": 40,
+        "steps": [0, 1, 2, 3],
+        "seed": 1000,
+        "compare": {},
+        "inner_lrs": None,
+        "step_budget": None,
+    },
 }
 
 _POSITIVE = ("iterations", "meta_batch", "trajectories", "log_every", "checkpoint_every")
@@ -80,6 +88,12 @@ def validate_rl(config: dict[str, Any]) -> None:
         raise _error(
             "config key 'eval.inner_lrs' must be null (the learner's inner_lr) or a non-empty list of step sizes "
             f">= 0, one per test-time step, the last repeating (e.g. [0.5, 0.25]), got {rates!r}."
+        )
+    budget = config["eval"].get("step_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise _error(
+            "config key 'eval.step_budget' must be null (eval.trajectories trajectories per task and step) or a "
+            f"positive number of environment steps to sample whole trajectories up to (e.g. 4000), got {budget!r}."
         )
     if not isinstance(config["eval"].get("compare"), dict):
         raise _error(

@@ -176,7 +176,16 @@ def _returns(learner: MAMLRL, env: BatchedEnv, config: dict[str, Any], ctx: Dist
     tasks = test_tasks(env, ev["tasks"], ev["seed"])
     rows = ctx.shard(len(tasks))
     returns, trajs = adaptation_returns(
-        learner, env, tasks[rows], ev["trajectories"], steps, ev["seed"], rows, len(tasks), ev.get("inner_lrs")
+        learner,
+        env,
+        tasks[rows],
+        ev["trajectories"],
+        steps,
+        ev["seed"],
+        rows,
+        len(tasks),
+        ev.get("inner_lrs"),
+        ev.get("step_budget"),
     )
     full = returns.new_zeros(len(steps), len(tasks))
     full[:, rows] = returns
@@ -210,9 +219,15 @@ def evaluate_rl(
         baselines[name] = _metrics(_returns(model, other_env, other, ctx, own)[0], own)
     rates = ev.get("inner_lrs")
     sizes = f"step sizes {', '.join(map(str, rates))} (the last repeats)" if rates else f"inner_lr {learner.inner_lr}"
+    budget = ev.get("step_budget")
+    per = (
+        f"whole trajectories up to {budget} environment steps ({ev['trajectories']} at a time)"
+        if budget
+        else f"{ev['trajectories']} trajectories"
+    )
     protocol = (
-        f"{env!r}: mean return over {ev['tasks']} fixed test tasks (seed {ev['seed']}), {ev['trajectories']} "
-        f"trajectories per task and step, after {', '.join(map(str, steps))} policy-gradient steps of {sizes}; "
+        f"{env!r}: mean return over {ev['tasks']} fixed test tasks (seed {ev['seed']}), {per} "
+        f"per task and step, after {', '.join(map(str, steps))} policy-gradient steps of {sizes}; "
         "mean ± 95% CI (1.96·std/sqrt(n))"
     )
     record = results_record(protocol, _metrics(returns, steps))

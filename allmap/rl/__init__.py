@@ -12,7 +12,7 @@ from allmap.rl.evaluate import adaptation_returns, evaluate_returns, test_tasks
 from allmap.rl.maml import MAMLRL
 from allmap.rl.outer import PPO, TRPO, Surrogate, trpo_step
 from allmap.rl.policy import CategoricalPolicy, GaussianPolicy, Policy, make_policy, stack
-from allmap.rl.sampler import Trajectories, sample
+from allmap.rl.sampler import Trajectories, sample, sample_steps, within_budget
 
 __all__ = [
     "ENVS",
@@ -40,4 +40,6 @@ __all__ = [
     "stack",
     "Trajectories",
     "sample",
+    "sample_steps",
+    "within_budget",
 ]

@@ -20,6 +20,9 @@ __all__ = [
     "normalize",
     "advantages",
     "per_step_mean",
+    "step_mean",
+    "AVERAGES",
+    "task_mean",
     "reinforce_loss",
     "dice_loss",
     "magic_box",
@@ -87,16 +90,36 @@ def advantages(traj: Trajectories, gamma: float = 0.99, lam: float = 1.0, normal
 
 
 def per_step_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean over each trajectory's valid steps, then over its task's trajectories: ``[tasks]``."""
-    length = mask.sum(1).clamp(min=1)
-    return ((x * mask).sum(1) / length).mean(-1)
+    """Mean over each trajectory's valid steps, then over its task's trajectories (those with a valid step):
+    ``[tasks]``."""
+    length = mask.sum(1)
+    return ((x * mask).sum(1) / length.clamp(min=1)).sum(-1) / (length > 0).sum(-1).clamp(min=1)
 
 
-def reinforce_loss(log_prob: Tensor, traj: Trajectories) -> Tensor:
-    """REINFORCE with a baseline (Williams 1992), per task: ``-mean_t log pi(a_t | s_t) A_t`` (``[tasks]``); its
-    gradient estimates ``-grad J``. Its second derivative omits how the sampling distribution depends on theta
-    (see :func:`dice_loss`)."""
-    return -per_step_mean(log_prob * traj.advantages, traj.mask)
+def step_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over each task's valid steps, every step weighing the same: ``[tasks]``."""
+    return (x * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1)
+
+
+AVERAGES = {"trajectory": per_step_mean, "step": step_mean}
+
+
+def task_mean(x: Tensor, mask: Tensor, average: str = "trajectory") -> Tensor:
+    """Per-task mean ``[tasks]`` of ``x`` over the valid steps. ``"trajectory"`` averages each trajectory's steps,
+    then the trajectories (pytorch-maml-rl's ``weighted_mean``); ``"step"`` weighs every valid step of the task
+    alike (rllab's mean over the concatenated paths, as in cbfinn/maml_rl). They agree while no trajectory ends
+    early; when some end at the goal, ``"trajectory"`` gives each step of a short trajectory more weight, so a
+    policy that reaches its goal in a few steps takes larger policy-gradient steps."""
+    if average not in AVERAGES:
+        raise ValueError(f"unknown average {average!r}; expected one of {', '.join(AVERAGES)}.")
+    return AVERAGES[average](x, mask)
+
+
+def reinforce_loss(log_prob: Tensor, traj: Trajectories, average: str = "trajectory") -> Tensor:
+    """REINFORCE with a baseline (Williams 1992), per task: ``-mean_t log pi(a_t | s_t) A_t`` (``[tasks]``, the
+    mean of :func:`task_mean`); its gradient estimates ``-grad J``. Its second derivative omits how the sampling
+    distribution depends on theta (see :func:`dice_loss`)."""
+    return -task_mean(log_prob * traj.advantages, traj.mask, average)
 
 
 def magic_box(x: Tensor) -> Tensor:
@@ -104,13 +127,13 @@ def magic_box(x: Tensor) -> Tensor:
     return torch.exp(x - x.detach())
 
 
-def dice_loss(log_prob: Tensor, traj: Trajectories) -> Tensor:
+def dice_loss(log_prob: Tensor, traj: Trajectories, average: str = "trajectory") -> Tensor:
     """Loaded DiCE (Foerster et al., ICML 2018; Farquhar et al., NeurIPS 2019), per task: ``-mean over
     trajectories of sum_t (box(c_t) - box(c_{t-1})) A_t / length``, with ``c_t = sum_{t' <= t} log pi(a_t' |
-    s_t')``. Same value (0) and first derivative as :func:`reinforce_loss`; every higher derivative is an
-    unbiased estimate, so the meta-gradient through an inner step on it counts how the pre-update trajectories
-    depend on theta."""
+    s_t')`` (or divided by the task's number of steps, :func:`task_mean`). Same value (0) and first derivative
+    as :func:`reinforce_loss`; every higher derivative is an unbiased estimate, so the meta-gradient through an
+    inner step on it counts how the pre-update trajectories depend on theta."""
     logp = log_prob * traj.mask
     c = logp.cumsum(1)
     weights = magic_box(c) - magic_box(c - logp)
-    return -per_step_mean(weights * traj.advantages, traj.mask)
+    return -task_mean(weights * traj.advantages, traj.mask, average)

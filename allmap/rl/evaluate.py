@@ -1,8 +1,9 @@
 """Evaluation of meta-RL: mean return after 0, 1, 2, ... policy-gradient steps on fixed seeded test tasks.
 
 Each test task is adapted from the learner's theta with its own sampled trajectories (``trajectories`` per
-step, the same inner update as in meta-training), and scored by the mean undiscounted return of the
-trajectories the policy after ``k`` steps collects. Reported per ``k`` as mean ± 1.96·std/sqrt(n) over the
+step, or whole trajectories up to a ``budget`` of environment steps; the same inner update as in
+meta-training), and scored by the mean undiscounted return of the trajectories the policy after ``k`` steps
+collects. Reported per ``k`` as mean ± 1.96·std/sqrt(n) over the
 ``n`` test tasks. Baselines (a multi-task pretrained policy, a random initialisation, an oracle that
 observes the task) go through the same function, so their numbers are comparable by construction.
 """
@@ -36,14 +37,16 @@ def adaptation_returns(
     rows: slice | None = None,
     total: int | None = None,
     lrs: Sequence[float] | None = None,
+    budget: int | None = None,
 ) -> tuple[Tensor, list]:
     """Per-task mean return ``[len(steps), tasks]`` after each step count, and the trajectories of each step
     (for plots). ``rows``/``total`` evaluate this process's share of the test tasks (see
-    :func:`allmap.rl.sampler.sample`); ``lrs`` are the test-time step sizes (see
-    :meth:`~allmap.rl.maml.MAMLRL.adapt_and_sample`; default the learner's ``inner_lr``)."""
+    :func:`allmap.rl.sampler.sample`); ``lrs`` are the test-time step sizes and ``budget`` the environment
+    steps per task and step in place of a fixed number of trajectories (see
+    :meth:`~allmap.rl.maml.MAMLRL.adapt_and_sample`)."""
     generator = torch.Generator().manual_seed(seed + 1)
-    _, trajs = learner.adapt_and_sample(env, tasks, trajectories, max(steps), generator, rows, total, lrs)
-    returns = torch.stack([trajs[k].returns().mean(-1) for k in steps])
+    _, trajs = learner.adapt_and_sample(env, tasks, trajectories, max(steps), generator, rows, total, lrs, budget)
+    returns = torch.stack([trajs[k].mean_return() for k in steps])
     return returns, [trajs[k] for k in steps]
 
 
@@ -55,7 +58,9 @@ def evaluate_returns(
     steps: Sequence[int] = (0, 1, 2, 3),
     seed: int = 1000,
     lrs: Sequence[float] | None = None,
+    budget: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{"return@k": {"mean", "ci95", "std", "n"}}`` over ``tasks`` fixed test tasks (seed ``seed``)."""
-    returns, _ = adaptation_returns(learner, env, test_tasks(env, tasks, seed), trajectories, steps, seed, lrs=lrs)
+    test = test_tasks(env, tasks, seed)
+    returns, _ = adaptation_returns(learner, env, test, trajectories, steps, seed, lrs=lrs, budget=budget)
     return {f"return@{k}": summarize(r.double()) for k, r in zip(steps, returns)}

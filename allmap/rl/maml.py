@@ -26,9 +26,9 @@ from allmap.inner.optim import Params, sgd
 from allmap.learners.gradient import adapted_names, check_steps, first_order_strategy
 from allmap.learners.updates import descent, step_size
 from allmap.rl.envs import BatchedEnv
-from allmap.rl.estimators import advantages, dice_loss, reinforce_loss
+from allmap.rl.estimators import AVERAGES, advantages, dice_loss, reinforce_loss
 from allmap.rl.policy import Policy, stack
-from allmap.rl.sampler import Trajectories, sample
+from allmap.rl.sampler import Trajectories, sample, sample_steps
 
 __all__ = ["MAMLRL", "ESTIMATORS", "STRATEGIES"]
 
@@ -51,6 +51,9 @@ class MAMLRL(nn.Module):
         estimator: ``"reinforce"`` or ``"dice"`` (Loaded DiCE) for the inner loss.
         gamma, gae_lambda: discount and GAE parameter of the advantages.
         normalize: normalise the advantages per task.
+        average: how a task's losses average its steps: ``"trajectory"`` (each trajectory's steps, then the
+            trajectories: pytorch-maml-rl) or ``"step"`` (every step alike: cbfinn/maml_rl's rllab); see
+            :func:`allmap.rl.estimators.task_mean`. The outer surrogate and its KL average the same way.
         adapt_only: parameter-name prefixes to adapt (``None``: all).
 
     Example:
@@ -72,6 +75,7 @@ class MAMLRL(nn.Module):
         gae_lambda: float = 1.0,
         normalize: bool = True,
         adapt_only: str | Sequence[str] | None = None,
+        average: str = "trajectory",
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -81,6 +85,8 @@ class MAMLRL(nn.Module):
             raise ValueError(f"{owner}: unknown estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}.")
         if not (0 < gamma <= 1 and 0 <= gae_lambda <= 1):
             raise ValueError(f"{owner}: expected 0 < gamma <= 1 and 0 <= gae_lambda <= 1, got {gamma}, {gae_lambda}.")
+        if average not in AVERAGES:
+            raise ValueError(f"{owner}: unknown average {average!r}; expected one of {', '.join(AVERAGES)}.")
         self.policy = policy
         self.inner_steps = check_steps(owner, inner_steps)
         self.adapted_names = adapted_names(owner, policy, adapt_only)
@@ -96,6 +102,7 @@ class MAMLRL(nn.Module):
             )
         self.hypergrad = strategy
         self.estimator, self.gamma, self.gae_lambda, self.normalize = estimator, gamma, gae_lambda, normalize
+        self.average = average
 
     @property
     def inner_lr(self) -> float:
@@ -110,7 +117,7 @@ class MAMLRL(nn.Module):
 
     def inner_loss(self, params: Params, traj: Trajectories) -> Tensor:
         """Per-task inner loss ``[tasks]`` of the chosen estimator on ``traj`` (which carries advantages)."""
-        return ESTIMATORS[self.estimator](self.log_prob(params, traj), traj)
+        return ESTIMATORS[self.estimator](self.log_prob(params, traj), traj, self.average)
 
     def process(self, traj: Trajectories) -> Trajectories:
         """``traj`` with advantages (linear baseline, GAE, normalised as configured)."""
@@ -139,20 +146,30 @@ class MAMLRL(nn.Module):
         rows: slice | None = None,
         total: int | None = None,
         lrs: Sequence[float] | None = None,
+        budget: int | None = None,
     ) -> tuple[list[Params], list[Trajectories]]:
         """Sample, adapt, sample again, ``steps`` times (default ``inner_steps``): the parameters after 0..steps
-        steps and the processed trajectories each of them collected (``steps + 1`` of each). ``rows`` and
+        steps (the adapted ones detached, so no graph is kept across steps; :meth:`adapt` recomputes them
+        differentiably) and the processed trajectories each of them collected (``steps + 1`` of each). ``rows`` and
         ``total`` select this process's share of a meta-batch (see :func:`allmap.rl.sampler.sample`).
-        ``lrs`` are step sizes in place of ``inner_lr``: step ``k`` (from 0) takes ``lrs[min(k, len(lrs) - 1)]``."""
+        ``lrs`` are step sizes in place of ``inner_lr``: step ``k`` (from 0) takes ``lrs[min(k, len(lrs) - 1)]``.
+        ``budget``: each sampling collects whole trajectories, ``batch`` at a time, until ``budget`` steps per
+        task (:func:`allmap.rl.sampler.sample_steps`) instead of ``batch`` trajectories."""
         owner = f"{type(self).__name__}.adapt_and_sample"
         steps = self.inner_steps if steps is None else check_steps(owner, steps)
         rates = [step_size(owner, lr) for lr in lrs] if lrs else []
         params = self.theta(len(tasks))
         path, trajs = [params], []
         for k in range(steps + 1):
-            trajs.append(self.process(sample(env, self.policy, params, tasks, batch, generator, rows, total)))
+            if budget is None:
+                traj = sample(env, self.policy, params, tasks, batch, generator, rows, total)
+            else:
+                traj = sample_steps(env, self.policy, params, tasks, batch, budget, generator, rows, total)
+            trajs.append(self.process(traj))
             if k < steps:
-                params = self.inner_step(params, trajs[-1], rates[min(k, len(rates) - 1)] if rates else None)
+                lr = rates[min(k, len(rates) - 1)] if rates else None
+                params = self.inner_step(params, trajs[-1], lr)
+                params = {name: p.detach() for name, p in params.items()}  # values only: adapt() differentiates
                 path.append(params)
         return path, trajs
 
@@ -168,5 +185,6 @@ class MAMLRL(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, hypergrad={self.hypergrad!r}, "
-            f"estimator={self.estimator!r}, gamma={self.gamma}, gae_lambda={self.gae_lambda}"
+            f"estimator={self.estimator!r}, gamma={self.gamma}, gae_lambda={self.gae_lambda}, "
+            f"average={self.average!r}"
         )

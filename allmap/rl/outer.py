@@ -16,7 +16,7 @@ from torch import Tensor
 
 from allmap.hypergrad.implicit import conjugate_gradient
 from allmap.inner.optim import Params
-from allmap.rl.estimators import per_step_mean
+from allmap.rl.estimators import task_mean
 from allmap.rl.maml import MAMLRL
 from allmap.rl.sampler import Trajectories
 
@@ -82,8 +82,9 @@ class Surrogate:
         gain = ratio * post.advantages
         if self.clip is not None:
             gain = torch.minimum(gain, ratio.clamp(1 - self.clip, 1 + self.clip) * post.advantages)
-        loss = -per_step_mean(gain, post.mask).sum() / self.total
-        kl = per_step_mean(policy.kl(self.old_dist, dist), post.mask).sum() / self.total
+        average = self.learner.average
+        loss = -task_mean(gain, post.mask, average).sum() / self.total
+        kl = task_mean(policy.kl(self.old_dist, dist), post.mask, average).sum() / self.total
         return loss, kl
 
     def __call__(self) -> tuple[Tensor, Tensor]:
