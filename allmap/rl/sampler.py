@@ -135,8 +135,10 @@ def sample_steps(
         local = torch.Generator(generator.device).manual_seed(seed)
     most = max(batch, 10 * -(-budget // env.horizon)) if most is None else most
     rounds = [sample(env, policy, params, tasks, batch, local, rows, total)]
-    while len(rounds) * batch < most and bool((sum(r.mask.sum(dim=(1, 2)) for r in rounds) < budget).any()):
+    steps = rounds[0].mask.sum(dim=(1, 2))
+    while len(rounds) * batch < most and bool((steps < budget).any()):
         rounds.append(sample(env, policy, params, tasks, batch, local, rows, total))
+        steps = steps + rounds[-1].mask.sum(dim=(1, 2))
     keys = ("obs", "actions", "rewards", "mask")
     joined = Trajectories(*(torch.cat([getattr(r, k) for r in rounds], 2) for k in keys))
     return within_budget(joined, budget)
