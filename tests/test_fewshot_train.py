@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from allmap.app.config import list_presets, load_config
-from allmap.app.schedules import CosineAdam, StepDecayAdam
+from allmap.app.schedules import CosineAdam, LinearSGD, StepDecayAdam
 from allmap.app.trainer import train
 from allmap.cli import main
 from allmap.tasks import Episodes, EpisodeStream, gaussian_classes
@@ -137,6 +137,32 @@ def test_step_and_cosine_schedules_and_resume():
     assert seen == [1.0, 0.853553, 0.5, 0.146447, 0.0, 0.0]
     with pytest.raises(ValueError, match="every"):
         StepDecayAdam([w], every=0)
+
+
+def test_linear_sgd_is_reptiles_annealed_step_and_resumes():
+    """Reptile's code: ``theta += eps_i (phi - theta)`` with ``eps_i = (1 - i / n) eps + (i / n) eps_final``."""
+    n, eps, final = 4, 1.0, 0.2
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = LinearSGD([w], lr=eps, total=n, final=final)
+    reference, theta, target = [], 0.0, 3.0
+    for i in range(6):
+        step = (1 - min(i, n) / n) * eps + min(i, n) / n * final
+        theta += step * (target - theta)  # the interpolation Reptile's code applies
+        reference.append(theta)
+        w.grad = w.detach() - target  # the Reptile direction theta - phi
+        opt.step()
+        assert w.item() == pytest.approx(theta, abs=1e-6)
+    half = LinearSGD([torch.nn.Parameter(torch.zeros(1))], lr=eps, total=n, final=final)
+    for _ in range(2):
+        half.param_groups[0]["params"][0].grad = torch.ones(1)
+        half.step()
+    twin = LinearSGD([torch.nn.Parameter(torch.zeros(1))], lr=eps, total=n, final=final)
+    twin.load_state_dict(half.state_dict())
+    twin.param_groups[0]["params"][0].grad = torch.ones(1)
+    twin.step()
+    assert twin.param_groups[0]["lr"] == pytest.approx(0.6)  # the third step's rate, continued exactly
+    with pytest.raises(ValueError, match="final >= 0"):
+        LinearSGD([w], final=-1.0)
 
 
 def test_episode_stream_matches_sample_and_runs_in_workers():

@@ -16,7 +16,7 @@ from allmap.app.config import ConfigError, load_config
 from allmap.app.evaluation import protocol as protocol_line
 from allmap.tasks import ClassImages, Episodes, Omniglot, load_omniglot
 from allmap.tasks.episodes import affine, translate, warp
-from allmap.tasks.omniglot import PROTOCOLS, SHUFFLED_SPLITS, SPLITS, shuffled_order
+from allmap.tasks.omniglot import PROTOCOLS, REPTILE_SPLITS, SHUFFLED_SPLITS, SPLITS, reptile_order, shuffled_order
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason="needs ../shared/data/omniglot")
@@ -207,6 +207,48 @@ def test_shuffled_split_is_fixed_and_mixes_alphabets(data):
     assert family.classes == 4 * 423 and "shuffled-test" in family.describe()
     with pytest.raises(ValueError, match="shuffled-test"):
         Omniglot(ROOT, split="shuffled-tset")
+
+
+def test_reptile_split_is_what_the_reptile_code_draws_from_the_release_folders(data):
+    """run_omniglot.py lists the merged release folders sorted (alphabet, then characterNN), then calls
+    ``random.seed(0)`` and ``random.shuffle``; the first 1,200 train, the rest test."""
+    import json
+    import random
+
+    table = json.loads((ROOT / "alphabets.json").read_text())
+    folders = {
+        f"{a['alphabet']}/character{j + 1:02d}": a["first_character"] + j
+        for half in table.values()
+        for a in half
+        for j in range(a["last_character"] - a["first_character"] + 1)
+    }
+    listing = [f"{alphabet}/{char}" for alphabet in sorted({k.split("/")[0] for k in folders})
+               for char in sorted(k.split("/")[1] for k in folders if k.startswith(alphabet + "/"))]  # fmt: skip
+    random.seed(0)
+    random.shuffle(listing)
+    assert reptile_order().tolist() == [folders[f] for f in listing]
+    assert reptile_order()[:8].tolist() == [534, 1481, 649, 757, 1218, 1013, 806, 437]  # pinned
+    sizes = {name: len(data.split(name)) for name in REPTILE_SPLITS}
+    assert sizes == {"reptile-train": 1100, "reptile-val": 100, "reptile-trainval": 1200, "reptile-test": 423}
+    test = set(data.split("reptile-test").numbers.tolist())
+    assert test == {folders[f] for f in listing[1200:]} and not test & set(
+        data.split("reptile-trainval").numbers.tolist()
+    )
+    family = Omniglot(ROOT, split="val", protocol="reptile", ways=5, shots=1, queries=1)
+    assert family.overlaps_training and "reptile-val" in family.describe()
+
+
+def test_shuffle_support_reorders_the_support_set_only(data):
+    kwargs = dict(split="test", ways=5, shots=3, queries=2)
+    plain = Omniglot(ROOT, **kwargs).sample(4, torch.Generator().manual_seed(3))
+    mixed = Omniglot(ROOT, shuffle_support=True, **kwargs).sample(4, torch.Generator().manual_seed(3))
+    assert torch.equal(plain.query_x, mixed.query_x) and torch.equal(plain.query_y, mixed.query_y)
+    assert not torch.equal(plain.support_y, mixed.support_y)
+    for i in range(4):  # the same images with the same labels, in another order
+        key = lambda x, y: sorted(zip(y.tolist(), x.flatten(1).sum(1).tolist()))  # noqa: E731
+        assert key(plain.support_x[i], plain.support_y[i]) == key(mixed.support_x[i], mixed.support_y[i])
+    with pytest.raises(ValueError, match="shuffle_support to be true or false"):
+        Omniglot(ROOT, shuffle_support="yes", **kwargs)
 
 
 def test_rotations_are_new_classes(data):

@@ -95,6 +95,35 @@ def test_reptile_sgd_step_is_the_batched_reptile_update(tasks):
         assert torch.allclose(p.detach(), b + eps * (a - b), atol=1e-13)  # theta + eps (mean theta' - theta)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_reptile_inner_batches_walk_the_support_set_like_torch_adam(tasks, vectorize):
+    """inner_batch 4 of 6 support points, 3 steps: rows 0-3, then 4, 5, 0, 1, then 2-5, each step one
+    ``torch.optim.Adam(betas=(0, 0.999))`` step (the paper's inner optimizer), from theta for every task."""
+    torch.manual_seed(0)
+    net = MLP([1, 8, 1]).double()
+    learner = allmap.Reptile(
+        net, inner_lr=0.01, inner_steps=3, inner_optimizer="adam", inner_batch=4, vectorize=vectorize
+    )
+    learner.meta_loss(tasks).backward()
+    rows = [[0, 1, 2, 3], [4, 5, 0, 1], [2, 3, 4, 5]]
+    adapted = []
+    for i in range(len(tasks)):
+        copy = MLP([1, 8, 1]).double()
+        copy.load_state_dict(net.state_dict())
+        opt = torch.optim.Adam(copy.parameters(), lr=0.01, betas=(0.0, 0.999))  # eps 1e-8, as allmap.inner.adam
+        for r in rows:
+            opt.zero_grad()
+            nn.functional.mse_loss(copy(tasks.support_x[i][r]), tasks.support_y[i][r]).backward()
+            opt.step()
+        adapted.append([p.detach() for p in copy.parameters()])
+    for j, p in enumerate(net.parameters()):
+        assert torch.allclose(p.grad, p.detach() - torch.stack([a[j] for a in adapted]).mean(0), atol=1e-12)
+    with pytest.raises(ValueError, match="inner_batch = 7 is larger than the support set"):
+        allmap.Reptile(MLP([1, 8, 1]).double(), inner_batch=7).meta_loss(tasks)
+    with pytest.raises(ValueError, match="inner_batch"):
+        allmap.Reptile(MLP([1, 8, 1]), inner_batch=0)
+
+
 def test_reptile_takes_no_strategy_and_uses_adam_beta1_zero():
     with pytest.raises(TypeError, match="hypergrad"):  # its meta-gradient is its own: no such argument
         allmap.Reptile(MLP([1, 2, 1]), hypergrad="unrolled")
@@ -139,6 +168,82 @@ def test_imaml_forward_is_the_proximal_solution():
     grads = torch.func.grad(support)({k: v.detach() for k, v in phi.items()})
     for k in phi:
         assert (grads[k] + 4.0 * (phi[k] - theta[k]).detach()).abs().max() < 1e-8
+
+
+def imaml_code_reference(net, task, inner_lr, steps, lam, cg_steps, cg_damping, lam_damping=10.0):
+    """The meta-gradient of iMAML's released Omniglot script (omniglot_implicit_maml.py), on flat vectors:
+    ``steps`` plain SGD steps on the support loss, one SGD step on lam/2 ||w - w_k||^2 ("pull back"), then
+    ``cg_steps`` CG iterations on ``(1 + cg_damping) v + H v / (lam + lam_damping) = grad L_query``."""
+    names = [n for n, _ in net.named_parameters()]
+    w_k = torch.cat([p.detach().flatten() for p in net.parameters()])
+    shapes = [p.shape for p in net.parameters()]
+
+    def unflat(w):
+        return dict(zip(names, torch.split(w, [math.prod(s) for s in shapes])))
+
+    def loss(w, x, y):
+        out = torch.func.functional_call(net, {n: t.view(s) for (n, t), s in zip(unflat(w).items(), shapes)}, (x,))
+        return nn.functional.mse_loss(out, y)
+
+    sx, sy, qx, qy = task
+    w = w_k.clone()
+    for _ in range(steps):
+        w = w - inner_lr * torch.autograd.functional.jacobian(lambda v: loss(v, sx, sy), w)
+    w = w - inner_lr * lam * (w - w_k)  # the pull-back step
+    b = torch.autograd.functional.jacobian(lambda v: loss(v, qx, qy), w)
+    hessian = torch.autograd.functional.hessian(lambda v: loss(v, sx, sy), w)
+
+    def f_ax(v):
+        return (1.0 + cg_damping) * v + hessian @ v / (lam + lam_damping)
+
+    x = torch.zeros_like(b)
+    r = b - f_ax(x)
+    p = r.clone()
+    rdotr = r @ r
+    for _ in range(cg_steps):  # utils.cg_solve
+        z = f_ax(p)
+        v = rdotr / (p @ z)
+        x = x + v * p
+        r = r - v * z
+        newrdotr = r @ r
+        p = r + (newrdotr / rdotr) * p
+        rdotr = newrdotr
+    return [t.view(s) for t, s in zip(torch.split(x, [math.prod(s) for s in shapes]), shapes)]
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_imaml_released_code_procedure_matches_its_script(tasks, vectorize):
+    """inner_lam 0 + pull_back lam + the code's system (lam + 10, damping) = the script's meta-gradient."""
+    torch.manual_seed(0)
+    net = MLP([1, 6, 1]).double()
+    lam, steps, lr = 2.0, 4, 0.05
+    learner = allmap.IMAML(
+        net, inner_lr=lr, inner_steps=steps, lam=lam + 10.0, damping=1.0, cg_iterations=3, inner_lam=0.0,
+        pull_back=lam, safeguard=False, on_fail="ignore", vectorize=vectorize,
+    )  # fmt: skip
+    learner.meta_loss(tasks).backward()
+    per_task = [
+        imaml_code_reference(
+            net,
+            [a[i] for a in (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)],
+            lr,
+            steps,
+            lam,
+            3,
+            1.0,
+        )
+        for i in range(len(tasks))
+    ]
+    for j, p in enumerate(net.parameters()):
+        assert torch.allclose(p.grad, torch.stack([g[j] for g in per_task]).mean(0), atol=1e-10)
+    # evaluation adapts by the plain steps alone (the script tests with lam 0: no proximal term, no pull-back)
+    plain = allmap.MAML(net, inner_lr=lr, inner_steps=steps)
+    with torch.no_grad():
+        got = learner.adapt(tasks.support_x[0], tasks.support_y[0]).params
+        want = plain.adapt(tasks.support_x[0], tasks.support_y[0]).params
+    assert all(torch.allclose(got[k], want[k], atol=1e-12) for k in want)
+    with pytest.raises(ValueError, match="pull_back >= 0"):
+        allmap.IMAML(MLP([1, 2, 1]), pull_back=-1.0)
 
 
 def test_imaml_rejects_other_strategies():

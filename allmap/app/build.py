@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from allmap.app.config import ConfigError
-from allmap.app.schedules import CosineAdam, StepDecayAdam
+from allmap.app.schedules import CosineAdam, LinearSGD, StepDecayAdam
 from allmap.app.typecheck import check_arguments
 from allmap.learners import LEARNERS, Learner
 from allmap.nets import MLP, ANMLNet, Conv4, MAMLConv, OMLConv
@@ -50,6 +50,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam_step": StepDecayAdam,
     "adam_cosine": CosineAdam,
+    "sgd_linear": LinearSGD,
 }
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from allmap.checks import check_int
 from allmap.compat import in_transform
 from allmap.hypergrad.base import InnerStrategy, register
-from allmap.inner.loop import gradient_descent, monotone_descent
+from allmap.inner.loop import gradient_descent, inner_step, monotone_descent
 from allmap.inner.optim import InnerOptimizer, Params
 
 __all__ = ["Implicit", "ImplicitSolveWarning", "ImplicitSolveError", "conjugate_gradient", "neumann"]
@@ -156,6 +156,14 @@ class Implicit(InnerStrategy):
             depends on the solution, not on the path to it; this changes only steps that would raise the
             loss (curvature above about ``2 / inner_lr`` along them), which plain descent takes and which
             can make it oscillate or diverge. ``False``: plain descent.
+        inner_lam: the proximal weight of the inner objective, ``L_support(phi) + inner_lam/2 ||phi - theta||^2``
+            (``None``: ``lam``, the problem the implicit gradient assumes). ``0``: the inner steps descend the
+            support loss alone, as iMAML's released Omniglot code does.
+        pull_back: after the inner steps of meta-training, one more step of the inner optimizer on
+            ``pull_back/2 ||phi - theta||^2`` (the released code's "pull back for regularization", with
+            its lam 2); ``0``: none. Adaptation at evaluation never takes it (the code tests with lam 0).
+            The code's linear system ``(1 + regu_coef) v + H v / (lam + lam_damping)`` is this class's with
+            ``damping = regu_coef`` and ``lam = lam + lam_damping`` (1 and 2 + 10 on Omniglot).
 
     The residual of the last solve is kept in ``last_residual``.
 
@@ -179,6 +187,8 @@ class Implicit(InnerStrategy):
         on_fail: str = "warn",
         alpha: float = 1.0,
         safeguard: bool = True,
+        inner_lam: float | None = None,
+        pull_back: float = 0.0,
     ) -> None:
         if not lam > 0:
             raise ValueError(f"implicit: expected the regularisation lam > 0, got {lam!r}.")
@@ -197,6 +207,11 @@ class Implicit(InnerStrategy):
         self.on_fail = on_fail
         self.alpha = float(alpha)
         self.safeguard = bool(safeguard)
+        for name, value in (("inner_lam", inner_lam), ("pull_back", pull_back)):
+            if value is not None and not value >= 0:
+                raise ValueError(f"implicit: expected {name} >= 0 (a proximal weight), got {value!r}.")
+        self.inner_lam = self.lam if inner_lam is None else float(inner_lam)
+        self.pull_back = float(pull_back)
         self._last_residual: float | None = None
 
     @property
@@ -252,22 +267,39 @@ class Implicit(InnerStrategy):
                 raise ImplicitSolveError(message)
             warnings.warn(message, ImplicitSolveWarning, stacklevel=3)
 
-    def regularised(self, loss: Callable[[Params], Tensor], theta: Params) -> Callable[[Params], Tensor]:
-        """``phi -> loss(phi) + lam/2 ||phi - theta||^2`` with theta held constant."""
+    @staticmethod
+    def proximal(theta: Params, weight: float) -> Callable[[Params], Tensor]:
+        """``phi -> weight/2 ||phi - theta||^2`` with theta held constant."""
         anchor = {k: v.detach() for k, v in theta.items()}
+        return lambda phi: 0.5 * weight * sum(((phi[k] - anchor[k]) ** 2).sum() for k in phi)
 
-        def objective(phi: Params) -> Tensor:
-            reg = sum(((phi[k] - anchor[k]) ** 2).sum() for k in phi)
-            return loss(phi) + 0.5 * self.lam * reg
-
-        return objective
+    def regularised(self, loss: Callable[[Params], Tensor], theta: Params) -> Callable[[Params], Tensor]:
+        """``phi -> loss(phi) + inner_lam/2 ||phi - theta||^2`` with theta held constant."""
+        if self.inner_lam == 0:
+            return loss
+        prox = self.proximal(theta, self.inner_lam)
+        return lambda phi: loss(phi) + prox(phi)
 
     def solve_inner(
         self, loss: Callable[[Params], Tensor], theta: Params, optimizer: InnerOptimizer, record: Sequence[int]
     ) -> list[Params]:
-        """The inner solves ``argmin_phi loss(phi) + lam/2 ||phi - theta||^2`` after each step count in ``record``."""
+        """The inner solves ``argmin_phi loss(phi) + inner_lam/2 ||phi - theta||^2`` after each step count in
+        ``record`` (adaptation at evaluation)."""
         descend = monotone_descent if self.safeguard else gradient_descent
         return descend(self.regularised(loss, theta), theta, optimizer, max(record), record=record)
+
+    def solve_training(
+        self, loss: Callable[[Params], Tensor], theta: Params, optimizer: InnerOptimizer, record: Sequence[int]
+    ) -> list[Params]:
+        """:meth:`solve_inner`, then the ``pull_back`` step toward theta: the points whose implicit
+        meta-gradient meta-training takes."""
+        path = self.solve_inner(loss, theta, optimizer, record)
+        if not self.pull_back:
+            return path
+        prox = self.proximal(theta, self.pull_back)
+        return [
+            phi if r == 0 else inner_step(prox, phi, optimizer.init(phi), optimizer)[0] for r, phi in zip(record, path)
+        ]
 
     def run(
         self,
@@ -291,7 +323,7 @@ class Implicit(InnerStrategy):
         closure = [t for t in closure if isinstance(t, Tensor)]
         with torch.no_grad():
             start = {k: v.detach() for k, v in params.items()}
-            path = self.solve_inner(loss, start, optimizer, record)
+            path = self.solve_training(loss, start, optimizer, record)
         out = []
         for r, phi in zip(record, path):
             if r == 0:

@@ -44,8 +44,10 @@ class IMAML(GradientLearner):
         model, inner_lr, inner_steps, loss, inner_optimizer, adapt_only: as in :class:`MAML`.
         lam: proximal regularisation strength (the paper uses 0.5 to 2 on Omniglot).
         cg_iterations: conjugate-gradient iterations of the implicit solve (the paper uses 5).
-        solver, damping, tol, on_fail, safeguard: see :class:`allmap.hypergrad.Implicit` (``safeguard``, on by
-            default, rejects inner steps that raise the regularised support loss and halves that task's step).
+        solver, damping, tol, on_fail, safeguard, inner_lam, pull_back: see :class:`allmap.hypergrad.Implicit`
+            (``safeguard``, on by default, rejects inner steps that raise the regularised support loss and halves
+            that task's step; ``inner_lam=0, pull_back=2`` with ``lam=12, damping=1`` is the released code's
+            Omniglot procedure).
             Meta-training runs every solver iteration; ``tol`` is the residual that ``on_fail`` checks.
         vectorize: as in :class:`MAML` (under ``vmap`` the solve's residual is not checked per task; run with
             ``vectorize=False`` to get the ``on_fail`` warning or error).
@@ -69,6 +71,8 @@ class IMAML(GradientLearner):
         tol: float = 1e-2,
         on_fail: str = "warn",
         safeguard: bool = True,
+        inner_lam: float | None = None,
+        pull_back: float = 0.0,
         loss: str | LossFn = "mse",
         inner_optimizer: str = "sgd",
         adapt_only: Sequence[str] | None = None,
@@ -82,6 +86,8 @@ class IMAML(GradientLearner):
             tol=tol,
             on_fail=on_fail,
             safeguard=safeguard,
+            inner_lam=inner_lam,
+            pull_back=pull_back,
         )
         super().__init__(
             model,
@@ -116,7 +122,7 @@ class IMAML(GradientLearner):
 
         start = {k: v.detach() for k, v in theta.items()}
         with torch.no_grad():
-            (phi,) = strategy.solve_inner(support, start, self.optimizer(), [self.inner_steps])
+            (phi,) = strategy.solve_training(support, start, self.optimizer(), [self.inner_steps])
             v = torch.func.grad(query)(phi)
         x, residual = strategy.implicit_solve(support, phi, v, tol=0.0)
         if not in_transform([residual]):

@@ -158,6 +158,10 @@ class Episodes:
             turned by a random angle of up to ``rotate`` degrees and zoomed by a random factor in
             ``[1 - scale, 1 + scale]``, zero fill, drawn from the episode generator. ``0`` (default): none.
             Training split only, like ``shift``.
+        shuffle_support: put each support set in a random order instead of class by class (drawn from the
+            episode generator after everything else, so the images drawn do not change). Learners that
+            step on consecutive mini-batches of the support set (Reptile's ``inner_batch``) need it to see
+            random mini-batches; to every other learner the order makes no difference.
 
     ``sample(n, generator)`` returns a :class:`~allmap.TaskBatch` with ``support_x [n, N*K, C, H, W]``,
     ``support_y [n, N*K]`` (int64 in ``0..N-1``), ``query_x [n, N*Q, C, H, W]``, ``query_y [n, N*Q]``.
@@ -182,6 +186,7 @@ class Episodes:
         shift: int = 0,
         rotate: float = 0.0,
         scale: float = 0.0,
+        shuffle_support: bool = False,
     ) -> None:
         if not isinstance(data, ClassImages):
             raise TypeError(f"Episodes: expected data to be an allmap.tasks.ClassImages, got {type(data).__name__}.")
@@ -210,6 +215,9 @@ class Episodes:
                     f"augmentation) to be a number in [0, {top:g}), got {value!r}."
                 )
         self.rotate, self.scale = float(rotate), float(scale)
+        if not isinstance(shuffle_support, bool):
+            raise ValueError(f"Episodes: expected shuffle_support to be true or false, got {shuffle_support!r}.")
+        self.shuffle_support = shuffle_support
         need = self.shots + self.queries
         small = torch.nonzero(data.counts < need).flatten()
         if len(small):
@@ -286,9 +294,14 @@ class Episodes:
         info = {"classes": classes}
         if group is not None:
             info["group"] = group
+        support_x = x[:, :, :k].reshape(n, self.ways * k, *self.x_shape)
+        support_y = y[:, :, :k].reshape(n, self.ways * k)
+        if self.shuffle_support:
+            order = torch.rand(n, self.ways * k, generator=generator).argsort(dim=1)
+            support_x, support_y = support_x[torch.arange(n)[:, None], order], support_y.gather(1, order)
         return TaskBatch(
-            x[:, :, :k].reshape(n, self.ways * k, *self.x_shape),
-            y[:, :, :k].reshape(n, self.ways * k),
+            support_x,
+            support_y,
             x[:, :, k:].reshape(n, self.ways * self.queries, *self.x_shape),
             y[:, :, k:].reshape(n, self.ways * self.queries),
             info,

@@ -31,6 +31,10 @@ Splits of the 1,623 characters, numbered as in the official release (1-based):
   next 100 (MAML's sizes), ``shuffled-trainval`` = all 1,200, ``shuffled-test`` = the last 423. Test characters
   then come from alphabets also seen in training, which makes this split easier than the Vinyals split,
   whose test alphabets are unseen but for Gurmukhi's last 4 characters.
+* the Reptile split (Nichol et al. 2018's code): the characters in the folder order of the two halves of the
+  release merged (alphabets sorted by name, characters in order), shuffled by Python's ``random.seed(0)``;
+  ``random.shuffle`` (see :func:`reptile_order`); the first 1,200 train, the other 423 test, with
+  ``reptile-train`` / ``reptile-val`` / ``reptile-trainval`` / ``reptile-test`` sized as the shuffled ones.
 * ``background`` / ``evaluation`` (Lake et al. 2015): the 30 background alphabets (964 characters) and the
   20 evaluation alphabets (659 characters); ``background-val`` = its last three alphabets (851-964).
 
@@ -43,6 +47,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import zipfile
 from dataclasses import dataclass
@@ -63,10 +68,12 @@ __all__ = [
     "omniglot_data",
     "SPLITS",
     "SHUFFLED_SPLITS",
+    "REPTILE_SPLITS",
     "PROTOCOLS",
     "default_cache_dir",
     "preprocess",
     "shuffled_order",
+    "reptile_order",
 ]
 
 SETS = ("background", "evaluation")
@@ -103,7 +110,27 @@ SHUFFLED_SPLITS: dict[str, tuple[int, int]] = {
     "shuffled-test": (1200, CHARACTERS),
 }
 
-ALL_SPLITS = (*SPLITS, *SHUFFLED_SPLITS)
+REPTILE_SEED = 0
+REPTILE_SPLITS: dict[str, tuple[int, int]] = {
+    name.replace("shuffled", "reptile"): span for name, span in SHUFFLED_SPLITS.items()
+}
+# The first character number of each alphabet, in the release's numbering (its last is the next one's first,
+# minus one): the folder layout the Reptile split shuffles.
+ALPHABET_FIRST: dict[str, int] = {
+    "Arcadian": 1, "Armenian": 27, "Asomtavruli_(Georgian)": 68, "Balinese": 108, "Bengali": 132,
+    "Blackfoot_(Canadian_Aboriginal_Syllabics)": 178, "Braille": 192, "Cyrillic": 218, "Early_Aramaic": 251,
+    "Syriac_(Estrangelo)": 273, "Anglo-Saxon_Futhorc": 296, "Futurama": 325, "Grantha": 351, "Greek": 394,
+    "Gujarati": 418, "Hebrew": 466, "Japanese_(hiragana)": 488, "Inuktitut_(Canadian_Aboriginal_Syllabics)": 540,
+    "Malay_(Jawi_-_Arabic)": 556, "Japanese_(katakana)": 596, "Korean": 643, "Latin": 683,
+    "Alphabet_of_the_Magi": 709, "Mkhedruli_(Georgian)": 729, "Burmese_(Myanmar)": 770, "N_Ko": 804,
+    "Ojibwe_(Canadian_Aboriginal_Syllabics)": 837, "Sanskrit": 851, "Tagalog": 893, "Tifinagh": 910, "Angelic": 965,
+    "Atemayar_Qelisayer": 985, "Atlantean": 1011, "Aurek-Besh": 1037, "Avesta": 1063, "Ge_ez": 1089,
+    "Glagolitic": 1115, "Gurmukhi": 1160, "Kannada": 1205, "Keble": 1246, "Malayalam": 1272, "Manipuri": 1319,
+    "Mongolian": 1359, "Old_Church_Slavonic_(Cyrillic)": 1389, "Oriya": 1434, "Syriac_(Serto)": 1480,
+    "Sylheti": 1503, "Tengwar": 1531, "Tibetan": 1556, "ULOG": 1598,
+}  # fmt: skip
+
+ALL_SPLITS = (*SPLITS, *SHUFFLED_SPLITS, *REPTILE_SPLITS)
 
 # The training phases ("train", "val", "test", as the training loop asks for them) of each protocol.
 PROTOCOLS: dict[str, dict[str, str]] = {
@@ -122,6 +149,9 @@ PROTOCOLS: dict[str, dict[str, str]] = {
     "shuffled": {"train": "shuffled-trainval", "val": "shuffled-val", "test": "shuffled-test"},
     # The same with the 100 validation characters held out of training (MAML's 1,100 / 100 / 423).
     "shuffled-holdout": {"train": "shuffled-train", "val": "shuffled-val", "test": "shuffled-test"},
+    # Nichol et al. 2018 (Reptile's code): its own random order, 1,200 for training, 423 for test; "val" is
+    # the last 100 of the training side (the code has no validation set).
+    "reptile": {"train": "reptile-trainval", "val": "reptile-val", "test": "reptile-test"},
 }
 
 _PNG = re.compile(r"^(\d{4})_(\d{2})\.png$")
@@ -131,6 +161,27 @@ def shuffled_order() -> np.ndarray:
     """The 1,623 character numbers in the fixed order of the shuffled split: NumPy's legacy ``RandomState(1)``,
     whose stream NumPy keeps stable across versions and machines (a test pins its first members)."""
     return np.random.RandomState(SHUFFLE_SEED).permutation(CHARACTERS) + 1
+
+
+def reptile_order() -> np.ndarray:
+    """The 1,623 character numbers in the order of the Reptile split: the folders of both halves of the release
+    in one directory, listed sorted (alphabets by name, then ``character01``, ``character02``, ...), shuffled
+    as Nichol et al.'s ``run_omniglot.py`` does (``random.seed(0)``, then ``random.shuffle``; Python keeps
+    that stream stable across versions, and a test pins its first members)."""
+    starts = sorted(ALPHABET_FIRST.values()) + [CHARACTERS + 1]
+    span = {a: range(a, b) for a, b in zip(starts, starts[1:])}
+    folders = [n for name in sorted(ALPHABET_FIRST) for n in span[ALPHABET_FIRST[name]]]
+    random.Random(REPTILE_SEED).shuffle(folders)
+    return np.asarray(folders)
+
+
+def _ordered_split(name: str) -> tuple[np.ndarray, int, int] | None:
+    """The order and the position range ``[start, stop)`` of a split defined by positions in an order."""
+    if name in SHUFFLED_SPLITS:
+        return shuffled_order(), *SHUFFLED_SPLITS[name]
+    if name in REPTILE_SPLITS:
+        return reptile_order(), *REPTILE_SPLITS[name]
+    return None
 
 
 RESIZE_FILTERS = ("bilinear", "lanczos")
@@ -189,11 +240,11 @@ class OmniglotData:
     alphabets: tuple[str, ...]
 
     def split(self, name: str) -> OmniglotData:
-        """The characters of a named split (see :data:`SPLITS` and :data:`SHUFFLED_SPLITS`)."""
-        if name in SHUFFLED_SPLITS:
-            start, stop = SHUFFLED_SPLITS[name]
-            members = torch.from_numpy(shuffled_order()[start:stop]).to(self.numbers.dtype)
-            keep, which = torch.isin(self.numbers, members), f"positions {start}-{stop - 1} of the shuffled order"
+        """The characters of a named split (see :data:`SPLITS`, :data:`SHUFFLED_SPLITS`, :data:`REPTILE_SPLITS`)."""
+        if (ordered := _ordered_split(name)) is not None:
+            order, start, stop = ordered
+            members = torch.from_numpy(order[start:stop]).to(self.numbers.dtype)
+            keep, which = torch.isin(self.numbers, members), f"positions {start}-{stop - 1} of its order"
         elif name in SPLITS:
             lo, hi = SPLITS[name]
             keep, which = (self.numbers >= lo) & (self.numbers <= hi), f"characters {lo}-{hi}"
@@ -454,9 +505,9 @@ def load_omniglot(
 
 def _members(name: str) -> set[int]:
     """The character numbers of a named split."""
-    if name in SHUFFLED_SPLITS:
-        start, stop = SHUFFLED_SPLITS[name]
-        return set(shuffled_order()[start:stop].tolist())
+    if (ordered := _ordered_split(name)) is not None:
+        order, start, stop = ordered
+        return set(order[start:stop].tolist())
     lo, hi = SPLITS[name]
     return set(range(lo, hi + 1))
 
@@ -501,7 +552,7 @@ class Omniglot(Episodes):
             :data:`SPLITS` (``vinyals-trainval``, ``evaluation``, ...).
         protocol: one of :data:`PROTOCOLS`: ``standard`` (Vinyals split, train on 1,200 characters),
             ``standard-holdout``, ``shuffled`` (MAML's random split of the characters), ``shuffled-holdout``,
-            ``lake`` (background / evaluation alphabets) or ``lake-holdout``.
+            ``reptile`` (Reptile's random split), ``lake`` (background / evaluation alphabets) or ``lake-holdout``.
         ways, shots, queries: N, K and Q of each episode.
         rotations: angles whose rotated copies are new classes; ``(0, 90, 180, 270)`` in the standard
             protocol (Santoro et al. 2016; Vinyals et al. 2016), ``(0,)`` in Lake et al.'s.
@@ -513,10 +564,11 @@ class Omniglot(Episodes):
             :class:`~allmap.tasks.Episodes`); run configs apply it to training episodes only.
         rotate, scale: random rotation of up to ``rotate`` degrees and zoom of up to ``scale`` (augmentation;
             see :class:`~allmap.tasks.Episodes`); training episodes only.
+        shuffle_support: support sets in a random order, not class by class (see :class:`~allmap.tasks.Episodes`).
 
     Loaded data are also kept in memory per process, so a training and a test family share them.
     ``overlaps_training`` is True for the validation phase of a protocol whose validation characters are
-    part of its training side (``standard``, ``lake``, ``shuffled``).
+    part of its training side (``standard``, ``lake``, ``shuffled``, ``reptile``).
 
     Example:
         >>> family = Omniglot("../shared/data/omniglot", split="test", ways=5, shots=1, queries=15)
@@ -540,6 +592,7 @@ class Omniglot(Episodes):
         shift: int = 0,
         rotate: float = 0.0,
         scale: float = 0.0,
+        shuffle_support: bool = False,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"Omniglot: unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}.")
@@ -551,7 +604,7 @@ class Omniglot(Episodes):
             )
         data = omniglot_data(root, size, cache_dir, resize).split(name)
         self.split, self.protocol = name, protocol
-        # standard, lake and shuffled validate on characters of their training side, by design: that tracks
+        # standard, lake, shuffled and reptile validate on characters of their training side, by design: that tracks
         # fitting, and a run may start with it (any other overlap with the training classes is refused)
         self.overlaps_training = split == "val" and _members(name) <= _members(PROTOCOLS[protocol]["train"])
         super().__init__(
@@ -564,6 +617,7 @@ class Omniglot(Episodes):
             shift=shift,
             rotate=rotate,
             scale=scale,
+            shuffle_support=shuffle_support,
         )
 
     def describe(self) -> str:
