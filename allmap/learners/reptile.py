@@ -8,9 +8,10 @@ Here that direction is the gradient of a surrogate, so any torch optimizer appli
     meta_loss_i = L_query(theta'_i) + 1/2 ||theta - stop_gradient(theta'_i)||^2 - (the same, detached)
 
 whose value is the query loss after adaptation (for logging and evaluation) and whose gradient w.r.t. theta
-is ``theta - theta'_i``. With ``inner_batch`` each training step sees the next ``inner_batch`` examples of
-the support set, as the paper's code steps on mini-batches of the task's examples. With ``torch.optim.SGD(lr=eps)`` on the mean over tasks this is exactly the batched
+is ``theta - theta'_i``. With ``torch.optim.SGD(lr=eps)`` on the mean over tasks this is exactly the batched
 Reptile update; ``Adam`` on it is the variant the paper also reports. The inner steps never build a graph.
+With ``inner_batch`` each training step sees the next ``inner_batch`` examples of the support set, as the
+paper's code steps on mini-batches of the task's examples.
 """
 
 from __future__ import annotations
