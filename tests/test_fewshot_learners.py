@@ -286,6 +286,23 @@ def test_conv_backbones_shapes_and_functional_call():
         Conv4(hidden=0)
 
 
+def test_mamlconv_flatten_readout_keeps_every_position():
+    """readout='flatten' (the Reptile code's network): the head reads the last 64 x 2 x 2 map (64 x 6 x 6 on
+    84x84 images) in (channel, row, column) order; 'mean' reads its spatial average."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 28, 28)
+    flat, mean = MAMLConv(out_features=5, readout="flatten"), MAMLConv(out_features=5)
+    assert flat.head.in_features == 64 * 2 * 2 and mean.head.in_features == 64
+    h = flat.body.layers(x)
+    assert h.shape == (3, 64, 2, 2)
+    torch.testing.assert_close(flat(x), flat.head(h.reshape(3, -1)))
+    mean.body.load_state_dict(flat.body.state_dict())
+    torch.testing.assert_close(mean.body(x), h.mean(dim=(2, 3)))
+    assert MAMLConv(in_channels=3, readout="flatten", image_size=84).head.in_features == 64 * 6 * 6
+    with pytest.raises(ValueError, match="readout to be 'mean' or 'flatten'"):
+        MAMLConv(readout="max")
+
+
 def test_conv4_pool_then_relu_equals_relu_then_pool():
     torch.manual_seed(0)
     net = Conv4(hidden=8).eval()

@@ -44,6 +44,16 @@ def test_folder_layout_resizes_and_samples_episodes(tmp_path):
             img = tasks.query_x[t, 3 * j]
             torch.testing.assert_close(img[:, 4, 4], expect)
     assert len(list((tmp_path / "cache").glob("imagefolder-*.pt"))) == 1
+    mixed = ImageFolder(
+        tmp_path / "data", ways=3, shots=2, queries=3, size=8, cache_dir=tmp_path / "cache", shuffle_support=True
+    ).sample(5, torch.Generator().manual_seed(0))
+    # the same episodes, each support set a permutation of the class-by-class one (image matched to label)
+    torch.testing.assert_close(mixed.query_x, tasks.query_x)
+    assert not torch.equal(mixed.support_y, tasks.support_y)
+    for t in range(5):
+        assert sorted(mixed.support_y[t].tolist()) == sorted(tasks.support_y[t].tolist())
+        for x, y in zip(mixed.support_x[t], mixed.support_y[t]):
+            torch.testing.assert_close(x[:, 4, 4], tasks.support_x[t][tasks.support_y[t] == y][0][:, 4, 4])
 
 
 def test_csv_split_layout_and_grey(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 import allmap
+from allmap.engine.evaluate import evaluate
 from allmap.hypergrad import resolve
 from allmap.learners.lstm import preprocess
 from allmap.nets import MLP
@@ -122,6 +124,69 @@ def test_reptile_inner_batches_walk_the_support_set_like_torch_adam(tasks, vecto
         allmap.Reptile(MLP([1, 8, 1]).double(), inner_batch=7).meta_loss(tasks)
     with pytest.raises(ValueError, match="inner_batch"):
         allmap.Reptile(MLP([1, 8, 1]), inner_batch=0)
+
+
+def _reptile_with_one_torch_adam(net: nn.Module, batches: list, steps: int, eps: float) -> list[list[torch.Tensor]]:
+    """The paper code's procedure as a plain loop: one torch.optim.Adam for every inner loop, the weights set
+    back to theta before each task, the outer step theta + eps (mean adapted - theta); theta after each batch."""
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.0, 0.999), eps=1e-8)
+    path = []
+    for batch in batches:
+        theta = [p.detach().clone() for p in net.parameters()]
+        ends = []
+        for i in range(len(batch)):
+            with torch.no_grad():
+                for p, t in zip(net.parameters(), theta):
+                    p.copy_(t)
+            for _ in range(steps):
+                opt.zero_grad()
+                nn.functional.mse_loss(net(batch.support_x[i]), batch.support_y[i]).backward()
+                opt.step()
+            ends.append([p.detach().clone() for p in net.parameters()])
+        with torch.no_grad():
+            for j, (p, t) in enumerate(zip(net.parameters(), theta)):
+                p.copy_(t + eps * (sum(e[j] for e in ends) / len(ends) - t))
+        path.append([p.detach().clone() for p in net.parameters()])
+    return path
+
+
+def test_reptile_carried_adam_is_one_torch_adam_across_tasks_and_resumes():
+    """inner_state='carried': three meta-batches of 3 tasks equal one torch.optim.Adam carried through every
+    inner loop (to float64 rounding); the moments are in the state_dict, so a learner rebuilt from it after
+    the second batch ends the third where the uninterrupted one does; evaluation leaves them unchanged."""
+    batches = [allmap.tasks.Sinusoid(shots=6).sample(3, torch.Generator().manual_seed(s)).to(dtype=D) for s in range(3)]
+    net = MLP([1, 8, 1]).double()
+    reference = _reptile_with_one_torch_adam(copy.deepcopy(net), batches, steps=3, eps=0.5)
+
+    def build(model: nn.Module) -> tuple[allmap.Reptile, torch.optim.Optimizer]:
+        learner = allmap.Reptile(model, inner_lr=0.01, inner_steps=3, inner_optimizer="adam", inner_state="carried")
+        return learner, torch.optim.SGD(learner.parameters(), lr=0.5)
+
+    learner, opt = build(copy.deepcopy(net))
+    assert learner.spec.sequential and not learner.execution_plan(3).vmap
+    saved = None
+    for k, batch in enumerate(batches):
+        if k == 2:  # rebuild from the state after two batches: the resumed learner must continue exactly
+            learner, opt = build(copy.deepcopy(net))
+            learner.load_state_dict(saved)
+        opt.zero_grad()
+        learner.meta_backward(batch)
+        opt.step()
+        if k == 1:
+            saved = copy.deepcopy(learner.state_dict())
+        for p, q in zip(learner.model.parameters(), reference[k]):
+            torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-12)
+    assert int(learner.moments.count) == 3 * 3 * 3
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    evaluate(learner, batches[0], steps=[0, 5])
+    assert all(torch.equal(before[k], v) for k, v in learner.state_dict().items())
+    with pytest.raises(ValueError, match="inner_optimizer='sgd' has none"):
+        allmap.Reptile(MLP([1, 8, 1]), inner_state="carried")
+    with pytest.raises(ValueError, match="expected fresh or carried"):
+        allmap.Reptile(MLP([1, 8, 1]), inner_optimizer="adam", inner_state="kept")
+    learner.execution = {"mode": "loop", "workers": 2}
+    with pytest.raises(ValueError, match="carries state from one task to the next"):
+        learner.meta_backward(batches[0])
 
 
 def test_reptile_takes_no_strategy_and_uses_adam_beta1_zero():

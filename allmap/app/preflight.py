@@ -205,7 +205,9 @@ def check_model_input(config: dict[str, Any], family) -> None:
 
 
 def trial_step(learner: Learner, family, device: torch.device) -> None:
-    """Run one task through ``learner.meta_loss`` and back; raise a ConfigError naming what failed."""
+    """Run one task through ``learner.meta_loss`` and back; raise a ConfigError naming what failed. The
+    learner's buffers (state it carries, BatchNorm statistics) are as they were before."""
+    buffers = [(b, b.clone()) for b in learner.buffers()]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             tasks = family.sample(1, torch.Generator().manual_seed(0)).to(device)
@@ -217,3 +219,6 @@ def trial_step(learner: Learner, family, device: torch.device) -> None:
             raise ConfigError(f"a trial meta-batch (one task of {family!r}) failed before training: {first}") from err
         finally:
             learner.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)

@@ -203,6 +203,12 @@ class _Trainer:
         check_model_size(config)
         check_model_input(config, self.family)
         self.learner = build_learner(config, self.family).to(self.device)
+        if self.learner.spec.sequential and ctx.world > 1:
+            raise ConfigError(
+                f"{type(self.learner).__name__} carries state from task to task (learner.inner_state: carried), "
+                f"which one process keeps in order; {ctx.world} processes would each carry their own. Run it in "
+                "one process, or use learner.inner_state: fresh."
+            )
         trial_step(self.learner, self.family, self.device)
         ctx.broadcast_tensors(list(self.learner.state_dict().values()))  # as DDP does: rank 0's weights
         self.params = list(self.learner.parameters())

@@ -27,6 +27,12 @@ def meta_backward(learner: Any, tasks: TaskBatch, chunk: int | None = None, scal
     detached. See :meth:`allmap.Learner.meta_backward` for the contract."""
     check_tasks(learner, tasks, "meta_backward")
     workers = min(learner.execution.workers, len(tasks))
+    if workers > 1 and learner.spec.sequential:
+        raise ValueError(
+            f"{type(learner).__name__}: execution workers={learner.execution.workers} would share the tasks "
+            "between processes, but this learner carries state from one task to the next (run in order, in one "
+            "process). Use workers=0."
+        )
     if workers > 1 and torch.is_grad_enabled() and _can_fork(learner):
         return _forked_backward(learner, tasks, chunk, scale, workers)
     return _backward_here(learner, tasks, chunk, scale)

@@ -181,6 +181,9 @@ def examples_per_task(tasks: TaskBatch) -> int:
     return int(tasks.support_x.shape[1] + tasks.query_x.shape[1])
 
 
+SEQUENTIAL = "the learner carries state from task to task, so its tasks run one after another"
+
+
 def plan(learner: Any, tasks: int, device: torch.device | None = None, examples: int | None = None) -> Plan:
     """The :class:`Plan` of ``learner.execution`` for a meta-batch of ``tasks`` tasks of ``examples``
     examples each (support + query; ``None``: unknown, taken as large)."""
@@ -217,6 +220,8 @@ def _plan(learner: Any, ex: Execution, tasks: int, device: torch.device, small: 
         reason = "set by the user"
     if mode == "vmap" and not learner.spec.vmappable:
         mode, reason = "loop", "the meta-gradient strategy has a custom backward pass that cannot run under vmap"
+    if learner.spec.sequential:  # state carried from task to task: one after another, eagerly
+        return Plan(vmap=False, chunk=min(ex.chunk or 1, max(tasks, 1)), compile=False, reason=SEQUENTIAL)
     if mode == "vmap" and bn and not learner.spec.first_order:
         raise ValueError(
             f"{type(learner).__name__}: vmap with BatchNorm layers would give a wrong meta-gradient (torch's vmap "

@@ -33,6 +33,9 @@ class LearnerSpec:
         vmappable: the tasks may run under ``torch.func.vmap`` while a meta-gradient is recorded (a strategy
             with a custom backward pass that calls ``torch.autograd`` cannot).
         first_order: the meta-gradient has no second-order terms through adaptation.
+        sequential: each task's adaptation reads state the previous task left (Reptile's inner Adam moments
+            carried from task to task), so the tasks of a meta-batch run one after another, in order, in
+            one process: never under ``vmap``, compiled, or shared between forked workers or ranks.
         inner_steps: the default number of inner steps (``None`` for one-pass learners).
         predictive: the task model predicts a Gaussian, ``[mean, std]`` along the last dimension (the
             ``gaussian_nll`` loss), so evaluation also scores its predictive distribution
@@ -49,6 +52,7 @@ class LearnerSpec:
     whole_loss: bool = False
     vmappable: bool = True
     first_order: bool = False
+    sequential: bool = False
     inner_steps: int | None = None
     labels: str = "outputs"
     predictive: bool = False

@@ -133,6 +133,8 @@ class Learner(nn.Module):
     hypergrad: Strategy | None = None
     #: the default number of inner steps, for learners that adapt in steps
     inner_steps: int | None = None
+    #: True for learners whose tasks must run one after another (state carried from task to task)
+    sequential: bool = False
 
     def __init__(
         self, loss: str | LossFn = "mse", vectorize: bool | None = None, execution: Execution | str | None = None
@@ -224,6 +226,7 @@ class Learner(nn.Module):
             whole_loss=isinstance(s, WholeLossStrategy),
             vmappable=s is None or s.vmappable,
             first_order=s is not None and s.name == "first_order",
+            sequential=self.sequential,
             inner_steps=self.inner_steps,
             labels=self.labels,
             predictive=self.loss_fn is gaussian_nll,

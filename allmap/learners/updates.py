@@ -18,7 +18,7 @@ from allmap.checks import check_int
 from allmap.hypergrad import STRATEGIES
 from allmap.inner.optim import InnerOptimizer, Params, adam, sgd
 
-__all__ = ["InnerUpdate", "SGD", "Adam", "LearnedRates", "LSTMUpdate", "descent", "step_size", "preprocess"]
+__all__ = ["InnerUpdate", "SGD", "Adam", "LearnedRates", "LSTMUpdate", "descent", "param_key", "step_size", "preprocess"]
 
 
 class InnerUpdate(nn.Module):
@@ -94,7 +94,8 @@ def descent(owner: str, name: str, inner_lr: Any, betas: tuple[float, float] = (
     return SGD(lr) if name == "sgd" else Adam(lr, betas)
 
 
-def _key(name: str) -> str:
+def param_key(name: str) -> str:
+    """``name`` as a module attribute or ParameterDict key: dots become ``__``."""
     # ParameterDict keys may not contain "."; "__" cannot clash with a module attribute name.
     return name.replace(".", "__")
 
@@ -110,18 +111,18 @@ class LearnedRates(InnerUpdate):
 
     def setup(self, params: Params) -> None:
         for n, p in params.items():
-            self.rates[_key(n)] = nn.Parameter(torch.full_like(p.detach(), self.lr))
+            self.rates[param_key(n)] = nn.Parameter(torch.full_like(p.detach(), self.lr))
         self._names = list(params)
 
     def optimizer(self) -> InnerOptimizer:
-        return sgd({n: self.rates[_key(n)] for n in self._names})
+        return sgd({n: self.rates[param_key(n)] for n in self._names})
 
     def accepts(self) -> tuple[str, ...]:
         return tuple(s for s in STRATEGIES if s != "implicit")
 
     def __getitem__(self, name: str) -> nn.Parameter:
         """The rates of parameter ``name`` (e.g. ``"weight"`` or ``"head.bias"``)."""
-        return self.rates[_key(name)]
+        return self.rates[param_key(name)]
 
 
 def preprocess(x: Tensor, p: float = 10.0) -> Tensor:

@@ -63,6 +63,7 @@ class _Blocks(nn.Module):
         channels_last: bool = False,
         blocks: int = 4,
         precision: str = "float32",
+        readout: str = "mean",
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -74,6 +75,7 @@ class _Blocks(nn.Module):
             layers += [nn.MaxPool2d(2), nn.ReLU()] if pool else [nn.ReLU()]
         self.layers = nn.Sequential(*layers)
         self.pool = pool
+        self.flatten = pool or readout == "flatten"
         self.channels_last = channels_last
         self.precision = precision
         if channels_last:
@@ -90,7 +92,7 @@ class _Blocks(nn.Module):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mixed):
             h = self.layers(x)
         # Conv4 flattens what is left (1x1 on Omniglot); the MAML network averages over space.
-        h = h.flatten(1) if self.pool else h.mean(dim=(-2, -1))
+        h = h.flatten(1) if self.flatten else h.mean(dim=(-2, -1))
         return h.to(x.dtype)
 
 
@@ -145,6 +147,13 @@ class Conv4(nn.Module):
 class MAMLConv(nn.Module):
     """The MAML Omniglot network: 4 x [conv3x3(hidden, stride 2) -> BatchNorm -> ReLU], spatial mean, linear.
 
+    Args:
+        readout: ``"mean"`` averages the last feature map over space (the MAML code: ``hidden`` features);
+            ``"flatten"`` keeps every position (the Reptile code's Omniglot network: ``hidden x 2 x 2``
+            features on 28x28 images), a head with ``image_size``-dependent inputs.
+        image_size: height and width of the input images (for the flattened head's size).
+        The others as :class:`Conv4`.
+
     Example:
         >>> import torch
         >>> MAMLConv(out_features=20)(torch.zeros(2, 1, 28, 28)).shape
@@ -158,12 +167,22 @@ class MAMLConv(nn.Module):
         out_features: int | None = 5,
         channels_last: bool = False,
         precision: str = "float32",
+        readout: str = "mean",
+        image_size: int = 28,
     ) -> None:
         super().__init__()
         _check("MAMLConv", in_channels, hidden, out_features)
         check_precision("MAMLConv", precision)
-        self.body = _Blocks(in_channels, hidden, pool=False, channels_last=channels_last, precision=precision)
-        self.head = nn.Linear(hidden, out_features) if out_features else nn.Identity()
+        if readout not in ("mean", "flatten"):
+            raise ValueError(f"MAMLConv: expected readout to be 'mean' or 'flatten', got {readout!r}.")
+        side = check_int("MAMLConv", "image_size", image_size)
+        for _ in range(4):  # each stride-2 block: ceil(side / 2)
+            side = (side - 1) // 2 + 1
+        self.body = _Blocks(
+            in_channels, hidden, pool=False, channels_last=channels_last, precision=precision, readout=readout
+        )
+        features = hidden * side * side if readout == "flatten" else hidden
+        self.head = nn.Linear(features, out_features) if out_features else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:

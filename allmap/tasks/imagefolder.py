@@ -275,7 +275,9 @@ class ImageFolder(Episodes):
 
     ``split`` is the phase the training loop asks for (``train``, ``val``, ``test``): ``ROOT/train.csv`` or
     ``ROOT/train/`` and so on, or that phase's share of the classes of a flat folder (``split_seed``,
-    ``split_fractions``: see :func:`split_classes`). No rotations by default (natural images).
+    ``split_fractions``: see :func:`split_classes`). No rotations by default (natural images). The other
+    arguments are those of :class:`~allmap.tasks.Episodes` (``shuffle_support``: support sets in a random
+    order, for learners that step on mini-batches of them, such as Reptile with ``inner_batch``).
 
     Example:
         >>> family = ImageFolder("data/miniimagenet", split="test", ways=5, shots=5, queries=15)  # doctest: +SKIP
@@ -297,10 +299,21 @@ class ImageFolder(Episodes):
         scale: float = 0.0,
         split_seed: int = 0,
         split_fractions: tuple[float, float, float] | list[float] = SPLIT_FRACTIONS,
+        shuffle_support: bool = False,
     ) -> None:
         data, self.source = _load(root, split, size, channels, cache_dir, split_seed, split_fractions)
         try:
-            super().__init__(data, ways, shots, queries, rotations, shift=shift, rotate=rotate, scale=scale)
+            super().__init__(
+                data,
+                ways,
+                shots,
+                queries,
+                rotations,
+                shift=shift,
+                rotate=rotate,
+                scale=scale,
+                shuffle_support=shuffle_support,
+            )
         except ValueError as err:
             flat = split in PHASES and folder_layout(Path(root).expanduser()) == "flat"
             shares = "; task.split_fractions sets the shares of train, val and test" if flat else ""
