@@ -18,7 +18,17 @@ from allmap.checks import check_int
 from allmap.hypergrad import STRATEGIES
 from allmap.inner.optim import InnerOptimizer, Params, adam, sgd
 
-__all__ = ["InnerUpdate", "SGD", "Adam", "LearnedRates", "LSTMUpdate", "descent", "param_key", "step_size", "preprocess"]
+__all__ = [
+    "InnerUpdate",
+    "SGD",
+    "Adam",
+    "LearnedRates",
+    "LSTMUpdate",
+    "descent",
+    "param_key",
+    "step_size",
+    "preprocess",
+]
 
 
 class InnerUpdate(nn.Module):
