@@ -203,6 +203,25 @@ def test_config_errors(tmp_path, capsys):
     assert "is not a run folder" in capsys.readouterr().err
 
 
+def test_validation_scores_after_eval_val_steps(tmp_path):
+    """eval.val_steps sets the inner steps before validation scores a task (default: learner.inner_steps):
+    the last row's val_loss is the final learner's loss on the validation tasks after that many steps."""
+    losses = {}
+    for steps in (None, 0):
+        out = tmp_path / f"sine-{steps}"
+        train(load_config("sinusoid-maml", TINY + [f"eval.val_steps={'null' if steps is None else steps}"]), out, progress=False)
+        config, learner = load_config(out / "config.yaml"), allmap.load(out)
+        tasks = fixed_tasks(build_family(config, "val"), 10, config["eval"]["seed"] + 1)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        k = learner.inner_steps if steps is None else steps
+        expected = evaluate(learner, tasks, steps=[k])[f"loss@{k}"]["mean"]
+        losses[steps] = [r["val_loss"] for r in rows if "val_loss" in r][-1]
+        assert losses[steps] == pytest.approx(expected, rel=1e-5)
+    assert losses[0] > losses[None]  # five inner steps lower the loss of the unadapted model
+    with pytest.raises(ConfigError, match="'eval.val_steps' must be an integer in \\[0, 100000\\]"):
+        load_config("sinusoid-maml", ["eval.val_steps=-1"])
+
+
 def test_existing_run_folder_is_not_overwritten(tmp_path):
     config = load_config("sinusoid-maml", TINY[:2])
     train(config, tmp_path / "r", progress=False)

@@ -72,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
         "ways": None,
         "every": 1000,
         "val_tasks": 100,
+        "val_steps": None,
         "chunk": 100,
         "task": {},
     },
@@ -374,6 +375,12 @@ def validate(config: dict[str, Any]) -> None:
     if not isinstance(steps, list) or not steps or not all(_is_int(s) and 0 <= s <= MAX_STEPS for s in steps):
         raise ConfigError(
             f"config key 'eval.steps' must be a non-empty list of integers in [0, {MAX_STEPS}], got {steps!r}."
+        )
+    val_steps = ev["val_steps"]
+    if val_steps is not None and not (_is_int(val_steps) and 0 <= val_steps <= MAX_STEPS):
+        raise ConfigError(
+            f"config key 'eval.val_steps' must be an integer in [0, {MAX_STEPS}] (inner steps before validation "
+            f"scores a task) or null (the learner's inner_steps), got {val_steps!r}."
         )
     threads = config["threads"]
     if threads is not None and (not _is_int(threads) or not 1 <= threads <= 4096):

@@ -218,7 +218,8 @@ class _Trainer:
         self.generator = torch.Generator().manual_seed(config["seed"])
         ev = config["eval"]
         self.val_tasks = fixed_tasks(families["val"], ev["val_tasks"], ev["seed"] + 1)
-        self.val_steps = [self.learner.spec.inner_steps or 0]
+        # validation scores after eval.val_steps inner steps (default: as many as training takes)
+        self.val_steps = [ev["val_steps"] if ev["val_steps"] is not None else self.learner.spec.inner_steps or 0]
         self.skip = config.get("on_nonfinite", "raise") == "skip"
         self.iteration, self.elapsed = 0, 0.0
         self.cpu_elapsed = 0.0  # this process's CPU seconds (all its threads; not forked children's)
