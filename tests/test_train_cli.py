@@ -209,7 +209,11 @@ def test_validation_scores_after_eval_val_steps(tmp_path):
     losses = {}
     for steps in (None, 0):
         out = tmp_path / f"sine-{steps}"
-        train(load_config("sinusoid-maml", TINY + [f"eval.val_steps={'null' if steps is None else steps}"]), out, progress=False)
+        train(
+            load_config("sinusoid-maml", TINY + [f"eval.val_steps={'null' if steps is None else steps}"]),
+            out,
+            progress=False,
+        )
         config, learner = load_config(out / "config.yaml"), allmap.load(out)
         tasks = fixed_tasks(build_family(config, "val"), 10, config["eval"]["seed"] + 1)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
