@@ -81,6 +81,8 @@ def _weights(learner):
         # random directions: the strategy's generator state travels in the checkpoint
         ("sinusoid-maml", ["learner.hypergrad=finite_difference(directions=4, eps=0.01)"]),
         ("sinusoid-metasgd", ["ema=0.9"]),  # the weight average (what train returns) travels in the checkpoint too
+        # the inner Adam's moments carried from task to task travel in the checkpoint (learner buffers)
+        ("sinusoid-reptile", ["learner.inner_optimizer=adam", "learner.inner_state=carried"]),
     ],
 )
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, preset, extra):
