@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import allmap
-from allmap.engine.evaluate import evaluate
+from allmap.engine.evaluate import evaluate, evaluate_per_task
 from allmap.hypergrad import resolve
 from allmap.learners.lstm import preprocess
 from allmap.nets import MLP
@@ -187,6 +187,32 @@ def test_reptile_carried_adam_is_one_torch_adam_across_tasks_and_resumes():
     learner.execution = {"mode": "loop", "workers": 2}
     with pytest.raises(ValueError, match="carries state from one task to the next"):
         learner.meta_backward(batches[0])
+
+
+def test_reptile_carried_moments_start_every_test_task():
+    """Evaluation adapts each test task with a torch.optim.Adam loaded with the carried moments and step
+    count (as the paper's code restores its optimizer state before each test task), not from zeros."""
+    batches = [allmap.tasks.Sinusoid(shots=6).sample(3, torch.Generator().manual_seed(s)).to(dtype=D) for s in range(2)]
+    learner = allmap.Reptile(
+        MLP([1, 8, 1]).double(), inner_lr=0.01, inner_steps=3, inner_optimizer="adam", inner_state="carried"
+    )
+    learner.meta_backward(batches[0])  # 3 tasks x 3 steps: count 9, nonzero moments
+    test = batches[1]
+    losses = []
+    for i in range(len(test)):
+        net = copy.deepcopy(learner.model)
+        opt = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.0, 0.999), eps=1e-8)
+        for name, p in net.named_parameters():
+            m, v = learner.moments.state()["m"][name], learner.moments.state()["v"][name]
+            opt.state[p] = {"step": torch.tensor(9.0, dtype=D), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.mse_loss(net(test.support_x[i]), test.support_y[i]).backward()
+            opt.step()
+        losses.append(nn.functional.mse_loss(net(test.query_x[i]), test.query_y[i]).item())
+    scores = evaluate_per_task(learner, test, steps=[4], workers=0)["loss@4"]
+    torch.testing.assert_close(scores, torch.tensor(losses, dtype=scores.dtype), rtol=1e-10, atol=1e-12)
+    assert int(learner.moments.count) == 9
 
 
 def test_reptile_takes_no_strategy_and_uses_adam_beta1_zero():

@@ -293,3 +293,39 @@ def test_a_checkpoint_without_its_checksum_loads_with_a_warning(tmp_path):
         warnings.simplefilter("error")  # an intact pair loads without a word
         save_checkpoint({"iteration": 4}, path)
         assert load_checkpoint(path)["iteration"] == 4
+
+
+def _bn_net(inputs: int, outputs: int) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(inputs, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, outputs),
+    )
+
+
+@pytest.mark.parametrize("which", ["reptile-carried", "protonet-batchnorm"])
+def test_trial_step_leaves_the_learners_buffers_grads_and_rng_as_they_were(which):
+    """The preflight meta-batch runs one task forward and back, then puts back the learner's buffers (inner
+    Adam moments carried from task to task; BatchNorm running statistics, which ProtoNet's encoder updates)
+    and clears its gradients, so the run starts from exactly the state it would have without it."""
+    from allmap.app.preflight import trial_step
+    from allmap.tasks.episodes import Episodes, gaussian_classes
+
+    if which == "reptile-carried":
+        family = allmap.tasks.Sinusoid(shots=5)
+        learner = allmap.Reptile(_bn_net(1, 1), inner_steps=2, inner_optimizer="adam", inner_state="carried")
+        touched = "moments.count"
+    else:
+        family = Episodes(gaussian_classes(classes=12, per_class=6, shape=(1, 4, 4)), ways=3, shots=1, queries=2)
+        learner = allmap.ProtoNet(_bn_net(16, 3))
+        touched = "model.2.running_mean"
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    rng = torch.get_rng_state()
+    trial_step(learner, family, torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in learner.state_dict().items())
+    assert all(p.grad is None for p in learner.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+    learner.meta_loss(family.sample(1, torch.Generator().manual_seed(0))).backward()  # without the restore:
+    assert not torch.equal(before[touched], learner.state_dict()[touched])
