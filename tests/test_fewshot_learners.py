@@ -363,8 +363,28 @@ def test_bfloat16_precision_is_mixed_and_leaves_float64_exact(cls):
     # autocast leaves float64 alone: gradient checks of a bfloat16 model stay exact
     with torch.no_grad():
         torch.testing.assert_close(mixed.double()(x.double()), full.double()(x.double()), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="precision to be one of float32, bfloat16, got 'half'"):
+    with pytest.raises(ValueError, match="precision to be one of float32, bfloat16, auto, got 'half'"):
         cls(hidden=8, precision="half")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bfloat16_only_where_the_device_computes_it_natively(native, monkeypatch):
+    """``precision="auto"`` gives exactly the bfloat16 model where bfloat16 is native and exactly the float32
+    one where torch would emulate it (many times slower); float64 is never cast."""
+    import allmap.nets.conv as conv
+
+    assert isinstance(conv.native_bfloat16("cpu"), bool) and conv.native_bfloat16("meta") is False
+    monkeypatch.setattr(conv, "native_bfloat16", lambda device_type: native)
+    torch.manual_seed(0)
+    models = {p: Conv4(hidden=8, out_features=3, precision=p) for p in ("float32", "bfloat16", "auto")}
+    for m in models.values():
+        m.load_state_dict(models["float32"].state_dict())
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        out = {p: m(x) for p, m in models.items()}
+        torch.testing.assert_close(models["auto"].double()(x.double()), models["float32"].double()(x.double()))
+    assert not torch.equal(out["bfloat16"], out["float32"])
+    assert torch.equal(out["auto"], out["bfloat16" if native else "float32"])
 
 
 # -- on Omniglot -----------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_the_lake_protonet_preset_has_the_protonet_recipe_on_the_lake_split():
     skip = ("task", "description", "notes")
     assert {k: v for k, v in lake.items() if k not in skip} == {k: v for k, v in standard.items() if k not in skip}
     assert lake["task"]["shift"] == 2 and lake["ema"] == 0.998 and lake["learner"]["test_shift"] == 1
-    assert lake["model"]["precision"] == "bfloat16"
+    assert lake["model"]["precision"] == "auto"  # bfloat16 where native
 
 
 def test_the_lake_challenge_preset_tests_within_one_evaluation_alphabet_and_validates_on_held_out_ones():

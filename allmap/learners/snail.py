@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from allmap.checks import check_int
 from allmap.learners.base import Learner, TaskModel
-from allmap.nets.conv import check_precision
+from allmap.nets.conv import check_precision, runs_bfloat16
 from allmap.tasks.batch import TaskBatch
 
 __all__ = ["SNAIL", "TCBlock", "AttentionBlock", "DenseBlock", "causal_mask", "delayed"]
@@ -134,10 +134,11 @@ class SNAIL(Learner):
         filters: channels of each dense block (``D`` of ``TCBlock(T, D)``; 128 in the paper).
         attention: ``(key_size, value_size)`` of the three attention blocks (the paper's
             ``(64, 32), (256, 128), (512, 256)``).
-        precision: ``"float32"`` (default) or ``"bfloat16"``: the sequence blocks run under
+        precision: ``"float32"`` (default), ``"bfloat16"``: the sequence blocks run under
             ``torch.autocast`` with bfloat16 (weights and class scores stay float32), faster on CPUs with
-            native bfloat16; float64 inputs are never cast, so gradient checks stay exact. The embedding
-            has its own setting (``Conv4(precision=...)``).
+            native bfloat16, or ``"auto"``: bfloat16 only where it is native
+            (:func:`allmap.nets.conv.native_bfloat16`); float64 inputs are never cast, so gradient checks stay
+            exact. The embedding has its own setting (``Conv4(precision=...)``).
         vectorize: ``False`` loops over tasks; otherwise one embedding call and one sequence pass cover the
             whole meta-batch.
 
@@ -223,9 +224,8 @@ class SNAIL(Learner):
         queries (each read as the element right after the support set; ``prefix = L``: a plain causal
         sequence). Position ``t``'s output depends only on positions ``<= t`` (queries: on the support set and
         that query)."""
-        mixed = self.precision == "bfloat16" and h.dtype == torch.float32
         dtype = h.dtype
-        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=mixed):
+        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=runs_bfloat16(self.precision, h)):
             for block in self.blocks:
                 h = block(h, prefix)
             out = self.out(h)

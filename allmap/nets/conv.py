@@ -14,13 +14,15 @@ MAML-family learners switch BatchNorm to batch statistics (see ``allmap.learners
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from allmap.checks import check_int
 from allmap.nets.norm import under_vmap
 
-__all__ = ["Conv4", "MAMLConv", "nhwc", "check_precision", "PRECISIONS"]
+__all__ = ["Conv4", "MAMLConv", "nhwc", "check_precision", "PRECISIONS", "native_bfloat16", "runs_bfloat16"]
 
 
 def _check(owner: str, in_channels: int, hidden: int, out_features: int | None) -> None:
@@ -30,17 +32,40 @@ def _check(owner: str, in_channels: int, hidden: int, out_features: int | None) 
         check_int(owner, "out_features", out_features, what="None for an embedding only")
 
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "auto")
 
 
 def check_precision(owner: str, precision: str) -> None:
-    """Raise unless ``precision`` is one of :data:`PRECISIONS` (``"float32"``, or ``"bfloat16"`` mixed precision)."""
+    """Raise unless ``precision`` is one of :data:`PRECISIONS`: ``"float32"``, ``"bfloat16"`` mixed
+    precision, or ``"auto"`` (bfloat16 where the device computes it natively, float32 elsewhere)."""
     if precision not in PRECISIONS:
         raise ValueError(
             f"{owner}: expected precision to be one of {', '.join(PRECISIONS)}, got {precision!r}. "
             "'bfloat16' runs the blocks under torch.autocast (mixed precision: weights and the "
-            "returned embedding stay float32)."
+            "returned embedding stay float32); 'auto' does so only where bfloat16 is native to the device."
         )
+
+
+@functools.cache
+def native_bfloat16(device_type: str) -> bool:
+    """Whether this machine's ``device_type`` computes bfloat16 natively: CPUs with AVX-512 BF16 or AMX,
+    CUDA GPUs that support it. Elsewhere torch emulates bfloat16, many times slower than float32."""
+    if device_type == "cpu":
+        return any(
+            getattr(torch.cpu, name, lambda: False)()
+            for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return False
+
+
+def runs_bfloat16(precision: str, x: Tensor) -> bool:
+    """Whether a block set to ``precision`` runs ``x`` under bfloat16 autocast: float32 inputs only (float64
+    stays exact, so gradient checks do), with ``"bfloat16"`` always and with ``"auto"`` where it is native."""
+    if x.dtype != torch.float32:
+        return False
+    return precision == "bfloat16" or (precision == "auto" and native_bfloat16(x.device.type))
 
 
 def nhwc(x: Tensor) -> Tensor:
@@ -88,8 +113,7 @@ class _Blocks(nn.Module):
         # bfloat16: convolutions, BatchNorm and pooling of float32 inputs run in bfloat16 (autocast leaves
         # float64 alone, so gradient checks stay exact); the embedding is returned in float32, so distances,
         # heads and losses downstream keep full precision.
-        mixed = self.precision == "bfloat16" and x.dtype == torch.float32
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mixed):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=runs_bfloat16(self.precision, x)):
             h = self.layers(x)
         # Conv4 flattens what is left (1x1 on Omniglot); the MAML network averages over space.
         h = h.flatten(1) if self.flatten else h.mean(dim=(-2, -1))
@@ -111,11 +135,12 @@ class Conv4(nn.Module):
             default: torch's NHWC BatchNorm on CPU accumulates its statistics less precisely in float32,
             and second-order meta-gradients amplify that error (``benchmarks/peers.py`` compares both
             layouts with the float64 meta-gradient).
-        precision: ``"float32"`` (default) or ``"bfloat16"``: mixed precision, the blocks under
-            ``torch.autocast`` with bfloat16 (about 8 significant bits), weights and output in float32.
-            Faster on CPUs with native bfloat16 (such as AVX-512 BF16; ``benchmarks/mixed_precision.py``
-            measures it), slow where bfloat16 is emulated; it changes results at the level of bfloat16
-            rounding.
+        precision: ``"float32"`` (default), ``"bfloat16"``: mixed precision, the blocks under
+            ``torch.autocast`` with bfloat16 (about 8 significant bits), weights and output in float32, or
+            ``"auto"``: bfloat16 where the device computes it natively (:func:`native_bfloat16`), float32
+            elsewhere. bfloat16 is faster on CPUs with native bfloat16 (such as AVX-512 BF16;
+            ``benchmarks/mixed_precision.py`` measures it) and many times slower where it is emulated; it
+            changes results at the level of bfloat16 rounding.
 
     Example:
         >>> import torch
