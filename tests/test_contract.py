@@ -99,6 +99,7 @@ CASES: dict[str, Callable[[], tuple[allmap.Learner, object]]] = {
     "ridge-episodes": lambda: (RidgeHead(_flat_mlp(), y_dim=5, loss="cross_entropy"), _episodes()),
     "cnp": lambda: (allmap.CNP(MLP([2, 32, 32]), decoder=[32]), GPRegression()),
     "cnp-sinusoid": lambda: (allmap.CNP(MLP([2, 32, 32]), decoder=[32]), Sinusoid(shots=5, queries=5)),
+    "cnp-classifier": lambda: (allmap.CNPClassifier(_flat_mlp(), features=8, decoder=[16]), _episodes()),
     # in eval mode the ANP's ELBO is taken at the mean of q(z | targets): deterministic, so two runs compare
     # exactly; its training-mode sample is checked in tests/test_neural_process.py
     "anp": lambda: (

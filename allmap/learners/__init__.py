@@ -15,7 +15,7 @@ from allmap.learners.lstm import LSTMMetaLearner
 from allmap.learners.maml import ANIL, MAML
 from allmap.learners.matching import MatchingNet
 from allmap.learners.metasgd import MetaSGD
-from allmap.learners.neural_process import ANP, CNP
+from allmap.learners.neural_process import ANP, CNP, CNPClassifier
 from allmap.learners.oml import ANML, OML
 from allmap.learners.protonet import ProtoNet
 from allmap.learners.reptile import Reptile
@@ -38,6 +38,7 @@ __all__ = [
     "Siamese",
     "CNP",
     "ANP",
+    "CNPClassifier",
     "SNAIL",
     "OML",
     "ANML",
@@ -59,6 +60,7 @@ LEARNERS: dict[str, type[Learner]] = {
     "imaml": IMAML,
     "lstm": LSTMMetaLearner,
     "cnp": CNP,
+    "cnp_classifier": CNPClassifier,
     "anp": ANP,
     "oml": OML,
     "anml": ANML,

@@ -74,6 +74,13 @@ class MetricLearner(Learner):
         nll = F.cross_entropy(logits.flatten(0, -2), query_y.flatten(), reduction="none")
         return nll.view(query_y.shape).mean(-1)
 
+    @staticmethod
+    def prototypes(z_support: Tensor, onehot: Tensor) -> Tensor:
+        """Class means ``[..., N, D]`` of the support embeddings, weighted by ``onehot [..., Ns, N]`` (one-hot
+        labels, or soft class weights); zero for a class without support examples."""
+        counts = onehot.sum(-2).unsqueeze(-1)  # [..., N, 1]
+        return (onehot.transpose(-1, -2) @ z_support) / counts.clamp_min(1)
+
     # -- the mapping ---------------------------------------------------------------------------------
     def embed(self, x: Tensor, example_dims: int) -> Tensor:
         """Encoder output ``[..., D]`` for inputs ``[..., *x]`` where ``*x`` has ``example_dims`` dims; in eval

@@ -1,5 +1,6 @@
 """Neural processes: the conditional neural process (CNP, Garnelo et al., ICML 2018) and the attentive neural
-process (ANP, Kim et al., ICLR 2019).
+process (ANP, Kim et al., ICLR 2019) for regression, and the CNP for few-shot classification
+(:class:`CNPClassifier`).
 
 The task model is a network conditioned on the support (context) set, and it predicts a Gaussian for every
 query (target) point: ``pred = [mean, std]`` with ``std = 0.1 + 0.9 softplus(raw)`` (the floor of the
@@ -21,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from allmap.learners.base import Learner, TaskModel
+from allmap.learners.metric import MetricLearner
 from allmap.nets.mlp import MLP
 from allmap.tasks.batch import TaskBatch
 
-__all__ = ["CNP", "ANP", "NeuralProcess", "MultiheadCrossAttention"]
+__all__ = ["CNP", "ANP", "CNPClassifier", "NeuralProcess", "MultiheadCrossAttention"]
 
 
 def _sizes(owner: str, name: str, sizes: Sequence[int]) -> list[int]:
@@ -160,6 +162,67 @@ class CNP(NeuralProcess):
         r = self.represent(context_x, context_y)
         r = r[..., None, :].expand(*x.shape[:-1], r.shape[-1])
         return self.gaussian(self.decoder(torch.cat([r, x], dim=-1)))
+
+
+class CNPClassifier(MetricLearner):
+    """The conditional neural process for few-shot classification (Garnelo et al. 2018, its Omniglot task).
+
+    The observations are the support images with their labels; the encoder ``h`` (``model``, e.g. conv4)
+    embeds each image, and the aggregation is by class: ``r_c = (1/|S_c|) sum_{i: y_i = c} h(x_i)``, a
+    representation of class ``c`` invariant to the order of its examples. The decoder ``g`` (an MLP) maps
+    the concatenation ``[r_c, h(x)]`` for a target ``x`` to the logit of class ``c``, and the predictive
+    distribution is categorical, ``p(y = c | x, S) = softmax_c g([r_c, h(x)])``, trained on its
+    log-likelihood of the targets (the query cross-entropy). One ``g`` scores every class, so the
+    prediction is equivariant to relabelling the classes and a model runs at any number of ways. ``g``'s
+    first layer on the concatenation is computed as the sum of its two halves, ``W_r r_c + W_x h(x)``
+    (one product per class and per target, not per pair).
+
+    Args:
+        model: the encoder ``h`` (images to ``features``-dimensional vectors).
+        features: the width of ``h``'s output (64 for conv4-64 on 28x28 images).
+        decoder: hidden widths of ``g``; its output layer has one unit (``[128, 128]``: ``[128, 128, 1]``).
+        vectorize, test_shift: as for every metric learner (:class:`~allmap.learners.metric.MetricLearner`).
+
+    Example:
+        >>> import torch, allmap
+        >>> learner = allmap.CNPClassifier(allmap.nets.MLP([2, 16, 8]), features=8)
+        >>> tasks = allmap.tasks.Logistic2D(shots=10).sample(4, torch.Generator().manual_seed(0))
+        >>> learner.meta_loss(tasks).backward()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        features: int = 64,
+        decoder: Sequence[int] = (128, 128),
+        vectorize: bool | None = None,
+        test_shift: int = 0,
+    ) -> None:
+        super().__init__(model, vectorize=vectorize, test_shift=test_shift)
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(
+                f"CNPClassifier: expected features (the width of the encoder's output) to be a positive "
+                f"integer, got {features!r}."
+            )
+        hidden = _sizes("CNPClassifier", "decoder", decoder)
+        self.features = features
+        self.class_in = nn.Linear(features, hidden[0])  # g's first layer, the half that reads r_c
+        self.target_in = nn.Linear(features, hidden[0], bias=False)  # ... and the half that reads h(x)
+        self.decoder = nn.Sequential(nn.ReLU(), MLP([*hidden, 1]))
+
+    def logits(self, z_support: Tensor, onehot: Tensor, z_query: Tensor) -> Tensor:
+        if z_support.shape[-1] != self.features:
+            raise ValueError(
+                f"CNPClassifier: the encoder outputs {z_support.shape[-1]} features per image but the decoder "
+                f"was built for features={self.features}; set learner.features={z_support.shape[-1]}."
+            )
+        r = self.class_in(self.prototypes(z_support, onehot))  # [..., N, H]
+        scores = self.decoder(r.unsqueeze(-3) + self.target_in(z_query).unsqueeze(-2)).squeeze(-1)  # [..., Nq, N]
+        empty = onehot.sum(-2).unsqueeze(-2) == 0  # classes without support examples (inside vmap only)
+        return scores.masked_fill(empty, float("-inf"))
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, {super().extra_repr()}"
 
 
 class MultiheadCrossAttention(nn.Module):

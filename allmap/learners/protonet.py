@@ -53,11 +53,6 @@ class ProtoNet(MetricLearner):
             )
         self.transductive = transductive
 
-    def prototypes(self, z_support: Tensor, onehot: Tensor) -> Tensor:
-        """Class means ``[..., N, D]``."""
-        counts = onehot.sum(-2).unsqueeze(-1)  # [..., N, 1]
-        return (onehot.transpose(-1, -2) @ z_support) / counts.clamp_min(1)
-
     def logits(self, z_support: Tensor, onehot: Tensor, z_query: Tensor) -> Tensor:
         protos = self.prototypes(z_support, onehot)
         empty = onehot.sum(-2).unsqueeze(-2) == 0  # classes without support examples (inside vmap only)
