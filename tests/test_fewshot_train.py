@@ -179,3 +179,18 @@ def test_episode_stream_matches_sample_and_runs_in_workers():
         if len(batches) == 4:
             break
     assert all(b.support_x.shape == (4, 3, 1, 4, 4) for b in batches)
+
+
+@needs_omniglot
+def test_cnp_preset_trains_and_scores_5_and_20_way_episodes(tmp_path, capsys):
+    config = load_config("omniglot-5w1s-cnp", TINY + ["learner.features=8", "learner.decoder=[8]"])
+    assert load_config("omniglot-5w1s-cnp")["task"]["protocol"] == "standard"  # the CNP paper: Vinyals' split
+    train(config, tmp_path / "run", progress=False)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "5-way 1-shot, 2 queries" in results["protocol"] and "vinyals-test" in results["protocol"]
+    assert results["metrics"]["accuracy"]["n"] == 10 and 0 <= results["metrics"]["accuracy"]["mean"] <= 1
+    capsys.readouterr()
+    args = ["eval", str(tmp_path / "run"), "--tasks", "4", "--set", "eval.ways=20", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "20-way 1-shot" in out["protocol"] and out["metrics"]["accuracy"]["n"] == 4

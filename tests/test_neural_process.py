@@ -184,6 +184,50 @@ def test_cnp_and_anp_are_invariant_to_the_order_of_the_context():
         torch.testing.assert_close(learner.meta_loss(tasks), learner.meta_loss(permuted), rtol=1e-12, atol=1e-12)
 
 
+def _cnp_classifier() -> tuple[allmap.CNPClassifier, allmap.TaskBatch]:
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), MLP([16, 12, 6]))
+    learner = allmap.CNPClassifier(encoder, features=6, decoder=[10, 7]).double().eval()
+    family = allmap.tasks.Episodes(allmap.tasks.gaussian_classes(), ways=4, shots=2, queries=3)
+    return learner, family.sample(3, torch.Generator().manual_seed(0)).to(dtype=torch.float64)
+
+
+def test_cnp_classifier_is_the_decoder_on_the_concatenation_of_class_means_and_targets():
+    """Against a plain loop: for every target and class, g([r_c, h(x)]) with g's first layer applied to the
+    concatenation (its weight [W_r | W_x]), r_c the mean encoding of the class's support images."""
+    learner, tasks = _cnp_classifier()
+    first = torch.nn.Linear(12, 10).double()
+    with torch.no_grad():
+        first.weight.copy_(torch.cat([learner.class_in.weight, learner.target_in.weight], dim=1))
+        first.bias.copy_(learner.class_in.bias)
+    for i in range(len(tasks)):
+        sx, sy, qx = tasks.support_x[i], tasks.support_y[i], tasks.query_x[i]
+        r = [learner.model(sx[sy == c]).mean(0) for c in range(4)]
+        expected = torch.stack(
+            [
+                torch.stack([learner.decoder[1](torch.relu(first(torch.cat([rc, z])))).squeeze() for rc in r])
+                for z in learner.model(qx)
+            ]
+        )
+        torch.testing.assert_close(learner.adapt(sx, sy)(qx), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cnp_classifier_is_invariant_to_the_order_of_the_context_and_equivariant_to_relabelling():
+    learner, tasks = _cnp_classifier()
+    order = torch.randperm(tasks.shots, generator=torch.Generator().manual_seed(1))
+    relabel = torch.tensor([2, 0, 3, 1])  # class c becomes relabel[c]
+    for i in range(len(tasks)):
+        sx, sy, qx = tasks.support_x[i], tasks.support_y[i], tasks.query_x[i]
+        scores = learner.adapt(sx, sy)(qx)
+        torch.testing.assert_close(learner.adapt(sx[order], sy[order])(qx), scores, rtol=1e-12, atol=1e-12)
+        relabelled = learner.adapt(sx, relabel[sy])(qx)
+        torch.testing.assert_close(relabelled[:, relabel], scores, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="set learner.features=6"):
+        allmap.CNPClassifier(learner.model, features=5).double().meta_loss(tasks)
+    with pytest.raises(ValueError, match="features"):
+        allmap.CNPClassifier(learner.model, features=0)
+
+
 def test_gradcheck_of_the_anp_elbo_through_its_sampled_latent():
     anp, tasks = small_anp(), gp_tasks(2)
     anp.train()

@@ -2,12 +2,12 @@
 process (ANP, Kim et al., ICLR 2019) for regression, and the CNP for few-shot classification
 (:class:`CNPClassifier`).
 
-The task model is a network conditioned on the support (context) set, and it predicts a Gaussian for every
-query (target) point: ``pred = [mean, std]`` with ``std = 0.1 + 0.9 softplus(raw)`` (the floor of the
+The task model is a network conditioned on the support (context) set. For regression it predicts a Gaussian
+for every query (target) point: ``pred = [mean, std]`` with ``std = 0.1 + 0.9 softplus(raw)`` (the floor of the
 DeepMind neural-processes notebooks). Both are trained on the Gaussian negative log-likelihood of the targets
 (the ANP on its ELBO); evaluation scores their predictive distribution (:mod:`allmap.engine.predictive`).
 
-Both batch the meta-batch themselves (``per_task_loss = False``): every task of a meta-batch has the same
+CNP and ANP batch the meta-batch themselves (``per_task_loss = False``): every task of a meta-batch has the same
 number of context and target points, so one encoder call embeds every context point of the meta-batch, as
 the notebooks' batched code does.
 """
